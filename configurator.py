@@ -1,0 +1,111 @@
+"""
+nanoGPT-style configuration: a script's module globals are its defaults; a flat Python config file and
+--key=value flags override them, with type checking. Usage at the top of a script, after its globals:
+
+    from configurator import configure
+    config = configure(globals(), sys.argv[1:])   # updates globals() in place
+    print(config)                                  # once; also stored in every checkpoint
+
+    $ python grpo.py config/grpo_8gpu.py --learning_rate=1e-6 --wandb_run_name=lr=1e-6
+
+Order: config files first (in the order given), then every --key=value flag, so the command line always
+beats a file. Only existing config keys may be set: a typo is an error listing close matches, never a new
+silent global.
+"""
+
+import ast
+import difflib
+import os
+
+# the types a config value may have (everything else in a script's globals is not config)
+CONFIG_TYPES = (int, float, bool, str, list, tuple, type(None))
+
+
+def config_keys(g):
+    # the keys of a script's globals that are config: public names holding plain values
+    return [k for k, v in g.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)]
+
+
+def _unknown(key, keys, where):
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else f" Known keys: {', '.join(sorted(keys))}"
+    return ValueError(f"configurator: unknown config key '{key}' ({where}).{hint}")
+
+
+def check_type(key, value, default, where):
+    """Return value converted to the default's type, or raise a ValueError naming key, value and type.
+    Rules: None defaults accept anything; int -> float is allowed; bool only from True/False;
+    a list default accepts a tuple and vice versa (converted); a str default keeps the raw string."""
+    if default is None:
+        return value
+    expected = type(default)
+    bad = ValueError(f"configurator: {where}: {key}={value!r} has type {type(value).__name__}, "
+                     f"expected {expected.__name__} (default {default!r})")
+    if expected is bool:
+        if isinstance(value, str) and value.lower() in ('true', 'false'):
+            return value.lower() == 'true'
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if isinstance(value, bool):  # bool is a subclass of int: never let True pass as 1
+        raise bad
+    if expected is float and isinstance(value, (int, float)):
+        return float(value)
+    if expected is float and isinstance(value, str):
+        try:
+            return float(value)  # 'inf', 'nan' are not Python literals
+        except ValueError:
+            raise bad from None
+    if expected in (list, tuple) and isinstance(value, (list, tuple)):
+        return expected(value)
+    if not isinstance(value, expected):
+        raise bad
+    return value
+
+
+def parse_value(s, default):
+    # a Python literal when it is one (numbers, bools, None, lists, quoted strings), else the raw string
+    try:
+        value = ast.literal_eval(s)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return s
+    # a str default keeps what was typed: --out_dir=2024 is the directory '2024', not the int 2024
+    if isinstance(default, str) and not isinstance(value, str):
+        return s
+    return value
+
+
+def read_config_file(path):
+    """Execute a flat config file in a fresh namespace and return its public assignments."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"configurator: config file '{path}' not found "
+                                f"(positional arguments are config files; overrides are --key=value)")
+    with open(path) as f:
+        src = f.read()
+    ns = {}
+    exec(compile(src, path, 'exec'), ns)  # compile with the path so a syntax error names the file and line
+    return {k: v for k, v in ns.items() if not k.startswith('_')}
+
+
+def configure(g, argv, keys=None):
+    """Update the dict g (a script's globals()) from config files and --key=value flags in argv.
+    keys: the config keys (default: config_keys(g), computed before any override).
+    Returns {key: final value} for the config keys only."""
+    keys = list(keys) if keys is not None else config_keys(g)
+    files = [a for a in argv if not a.startswith('--')]
+    flags = [a for a in argv if a.startswith('--')]
+    # 1) config files, in order
+    for path in files:
+        for k, v in read_config_file(path).items():
+            if k not in keys:
+                raise _unknown(k, keys, f"in config file {path}")
+            g[k] = check_type(k, v, g[k], f"config file {path}")
+    # 2) --key=value flags: split at the first '=' only, so values may contain '='
+    for arg in flags:
+        if '=' not in arg:
+            raise ValueError(f"configurator: bad argument '{arg}': expected --key=value")
+        k, s = arg[2:].split('=', 1)
+        if k not in keys:
+            raise _unknown(k, keys, f"from {arg}")
+        g[k] = check_type(k, parse_value(s, g[k]), g[k], f"argument {arg}")
+    return {k: g[k] for k in keys}

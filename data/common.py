@@ -1,0 +1,297 @@
+"""
+Data plumbing shared by sft.py, grpo.py, eval.py and connector_tune.py: JSONL loading and validation,
+InternVL image tiling, ChatML prompts with image tokens, SFT loss masks and batch collation.
+
+JSONL format (one sample a line; blank lines are ignored):
+    {"id": "sft-000001",                      # str, optional (defaults to "<file stem>-<line>")
+     "images": ["images/a.png", ...],         # list[str], paths relative to the JSONL file; may be empty
+     "image": "images/a.png",                 #   ... or a single path (use one of "image"/"images")
+     "question": "How many red shapes ...?",  # str; may hold "<image>" placeholders, one per image
+     "answer": "2",                           # str; the verifiable final answer (a letter if "options")
+     "solution": "<think>\\n...\\n</think>\\n\\n\\boxed{2}",  # str, optional: the SFT target
+     "options": ["red", "blue", ...],         # list[str], optional: multiple choice, answer is "A", "B", ...
+     "domain": "count_color", "difficulty": "normal"}  # str, optional: for per-domain metrics
+load_jsonl() returns these dicts with two fields added: "images" (absolute paths, always a list)
+and "src" ("file:line", for error messages). Images are opened and verified when the file is
+loaded, so a bad image fails at start-up, not in the middle of a run.
+
+Prompt (ChatML as in InternVL / Skywork-R1V3; the assistant turn is forced to open with "<think>\\n"):
+    [<|im_start|>system\\n{system}<|im_end|>\\n]<|im_start|>user\\n<img><IMG_CONTEXT>*(tokens_per_tile*n_tiles)</img>\\n
+    {question}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n
+SFT response: "{reasoning}\\n</think>\\n\\n{answer with \\boxed{..}}<|im_end|>"; the loss covers only the response.
+"""
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+THINK_START, THINK_END = "<think>", "</think>"
+SPECIAL_TOKENS = ["<|endoftext|>", IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, THINK_START, THINK_END]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MC_INSTRUCTION = "Answer with the option's letter from the given choices."
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+# -----------------------------------------------------------------------------
+# JSONL loading and validation
+
+def check_sample(rec, path, lineno):
+    """Validates one parsed record in place (adds "images" as absolute paths, "src", "id").
+    Returns None if fine, else (reason category, message)."""
+    if not isinstance(rec, dict):
+        return "not an object", f"expected a JSON object, got {type(rec).__name__}"
+    for key in ("id", "question", "answer", "solution", "domain", "difficulty", "image"):
+        if key in rec and not isinstance(rec[key], str):
+            return "wrong type", f"field '{key}' must be a string, got {type(rec[key]).__name__}"
+    for key in ("images", "options"):
+        if key in rec and not (isinstance(rec[key], list) and all(isinstance(x, str) for x in rec[key])):
+            return "wrong type", f"field '{key}' must be a list of strings"
+    if "image" in rec and "images" in rec:
+        return "wrong type", "give either 'image' or 'images', not both"
+    if "options" in rec:
+        if not 2 <= len(rec["options"]) <= len(LETTERS):
+            return "bad options", f"'options' must hold 2..26 entries, got {len(rec['options'])}"
+        if "answer" in rec and rec["answer"] not in LETTERS[:len(rec["options"])]:
+            return "bad options", f"answer {rec['answer']!r} is not an option letter A..{LETTERS[len(rec['options']) - 1]}"
+    rel = rec.pop("image", None)
+    rel = [rel] if rel is not None else rec.get("images", [])
+    n_ph = rec.get("question", "").count("<image>")
+    if n_ph and n_ph != len(rel):
+        return "image placeholders", f"question has {n_ph} '<image>' placeholders but {len(rel)} images"
+    rec["images"] = []
+    for p in rel:
+        full = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), p))
+        if not os.path.isfile(full):
+            return "missing image", f"image not found: {p} ({full})"
+        try:
+            with Image.open(full) as im:
+                im.verify()  # checks the file's structure and checksums without decoding it all
+        except Exception as e:
+            return "corrupt image", f"cannot read image {p}: {type(e).__name__}: {e}"
+        rec["images"].append(full)
+    rec.setdefault("id", f"{os.path.splitext(os.path.basename(path))[0]}-{lineno}")
+    rec["src"] = f"{path}:{lineno}"
+    return None
+
+def load_jsonl(path, require=("question", "answer"), skip_bad=False):
+    """Reads a JSONL file of samples (format in the module docstring). A bad line raises
+    ValueError("path:line: problem"); with skip_bad=True it is skipped and counted, and a summary is printed."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: file not found")
+    samples, skipped = [], Counter()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                bad = None
+            except json.JSONDecodeError as e:
+                rec, bad = None, ("malformed JSON", f"malformed JSON: {e}")
+            if bad is None:
+                bad = check_sample(rec, path, lineno)
+            if bad is None:
+                missing = [k for k in require if k not in rec]
+                bad = ("missing field", f"missing field(s): {', '.join(missing)}") if missing else None
+            if bad is None:
+                samples.append(rec)
+            elif skip_bad:
+                skipped[bad[0]] += 1
+            else:
+                raise ValueError(f"{path}:{lineno}: {bad[1]}")
+    if skipped:
+        reasons = ", ".join(f"{k}: {v}" for k, v in skipped.most_common())
+        print(f"{path}: skipped {sum(skipped.values())} samples: {reasons}")
+    if not samples:
+        raise ValueError(f"{path}: no samples" + (" (empty file)" if not skipped else " left after skipping bad ones"))
+    return samples
+
+# -----------------------------------------------------------------------------
+# Image preprocessing: InternVL dynamic tiling (InternVL 1.5, arXiv 2404.16821 section 3.2;
+# same logic as dynamic_preprocess in OpenGVLab/InternVL internvl_chat/internvl/train/dataset.py)
+
+def find_closest_aspect_ratio(aspect_ratio, target_ratios, width, height, image_size):
+    # grid (cols, rows) whose aspect ratio is closest; on a tie take the larger grid if the image has
+    # more than half the pixels that grid needs
+    best_diff, best = float("inf"), (1, 1)
+    area = width * height
+    for ratio in target_ratios:
+        diff = abs(aspect_ratio - ratio[0] / ratio[1])
+        if diff < best_diff:
+            best_diff, best = diff, ratio
+        elif diff == best_diff and area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+            best = ratio
+    return best
+
+def dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, use_thumbnail=False):
+    """PIL image -> list of image_size x image_size PIL tiles (row-major), plus a thumbnail if >1 tile."""
+    w, h = image.size
+    target_ratios = sorted({(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1)
+                            for j in range(1, n + 1) if min_num <= i * j <= max_num}, key=lambda x: x[0] * x[1])
+    cols, rows = find_closest_aspect_ratio(w / h, target_ratios, w, h, image_size)
+    resized = image.resize((image_size * cols, image_size * rows), Image.BICUBIC)
+    tiles = [resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
+             for r in range(rows) for c in range(cols)]
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((image_size, image_size), Image.BICUBIC))
+    return tiles
+
+def load_image(path_or_pil, image_size, max_tiles, use_thumbnail):
+    """Path or PIL image -> FloatTensor (n_tiles, 3, image_size, image_size), ImageNet-normalised."""
+    img = Image.open(path_or_pil) if isinstance(path_or_pil, (str, os.PathLike)) else path_or_pil
+    img = img.convert("RGB")
+    tiles = dynamic_preprocess(img, 1, max_tiles, image_size, use_thumbnail)
+    x = torch.from_numpy(np.stack([np.asarray(t, dtype=np.float32) for t in tiles])) / 255.0  # (n, H, W, 3)
+    x = (x - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    return x.permute(0, 3, 1, 2).contiguous()  # (n, 3, H, W)
+
+def load_images(sample, image_size, max_tiles, use_thumbnail):
+    """All images of a loaded sample -> list of (n_i, 3, H, W) tensors; errors name the sample."""
+    out = []
+    for p in sample.get("images", []):
+        try:
+            out.append(load_image(p, image_size, max_tiles, use_thumbnail))
+        except Exception as e:
+            raise ValueError(f"{sample.get('src', sample.get('id'))}: cannot load image {p}: {e}") from e
+    return out
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+def format_question(question, options=None):
+    # multiple choice: "A. red\nB. blue ..." under the question, then an instruction
+    if not options:
+        return question
+    opts = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
+    return f"{question}\n{opts}\n{MC_INSTRUCTION}"
+
+def build_prompt_text(question, n_tiles, tokens_per_tile, think=True, system=None, options=None):
+    """The prompt as a string (see module docstring). n_tiles: one entry per image."""
+    blocks = [IMG_START + IMG_CONTEXT * (tokens_per_tile * n) + IMG_END for n in n_tiles]
+    q = format_question(question, options)
+    n_ph = q.count("<image>")
+    if n_ph:  # InternVL: "<image>" placeholders are replaced, in order, by the image blocks
+        if n_ph != len(blocks):
+            raise ValueError(f"question has {n_ph} '<image>' placeholders but {len(blocks)} images")
+        for b in blocks:
+            q = q.replace("<image>", b, 1)
+        user = q
+    elif len(blocks) == 1:
+        user = blocks[0] + "\n" + q
+    else:
+        user = "".join(f"Image-{i + 1}: {b}\n" for i, b in enumerate(blocks)) + q
+    text = f"{IM_START}system\n{system}{IM_END}\n" if system else ""
+    text += f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
+    return text + (THINK_START + "\n" if think else "")
+
+def build_prompt_ids(tok, question, n_tiles, tokens_per_tile, think=True, system=None, options=None):
+    """-> list[int]. Raises ValueError if the tokenizer does not keep <IMG_CONTEXT> as one token per slot."""
+    text = build_prompt_text(question, n_tiles, tokens_per_tile, think, system, options)
+    ids = tok.encode(text, add_special_tokens=False)
+    want, got = tokens_per_tile * sum(n_tiles), ids.count(tok.convert_tokens_to_ids(IMG_CONTEXT))
+    if got != want:
+        raise ValueError(f"prompt has {got} {IMG_CONTEXT} tokens, expected {want} = {tokens_per_tile} x {sum(n_tiles)} tiles")
+    return ids
+
+def encode_sft(tok, sample, images_tensors, tokens_per_tile, max_len, think=True, system=None):
+    """One SFT example. images_tensors: list of (n_i,3,H,W) (may be empty).
+    Returns dict(input_ids, loss_mask, pixel_values (N,3,H,W)|None, n_tiles list per image).
+    loss_mask[t] = 1 means token t is a target, predicted from position t-1 (the trainer shifts);
+    it is 1 exactly on the response tokens, the closing <|im_end|> included."""
+    where = sample.get("src", f"sample {sample.get('id')}")
+    if "solution" not in sample:
+        raise ValueError(f"{where}: sample {sample.get('id')} has no 'solution' to train on")
+    n_tiles = [t.shape[0] for t in images_tensors]
+    try:
+        prompt = build_prompt_ids(tok, sample["question"], n_tiles, tokens_per_tile, think, system, sample.get("options"))
+    except ValueError as e:
+        raise ValueError(f"{where}: sample {sample.get('id')}: {e}") from e
+    resp = sample["solution"]
+    if think and resp.startswith(THINK_START):  # the prompt already ends with the forced "<think>\n"
+        resp = resp[len(THINK_START):].removeprefix("\n")
+    resp_ids = tok.encode(resp + IM_END, add_special_tokens=False)
+    ids = prompt + resp_ids
+    if len(ids) > max_len:
+        raise ValueError(f"{where}: sample {sample.get('id')} is too long: {len(ids)} tokens > max_len {max_len}")
+    return dict(input_ids=ids, loss_mask=[0] * len(prompt) + [1] * len(resp_ids),
+                pixel_values=torch.cat(images_tensors) if images_tensors else None, n_tiles=n_tiles)
+
+# -----------------------------------------------------------------------------
+# Data set for the training scripts: the tiny sets are small, so encode everything once up front
+
+def load_sft_data(path, tok, cfg, max_len, think=True, system=None, skip_bad=False):
+    """JSONL -> list of encode_sft dicts (plus "id"). cfg: anything with image_size, max_tiles,
+    use_thumbnail, tokens_per_tile (a VLMConfig). Bad samples raise, or with skip_bad are counted and reported."""
+    items, skipped = [], Counter()
+    for s in load_jsonl(path, require=("question", "answer", "solution"), skip_bad=skip_bad):
+        try:
+            imgs = load_images(s, cfg.image_size, cfg.max_tiles, cfg.use_thumbnail)
+            item = encode_sft(tok, s, imgs, cfg.tokens_per_tile, max_len, think, system)
+        except ValueError as e:
+            if not skip_bad:
+                raise
+            skipped["too long" if "too long" in str(e) else "encode error"] += 1
+            continue
+        items.append(dict(item, id=s["id"]))
+    if skipped:
+        print(f"{path}: skipped {sum(skipped.values())} samples: " + ", ".join(f"{k}: {v}" for k, v in skipped.items()))
+    if not items:
+        raise ValueError(f"{path}: no samples left to train on")
+    return items
+
+def collate(items, pad_id):
+    """-> dict(input_ids (B,T) long right-padded with pad_id, loss_mask (B,T) long (0 on pads),
+    pixel_values (N_tiles_total,3,H,W) or None, n_tiles list[int] total tiles per sample)."""
+    T = max(len(it["input_ids"]) for it in items)
+    input_ids = torch.full((len(items), T), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(items), T), dtype=torch.long)
+    for b, it in enumerate(items):
+        n = len(it["input_ids"])
+        input_ids[b, :n] = torch.tensor(it["input_ids"])
+        loss_mask[b, :n] = torch.tensor(it["loss_mask"])
+    pix = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
+    return dict(input_ids=input_ids, loss_mask=loss_mask, pixel_values=torch.cat(pix) if pix else None,
+                n_tiles=[sum(it["n_tiles"]) for it in items])
+
+# -----------------------------------------------------------------------------
+# Prompts for generation (grpo.py, eval.py, entropy.py)
+
+def encode_prompt(tok, sample, cfg, think=True, system=None):
+    """A loaded sample -> (input_ids list[int], pixel_values (N,3,H,W) | None), the pair sampler.generate takes.
+    cfg: anything with image_size, max_tiles, use_thumbnail, tokens_per_tile (a VLMConfig)."""
+    imgs = load_images(sample, cfg.image_size, cfg.max_tiles, cfg.use_thumbnail)
+    try:
+        ids = build_prompt_ids(tok, sample["question"], [t.shape[0] for t in imgs], cfg.tokens_per_tile, think,
+                               system, sample.get("options"))
+    except ValueError as e:
+        raise ValueError(f"{sample.get('src', sample.get('id'))}: {e}") from e
+    return ids, (torch.cat(imgs) if imgs else None)
+
+
+CRITICAL_WORDS = ("Wait", "Alternatively", "Hmm", "But wait")  # R1V3 section 5's reasoning-initiation tokens
+
+
+def critical_token_ids(tok, words=CRITICAL_WORDS):
+    """The first token of each word in the variants a tokenizer produces mid-text: with and without a leading
+    space or newline, capitalised or not. Returns {token id: word}. A word that splits into several tokens is
+    represented by its first token (e.g. "Altern" of "Alternatively"); ids shared by different words keep the
+    first word listed. Multi-word entries ("But wait") are skipped: their first token ("But") is not critical
+    by itself, and the single word ("Wait") is listed anyway. Used to ban tokens (the "no-wait" mode)."""
+    out = {}
+    for w in words:
+        if " " in w:
+            continue
+        for v in {w, w.lower(), w.capitalize()}:
+            for text in (v, " " + v, "\n" + v):
+                ids = tok.encode(text, add_special_tokens=False)
+                if text[0] in " \n" and len(ids) > 1 and tok.decode(ids[:1]).strip() == "":
+                    ids = ids[1:]  # the space/newline became its own token: the word starts at the next one
+                first = tok.decode(ids[:1]).strip() if ids else ""
+                if len(first) >= min(3, len(v)) and v.startswith(first):  # not a 1-2 letter fragment like "w"
+                    out.setdefault(ids[0], w)
+    return out

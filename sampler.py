@@ -1,0 +1,593 @@
+"""
+Batched GRPO rollout sampler: static KV cache, prefix sharing, on-device sampling, Triton decode kernels.
+
+    from sampler import generate
+    outs = generate(model, [(input_ids, pixel_values), ...], n=8, max_new_tokens=512, temperature=1.0,
+                    eos_token_id=[eos, im_end])
+    outs[i].tokens, outs[i].logprobs, outs[i].entropies, outs[i].finish_reason   # prompt-major order
+
+CLI, like nanoGPT's sample.py:
+    python sampler.py --ckpt=out/sft --image=cat.png --question="How many cats?" [--show_entropy]
+
+How one call runs (the shape of a GRPO step: P prompts x n samples = R rows):
+1. The cache is sized before it is allocated: R rows x (longest prompt + max_new_tokens) x every layer. If it does
+   not fit (free CUDA memory, or max_cache_bytes / available RAM on CPU) we raise with the byte count.
+2. ViT + prefill run ONCE per prompt (batched over prompts, right-padded), writing K/V straight into row p*n of
+   the cache; the prefix is then copied into the other n-1 rows of that prompt. Only the last position's hidden
+   state goes through lm_head (a 1k-token prompt x 152k vocab of fp32 logits would be 600 MB per prompt).
+3. Decode: all rows step together, each at its own position (cache.lens). Sampling happens on device (seeded
+   torch.Generator, temperature / top-k / top-p / banned ids); the host looks at the `finished` flags only
+   every `sync_every` steps, so on GPU there is no host sync per token.
+4. Finished rows stop costing work: at each sync point the still-active rows are compacted to the front of the
+   cache in place (one gather of K/V up to the current length) and the decode batch shrinks. We chose compaction
+   over "keep computing finished rows" after measuring on CPU (bench.py, 8 prompts x 8 samples, random EOS):
+   the gather costs about one decode step of K/V traffic and is paid only when some row finished; with
+   sync_every=8 it recovers most of the work of rows that stop early. (Refilling freed rows with waiting prompts
+   would keep the batch full, but GRPO needs all n samples of a prompt before its advantage anyway.)
+5. Outputs per row: tokens (EOS included when hit), logprobs and entropies. Both are computed in fp32 from the
+   model's RAW distribution (temperature 1, no top-k/top-p/bans): that is the pi_old(a|s) of the GRPO ratio and
+   the entropy the RL logs track. The token itself is drawn from the shaped distribution.
+
+Kernels (GPU path, Triton) with a plain PyTorch reference beside each, selected by `use_triton` (None = auto:
+Triton for CUDA tensors, the reference elsewhere; tests force both, the Triton path under TRITON_INTERPRET=1):
+  decode_attention: one new query token per row over the static cache, flash-decoding (split along the sequence,
+    then a reduce kernel merges the splits with their log-sum-exp), the G query heads of a kv head packed into one
+    tile (padded to >= 16 rows) so each K/V block is loaded once for all of them, ragged per-row lengths.
+  cache_append: writes each row's new k/v at its own position lens[b].
+
+FSDP2 (grpo.py): generate() needs a module whose forward runs without collectives per token. The simple, measured-
+in-memory choice is to gather the full weights once per rollout phase (bf16: 2 bytes x n_params per GPU, e.g.
+1 GB for 0.5B, 4 GB for 2B) -- see gather_for_rollout() in grpo.py's caller; generating through the sharded module
+would all-gather every layer on every token (n_layer collectives per step), which is latency-bound at decode.
+"""
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from model import KVCache
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference path is used
+    triton = None
+
+USE_TRITON = None  # None = auto (Triton on CUDA tensors), True/False to force; tests flip this
+
+
+def _want_triton(x, use_triton):
+    use = USE_TRITON if use_triton is None else use_triton
+    if use is None:
+        use = x.is_cuda
+    if use and triton is None:
+        raise RuntimeError("sampler.py: use_triton=True but triton is not installed")
+    if use and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("sampler.py: Triton on CPU tensors needs TRITON_INTERPRET=1 set before importing triton")
+    return use
+
+# -----------------------------------------------------------------------------
+# Cache append: write each row's new k/v (T tokens) at positions lens[b] .. lens[b]+T-1 of its cache row.
+
+def cache_append_ref(k_cache, v_cache, k, v, lens):
+    # k_cache, v_cache: (B, n_kv_head, max_len, hd) ; k, v: (B, n_kv_head, T, hd) ; lens: (B,) long
+    B, _, T, _ = k.shape
+    pos = lens[:, None] + torch.arange(T, device=k.device)  # (B, T)
+    b = torch.arange(B, device=k.device)[:, None].expand(B, T)
+    # advanced indexing on dims (0, 2) puts the indexed dims first: (B, T, n_kv_head, hd)
+    k_cache[b, :, pos] = k.transpose(1, 2).to(k_cache.dtype)
+    v_cache[b, :, pos] = v.transpose(1, 2).to(v_cache.dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _cache_append_kernel(K, V, Kc, Vc, Lens,
+                             s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                             s_cb, s_ch, s_cn, s_db, s_dh, s_dn,
+                             max_len, D, BLOCK_D: tl.constexpr):
+        # one program per (row b, kv head h, new token t); head_dim is contiguous (stride 1)
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        t = tl.program_id(2)
+        pos = tl.load(Lens + b) + t
+        d = tl.arange(0, BLOCK_D)
+        mask = (d < D) & (pos + 0 * d < max_len)  # (a scalar & block mask trips the interpreter)
+        k = tl.load(K + b * s_kb + h * s_kh + t * s_kt + d, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(V + b * s_vb + h * s_vh + t * s_vt + d, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Kc + b * s_cb + h * s_ch + pos * s_cn + d, k.to(Kc.dtype.element_ty), mask=mask)
+        tl.store(Vc + b * s_db + h * s_dh + pos * s_dn + d, v.to(Vc.dtype.element_ty), mask=mask)
+
+
+def cache_append(k_cache, v_cache, k, v, lens, use_triton=None):
+    """Write k, v (B, n_kv_head, T, hd) into k_cache, v_cache (B, n_kv_head, max_len, hd) at lens[b] + t."""
+    if not _want_triton(k, use_triton):
+        return cache_append_ref(k_cache, v_cache, k, v, lens)
+    B, H, T, D = k.shape
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    _cache_append_kernel[(B, H, T)](
+        k, v, k_cache, v_cache, lens,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_cache.shape[2], D, BLOCK_D=max(16, triton.next_power_of_2(D)))
+
+# -----------------------------------------------------------------------------
+# Decode attention: q (B, n_head, hd) for ONE new token per row, over positions < lens[b] of row b's cache.
+# GQA: query head j uses kv head j // G, G = n_head // n_kv_head (Qwen2 / HF repeat_kv convention).
+
+def decode_attention_ref(q, k_cache, v_cache, lens, scale=None):
+    # q: (B, n_head, hd) ; k_cache, v_cache: (B, n_kv_head, max_len, hd) ; lens: (B,) valid positions per row
+    B, n_head, D = q.shape
+    n_kv_head = k_cache.shape[1]
+    G = n_head // n_kv_head
+    scale = D ** -0.5 if scale is None else scale
+    L = int(lens.max())  # host sync: only the reference path (CPU) reads the current max length
+    valid = torch.arange(L, device=q.device)[None, :] < lens[:, None]  # (B, L) ragged rows
+    # query head j uses kv head j // G (enable_gqa); fp32 math, as the Triton kernel does after its loads
+    y = F.scaled_dot_product_attention(q.float()[:, :, None], k_cache[:, :, :L].float(), v_cache[:, :, :L].float(),
+                                       attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=G > 1)
+    return y.view(B, n_head, D).to(q.dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _decode_attn_split_kernel(Q, K, V, Lens, MidO, MidLse,
+                                  s_qb, s_qh, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                                  s_ob, s_oh, s_os, s_lb, s_lh,
+                                  scale, split_len, G, D,
+                                  BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                  PRECISION: tl.constexpr):
+        # Flash-decoding (Dao et al. 2023), step 1: program (b, kv head h, split s) runs online softmax over
+        # positions [s*split_len, min((s+1)*split_len, lens[b])) for all G query heads of kv head h at once.
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.program_id(2)
+        L = tl.load(Lens + b)
+        start = s * split_len
+        end = tl.minimum(start + split_len, L)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        n = tl.arange(0, BLOCK_N)
+        mask_g = g < G
+        mask_d = d < D
+        qh = h * G + g  # query heads of this kv head
+        q = tl.load(Q + b * s_qb + qh[:, None] * s_qh + d[None, :],
+                    mask=mask_g[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        q = q * scale
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max per query head
+        l = tl.zeros([BLOCK_G], tl.float32)  # running sum of exp
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)  # running sum of p * v
+        k_base = K + b * s_kb + h * s_kh
+        v_base = V + b * s_vb + h * s_vh
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + n
+            mask_n = pos < end
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(k_base + pos[:, None] * s_kn + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+            v = tl.load(v_base + pos[:, None] * s_vn + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+            att = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_G, BLOCK_N)
+            att = tl.where(mask_n[None, :], att, float("-inf"))
+            m_new = tl.maximum(m, tl.max(att, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(att - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+            m = m_new
+        # an empty split (start >= lens[b]) leaves l = 0: write o = 0 and lse = -inf so the reduce ignores it
+        nonempty = l > 0
+        o = acc / tl.where(nonempty, l, 1.0)[:, None]
+        lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
+        tl.store(MidO + b * s_ob + qh[:, None] * s_oh + s * s_os + d[None, :], o,
+                 mask=mask_g[:, None] & mask_d[None, :])
+        tl.store(MidLse + b * s_lb + qh * s_lh + s, lse, mask=mask_g)
+
+    @triton.jit
+    def _decode_attn_reduce_kernel(MidO, MidLse, Out, Lens,
+                                   s_ob, s_oh, s_os, s_lb, s_lh, s_yb, s_yh,
+                                   split_len, n_split, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Flash-decoding step 2: program (b, query head j) merges the splits: y = sum_s w_s o_s / sum_s w_s,
+        # w_s = exp(lse_s - max lse). Only the splits that hold positions of row b are read.
+        b = tl.program_id(0)
+        j = tl.program_id(1)
+        L = tl.load(Lens + b)
+        n_used = tl.minimum(tl.cdiv(L, split_len), n_split)
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, BLOCK_D)
+        mask_s = s < n_used
+        mask_d = d < D
+        lse = tl.load(MidLse + b * s_lb + j * s_lh + s, mask=mask_s, other=float("-inf")).to(tl.float32)
+        w = tl.exp(lse - tl.max(lse, 0))  # (BLOCK_S,), 0 for unused splits
+        o = tl.load(MidO + b * s_ob + j * s_oh + s[:, None] * s_os + d[None, :],
+                    mask=mask_s[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        y = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+        tl.store(Out + b * s_yb + j * s_yh + d, y.to(Out.dtype.element_ty), mask=mask_d)
+
+
+def decode_split_len(B, n_kv_head, max_len, block_n, device, len_bound=None):
+    """Positions per split: enough (b, kv head, split) programs to fill the GPU, splits a multiple of block_n."""
+    L = max_len if len_bound is None else max(1, min(len_bound, max_len))
+    n_blocks = triton.cdiv(L, block_n)
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    n_split = min(n_blocks, max(1, triton.cdiv(target, B * n_kv_head)), 64)
+    return triton.cdiv(n_blocks, n_split) * block_n
+
+
+def decode_attention(q, k_cache, v_cache, lens, scale=None, use_triton=None, block_n=64, split_len=None,
+                     len_bound=None):
+    """q (B, n_head, hd); k_cache, v_cache (B, n_kv_head, max_len, hd); lens (B,) >= 1 -> y (B, n_head, hd).
+    len_bound: optional host-side upper bound of lens (sizes the splits without a sync)."""
+    if not _want_triton(q, use_triton):
+        return decode_attention_ref(q, k_cache, v_cache, lens, scale)
+    B, n_head, D = q.shape
+    _, n_kv_head, max_len, _ = k_cache.shape
+    G = n_head // n_kv_head
+    assert G * n_kv_head == n_head and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    scale = D ** -0.5 if scale is None else scale
+    if split_len is None:
+        split_len = decode_split_len(B, n_kv_head, max_len, block_n, q.device, len_bound)
+    L = max_len if len_bound is None else max(1, min(len_bound, max_len))
+    n_split = triton.cdiv(L, split_len)
+    mid_o = torch.empty(B, n_head, n_split, D, device=q.device, dtype=torch.float32)
+    mid_lse = torch.empty(B, n_head, n_split, device=q.device, dtype=torch.float32)
+    y = torch.empty(B, n_head, D, device=q.device, dtype=q.dtype)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    # fp32 inputs: exact fp32 dots. 16-bit inputs: tf32 dots (q, k are exact in tf32; p rounds at 2^-11)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    _decode_attn_split_kernel[(B, n_kv_head, n_split)](
+        q, k_cache, v_cache, lens, mid_o, mid_lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        scale, split_len, G, D,
+        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=BLOCK_D, PRECISION=precision)
+    _decode_attn_reduce_kernel[(B, n_head)](
+        mid_o, mid_lse, y, lens,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        y.stride(0), y.stride(1),
+        split_len, n_split, D, BLOCK_S=max(16, triton.next_power_of_2(n_split)), BLOCK_D=BLOCK_D)
+    return y
+
+# -----------------------------------------------------------------------------
+# The static cache used by generate(): model.KVCache with the decode step (T == 1) routed through the kernels
+# above, views for prefilling a subset of rows, and in-place compaction of the active rows.
+
+class DecodeCache(KVCache):
+    """k_buf, v_buf: (n_layer, rows, n_kv_head, max_len, hd) allocated once. k, v, lens: the ACTIVE rows (views of
+    the first B rows after compaction). len_bound: host-side upper bound of lens + 1 during a decode step (sizes
+    the Triton splits without a sync; None = use max_len)."""
+
+    def __init__(self, cfg, batch_size, max_len, dtype=torch.float32, device="cpu", use_triton=None):
+        super().__init__(cfg, batch_size, max_len, dtype, device)
+        self.k_buf, self.v_buf = self.k, self.v
+        self.use_triton = use_triton
+        self.len_bound = None
+
+    def attend(self, layer_idx, q, k, v):
+        if q.shape[2] != 1:  # prefill: the reference causal attention of model.KVCache
+            return super().attend(layer_idx, q, k, v)
+        kc, vc = self.k[layer_idx], self.v[layer_idx]  # (B, n_kv_head, max_len, hd)
+        cache_append(kc, vc, k, v, self.lens, self.use_triton)
+        y = decode_attention(q[:, :, 0], kc, vc, self.lens + 1, use_triton=self.use_triton,
+                             len_bound=self.len_bound)  # (B, n_head, hd)
+        return y[:, :, None]
+
+    def rows(self, sl):
+        """A cache over the rows sl (a slice) of this one, sharing its storage, with its own lens = 0."""
+        view = DecodeCache.__new__(DecodeCache)
+        view.__dict__.update(self.__dict__)
+        view.k, view.v = self.k_buf[:, sl], self.v_buf[:, sl]
+        view.lens = torch.zeros(view.k.shape[1], dtype=torch.long, device=self.lens.device)
+        return view
+
+    def keep_rows(self, idx, upto):
+        """Move the rows idx (B_new,) to the front, keeping positions < upto; the active batch becomes B_new.
+        One layer at a time so the gather's temporary is one layer's K/V, not the whole cache."""
+        B = idx.numel()
+        for i in range(self.k_buf.shape[0]):
+            self.k_buf[i, :B, :, :upto] = self.k[i, idx, :, :upto]
+            self.v_buf[i, :B, :, :upto] = self.v[i, idx, :, :upto]
+        self.k, self.v = self.k_buf[:, :B], self.v_buf[:, :B]
+        self.lens = self.lens[idx]
+
+
+def cache_bytes(cfg, rows, max_len, dtype):
+    # K and V, every layer, every row, every position
+    return 2 * cfg.n_layer * rows * cfg.n_kv_head * max_len * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def check_cache_fits(nbytes, device, max_cache_bytes, rows, max_len):
+    """Raise before allocating a cache that cannot fit: free CUDA memory, or max_cache_bytes / available RAM."""
+    if max_cache_bytes is not None:
+        limit, what = max_cache_bytes, "max_cache_bytes"
+    elif device.type == "cuda":
+        limit, what = torch.cuda.mem_get_info(device)[0], "free CUDA memory"
+    else:
+        limit, what = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available RAM"
+    if nbytes > limit:
+        raise MemoryError(f"sampler.py: the KV cache needs {nbytes:,} bytes ({nbytes / 2**30:.2f} GiB) for {rows} rows "
+                          f"x {max_len} positions but {what} is {limit:,} bytes; lower the number of prompts, n, "
+                          f"max_new_tokens or the prompt length (or raise max_cache_bytes)")
+
+# -----------------------------------------------------------------------------
+# Sampling on device. Returns the token drawn from the SHAPED distribution (bans, temperature, top-k, top-p)
+# together with its log-prob and the entropy under the RAW one (temperature 1, nothing masked): the GRPO ratio
+# pi_theta / pi_old and the entropy logs are about the policy itself, not about the sampling transform.
+
+def sample_next(logits, u, temperature=1.0, top_k=0, top_p=1.0, ban=None):
+    # logits (B, V), u (B,) uniform [0, 1) -> tok (B,) long, logp (B,) fp32, entropy (B,) fp32
+    logits = logits.float()
+    logp_raw = logits.log_softmax(dim=-1)
+    p_raw = logp_raw.exp()
+    entropy = -(p_raw * logp_raw).sum(dim=-1)
+    x = logits
+    if ban is not None:
+        x = x.index_fill(-1, ban, float("-inf"))
+    if temperature == 0:  # greedy
+        return _gather_out(x.argmax(dim=-1), logp_raw, entropy)
+    if ban is None and temperature == 1.0 and not 0 < top_k < x.shape[-1] and top_p >= 1.0:
+        probs = p_raw  # plain sampling from the policy: reuse the softmax
+    else:
+        x = x / temperature
+        if 0 < top_k < x.shape[-1]:
+            kth = torch.topk(x, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+            x = x.masked_fill(x < kth, float("-inf"))
+        if top_p < 1.0:  # nucleus (Holtzman et al. 2020): smallest set of top tokens with mass >= top_p
+            srt, order = torch.sort(x, dim=-1, descending=True)
+            p = srt.softmax(dim=-1)
+            drop = (p.cumsum(dim=-1) - p) >= top_p  # mass BEFORE this token already reaches top_p; keeps the top-1
+            x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        probs = x.softmax(dim=-1)
+    # inverse-CDF sampling: one uniform u per row (the caller draws one for EVERY row, so compaction does not change
+    # which number a row gets), token = first index whose cumulative probability exceeds u * total. The fp64 cdf
+    # keeps a 152k vocabulary exact enough; u * total < total, so a p = 0 token (flat cdf) can never be the first
+    # index above it. No host sync (unlike torch.multinomial on CUDA), R random numbers per step, not R x V.
+    cdf = probs.double().cumsum(dim=-1)  # (B, V)
+    tok = torch.searchsorted(cdf, u[:, None].double() * cdf[:, -1:], right=True)[:, 0]
+    return _gather_out(tok.clamp(max=x.shape[-1] - 1), logp_raw, entropy)
+
+
+def _gather_out(tok, logp_raw, entropy):
+    logp = logp_raw.gather(-1, tok[:, None])[:, 0]
+    return tok, logp, entropy
+
+
+@dataclass
+class Sample:
+    """One generated sequence. tokens include the EOS / stop token when one ended it. logprobs[i] and
+    entropies[i] are fp32 values under the model's raw distribution (temperature 1, no top-k/top-p/bans)."""
+    tokens: list
+    logprobs: list
+    entropies: list
+    finish_reason: str  # 'eos' | 'stop' (a stop id or stop string) | 'length'
+    prompt_index: int
+    text: str = None  # filled when a tokenizer was given
+
+    def __getitem__(self, key):  # results are readable as keys too: s["tokens"]
+        return getattr(self, key)
+
+
+def _as_ids(x, name):
+    if x is None:
+        return []
+    ids = [x] if isinstance(x, int) else list(x)
+    if not all(isinstance(i, int) for i in ids):
+        raise ValueError(f"sampler.py: {name} must be an int or a list of ints, got {x!r}")
+    return ids
+
+
+def _check_prompts(prompts, cfg):
+    for i, p in enumerate(prompts):
+        if not (isinstance(p, (tuple, list)) and len(p) == 2):
+            raise ValueError(f"sampler.py: prompts[{i}] must be a pair (input_ids, pixel_values), got {type(p)}")
+        ids, pix = p
+        if len(ids) == 0:
+            raise ValueError(f"sampler.py: prompts[{i}] has no input_ids")
+        bad = [t for t in ids if not 0 <= int(t) < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"sampler.py: prompts[{i}] has token ids outside [0, {cfg.vocab_size}): {bad[:5]}")
+        n_img = sum(int(t) == cfg.image_token_id for t in ids)
+        n_tiles = 0 if pix is None else pix.shape[0]
+        if pix is not None and pix.ndim != 4:
+            raise ValueError(f"sampler.py: prompts[{i}] pixel_values must be (tiles, 3, H, W), got {tuple(pix.shape)}")
+        if n_img != n_tiles * cfg.tokens_per_tile:
+            raise ValueError(f"sampler.py: prompts[{i}] has {n_img} image-context tokens but {n_tiles} tiles x "
+                             f"{cfg.tokens_per_tile} tokens per tile")
+
+
+def _find_stop(tokenizer, toks, stop, checked):
+    """Smallest k > checked such that decode(toks[:k]) contains a stop string, or None."""
+    if not any(s in tokenizer.decode(toks) for s in stop):
+        return None
+    for k in range(checked + 1, len(toks) + 1):
+        text = tokenizer.decode(toks[:k])
+        if any(s in text for s in stop):
+            return k
+    return len(toks)
+
+
+@torch.no_grad()
+def prefill(model, cache, prompts, n, pad_id, max_tokens):
+    """ViT + prefill ONCE per prompt, batched over prompts (right-padded, causal so the pads never reach a real
+    token), writing K/V into rows p*n of the cache. Returns the last-position logits (P, vocab) in fp32."""
+    device = cache.k_buf.device
+    P = len(prompts)
+    out = []
+    p0 = 0
+    while p0 < P:  # chunks of prompts of at most max_tokens padded tokens (activations, not the cache, bound this)
+        p1, T = p0 + 1, len(prompts[p0][0])
+        while p1 < P and (p1 + 1 - p0) * max(T, len(prompts[p1][0])) <= max_tokens:
+            T = max(T, len(prompts[p1][0]))
+            p1 += 1
+        lens = torch.tensor([len(prompts[p][0]) for p in range(p0, p1)], device=device)
+        ids = torch.full((p1 - p0, T), pad_id, dtype=torch.long, device=device)
+        for j, p in enumerate(range(p0, p1)):
+            ids[j, :len(prompts[p][0])] = torch.tensor(prompts[p][0], dtype=torch.long)
+        pix = [prompts[p][1] for p in range(p0, p1) if prompts[p][1] is not None]
+        pix = torch.cat(pix).to(device) if pix else None
+        view = cache.rows(slice(p0 * n, p1 * n, n))  # rows p*n of this chunk's prompts
+        h = model(ids, pix, cache=view, return_hidden=True)  # (C, T, n_embd)
+        last = h[torch.arange(p1 - p0, device=device), lens - 1]  # (C, n_embd): only these need logits
+        out.append(model.llm.lm_head(last).float())
+        p0 = p1
+    return torch.cat(out)  # (P, vocab)
+
+
+def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None,
+             seed=0, stop_token_ids=None, stop=None, tokenizer=None, ban_token_ids=None, sync_every=8,
+             compact=True, use_triton=None, max_cache_bytes=None, prefill_tokens=16384, compile=False,
+             stats=None):
+    """
+    prompts: list of (input_ids list[int] with image-context tokens expanded, pixel_values (tiles,3,H,W) | None).
+    Returns len(prompts) * n Samples, prompt-major (all n samples of prompt 0 first).
+    eos_token_id / stop_token_ids: int or list of ints (finish_reason 'eos' / 'stop'); stop: list of strings,
+    needs tokenizer (checked every sync_every steps; the tokens are cut right after the completing token).
+    ban_token_ids: ids whose logits are set to -inf before sampling (e.g. the "no-wait" mode).
+    temperature 0 = greedy. sync_every: decode steps between host looks at the finished flags.
+    compact: drop finished rows from the decode batch at sync points. use_triton: None = auto (CUDA).
+    compile: torch.compile the decode step (CUDA only; rows compacted to power-of-2 buckets to bound recompiles).
+    stats: optional dict, filled with timings and counters.
+    """
+    cfg = model.cfg
+    if max_new_tokens < 1:
+        raise ValueError(f"sampler.py: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if n < 1 or len(prompts) == 0:
+        raise ValueError(f"sampler.py: need n >= 1 and at least one prompt (n={n}, {len(prompts)} prompts)")
+    if stop and tokenizer is None:
+        raise ValueError("sampler.py: stop strings need a tokenizer")
+    _check_prompts(prompts, cfg)
+    eos_ids, stop_ids = _as_ids(eos_token_id, "eos_token_id"), _as_ids(stop_token_ids, "stop_token_ids")
+    p = next(model.parameters())
+    device, dtype = p.device, p.dtype
+    compile = compile and device.type == "cuda"
+    P, R = len(prompts), len(prompts) * n
+    max_prompt = max(len(ids) for ids, _ in prompts)
+    max_len = max_prompt + max_new_tokens
+    nbytes = cache_bytes(cfg, R, max_len, dtype)
+    check_cache_fits(nbytes, device, max_cache_bytes, R, max_len)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return _generate(model, prompts, n, max_new_tokens, temperature, top_p, top_k, eos_ids, stop_ids,
+                             stop, tokenizer, ban_token_ids, seed, sync_every, compact, use_triton, prefill_tokens,
+                             compile, stats, device, dtype, P, R, max_prompt, max_len, nbytes)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, prompts, n, max_new_tokens, temperature, top_p, top_k, eos_ids, stop_ids, stop, tokenizer,
+              ban_token_ids, seed, sync_every, compact, use_triton, prefill_tokens, compile, stats, device, dtype,
+              P, R, max_prompt, max_len, nbytes):
+    cfg = model.cfg
+    t0 = time.perf_counter()
+    cache = DecodeCache(cfg, R, max_len, dtype, device, use_triton)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ban = torch.tensor(_as_ids(ban_token_ids, "ban_token_ids"), dtype=torch.long, device=device) \
+        if ban_token_ids else None
+    eos_t = torch.tensor(eos_ids or [-1], device=device)
+    stop_t = torch.tensor(stop_ids or [-1], device=device)
+    pad_id = 0 if cfg.image_token_id != 0 else 1  # any id that is not an image-context token
+
+    # 1) ViT + prefill once per prompt, then copy each prompt's prefix into its other n-1 rows
+    logits = prefill(model, cache, prompts, n, pad_id, prefill_tokens)  # (P, vocab)
+    plen = torch.tensor([len(ids) for ids, _ in prompts], device=device)
+    if n > 1:
+        L, _, H, M, D = cache.k_buf.shape
+        for buf in (cache.k_buf, cache.v_buf):
+            rows = buf.view(L, P, n, H, M, D)
+            rows[:, :, 1:, :, :max_prompt] = rows[:, :, :1, :, :max_prompt]
+        logits = logits.repeat_interleave(n, dim=0)  # (R, vocab)
+    cache.lens = plen.repeat_interleave(n)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t1 = time.perf_counter()
+
+    # 2) decode. Outputs live on device, indexed by the original row; the active batch shrinks at sync points.
+    out_tok = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_logp = torch.zeros(R, max_new_tokens, device=device)
+    out_ent = torch.zeros(R, max_new_tokens, device=device)
+    gen_len = torch.full((R,), max_new_tokens, dtype=torch.long, device=device)  # final length per row
+    reason = torch.zeros(R, dtype=torch.long, device=device)  # 0 length, 1 eos, 2 stop
+    row_ids = torch.arange(R, device=device)  # active batch index -> original row
+    done = torch.zeros(R, dtype=torch.bool, device=device)  # per active row
+    checked = [0] * R  # stop strings: tokens already known to contain none
+    step_fn = _decode_step
+    if compile:
+        step_fn = torch.compile(_decode_step, dynamic=False)
+    n_steps = n_compact = 0
+    t = 0
+    while True:
+        # sample token t of every active row from the logits of position t-1
+        u = torch.rand(R, generator=gen, device=device)[row_ids]  # per original row: invariant to compaction
+        tok, logp, ent = sample_next(logits, u, temperature, top_k, top_p, ban)
+        out_tok[row_ids, t], out_logp[row_ids, t], out_ent[row_ids, t] = tok, logp, ent
+        hit_eos, hit_stop = torch.isin(tok, eos_t), torch.isin(tok, stop_t)
+        new = ~done & (hit_eos | hit_stop)
+        gen_len[row_ids] = torch.where(new, t + 1, gen_len[row_ids])
+        reason[row_ids] = torch.where(new, torch.where(hit_eos, 1, 2), reason[row_ids])
+        done = done | new
+        t += 1
+        if t == max_new_tokens:
+            break
+        if t % sync_every == 0:  # the only host syncs of the loop
+            if stop:
+                done = _check_stop_strings(tokenizer, stop, out_tok, gen_len, reason, row_ids, done, checked, t)
+            if bool(done.all()):
+                break
+            if compact and bool(done.any()):
+                keep = (~done).nonzero()[:, 0]
+                if compile:  # pad to a power-of-2 bucket with finished rows so the compiled step sees few shapes
+                    B_new = min(done.numel(), 1 << (keep.numel() - 1).bit_length())
+                    keep = torch.cat([keep, done.nonzero()[:, 0]])[:B_new]
+                cache.keep_rows(keep, max_prompt + t)
+                tok, row_ids, done = tok[keep], row_ids[keep], done[keep]
+                n_compact += 1
+        # forward the sampled token at position lens[b]; the cache holds positions < max_prompt + t afterwards
+        cache.len_bound = None if compile else max_prompt + t
+        logits = step_fn(model, cache, tok)
+        cache.lens += 1
+        n_steps += 1
+    if stop:
+        _check_stop_strings(tokenizer, stop, out_tok, gen_len, reason, row_ids, done, checked, t)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t2 = time.perf_counter()
+
+    # 3) results, prompt-major; one device->host copy
+    out_tok, out_logp, out_ent = out_tok.tolist(), out_logp.tolist(), out_ent.tolist()
+    gen_len, reason = gen_len.tolist(), reason.tolist()
+    names = ("length", "eos", "stop")
+    results = []
+    for r in range(R):
+        L = gen_len[r]
+        s = Sample(out_tok[r][:L], out_logp[r][:L], out_ent[r][:L], names[reason[r]], r // n)
+        if tokenizer is not None:
+            s.text = tokenizer.decode(s.tokens)
+        results.append(s)
+    if stats is not None:
+        n_tok = sum(gen_len)
+        stats.update(prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=n_steps, compactions=n_compact,
+                     new_tokens=n_tok, cache_bytes=nbytes, tokens_per_s=n_tok / max(t2 - t0, 1e-9))
+    return results
+
+
+def _decode_step(model, cache, tok):
+    # one token per active row: (B,) -> logits (B, vocab) in the model dtype
+    return model(tok[:, None], cache=cache)[:, -1]
+
+
+def _check_stop_strings(tokenizer, stop, out_tok, gen_len, reason, row_ids, done, checked, t):
+    """Host-side stop-string check of the rows still active; cuts gen_len right after the completing token."""
+    lens = gen_len[row_ids].tolist()
+    toks = out_tok[row_ids].tolist()
+    for i, r in enumerate(row_ids.tolist()):
+        upto = min(lens[i], t)
+        k = _find_stop(tokenizer, toks[i][:upto], stop, checked[r]) if upto > checked[r] else None
+        if k is not None:
+            gen_len[r], reason[r] = k, 2
+            done[i] = True
+        checked[r] = upto
+    return done

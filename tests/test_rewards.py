@@ -1,0 +1,187 @@
+# rewards.py on hand-written responses: extraction, think/format rules, multiple choice, Math-Verify
+# equivalence, adversarial strings under a time bound, and the process pool's hard timeout.
+import time
+
+import pytest
+
+import rewards
+from rewards import score, score_batch
+
+_real_worker = rewards._verify_worker
+
+
+@pytest.fixture(scope='module', autouse=True)
+def shut_pool():
+    yield
+    rewards.close()  # pytest must exit without waiting on pool workers
+
+
+def test_boxed_correct_and_incorrect():
+    d = score("Count the squares: 3 + 4 = 7.\n</think>\n\nThe total is \\boxed{7}.", "7")
+    assert d == {'accuracy': 1, 'format': 1, 'reward': 1.0, 'pred': '7', 'timeout': False}
+    d = score("3 + 4 = 8\n</think>\n\n\\boxed{8}", "7")
+    assert (d['accuracy'], d['format'], d['pred']) == (0, 1, '8')
+    assert d['reward'] == pytest.approx(0.2)
+    # the stop token a sampler may leave in the text does not matter
+    assert score("ok</think>\\boxed{7}<|im_end|>", "7")['accuracy'] == 1
+
+
+def test_only_text_after_last_think_counts():
+    # an answer only inside the reasoning is not credited
+    d = score("so it is \\boxed{7}\n</think>\n\nI am not sure.", "7")
+    assert (d['accuracy'], d['format'], d['pred']) == (0, 0, None)
+    # no </think> at all: nothing counts in think mode ...
+    d = score("the answer is \\boxed{7}", "7")
+    assert (d['accuracy'], d['format'], d['reward']) == (0, 0, 0.0)
+    # ... but in no-think mode the whole text counts
+    d = score("the answer is \\boxed{7}", "7", think=False)
+    assert (d['accuracy'], d['format']) == (1, 1)
+    assert score("no answer here", "7", think=False)['format'] == 0
+
+
+def test_format_rules():
+    # with and without the leading <think> (the forced prefix belongs to the prompt)
+    assert score("<think>\nr\n</think>\n\\boxed{7}", "7")['format'] == 1
+    assert score("r\n</think>\n\\boxed{7}", "7")['format'] == 1
+    # two </think>: format 0, accuracy still from the last part
+    d = score("r</think>more</think>\\boxed{7}", "7")
+    assert (d['accuracy'], d['format']) == (1, 0)
+    # a second reasoning block, or <think> after the answer
+    assert score("r<think>again</think>\\boxed{7}", "7")['format'] == 0
+    assert score("r</think>\\boxed{7}<think>", "7")['format'] == 0
+    # </think> followed by nothing extractable
+    assert score("r</think>\n\n", "7")['format'] == 0
+    assert score("r</think>\\boxed{}", "7")['format'] == 0
+
+
+def test_hedging_is_not_credited():
+    d = score("r</think>It is \\boxed{3} or maybe \\boxed{4}", "4")
+    assert (d['accuracy'], d['format']) == (0, 1)
+    # the same answer boxed twice is not hedging
+    assert score("r</think>\\boxed{4}, so the answer is \\boxed{ 4 }.", "4")['accuracy'] == 1
+    # a different boxed answer inside the reasoning is not hedging either
+    assert score("\\boxed{3}? no.</think>\\boxed{4}", "4")['accuracy'] == 1
+
+
+def test_extraction_forms():
+    assert score("r</think>\\fbox{7}", "7")['accuracy'] == 1
+    assert score("r</think><answer> 7 </answer>", "7")['accuracy'] == 1
+    assert score("r</think>The answer is $7$.", "7")['accuracy'] == 1
+    assert score("r</think>**Answer:** 7", "7")['accuracy'] == 1
+    # the last boxed wins over an <answer> tag and nested braces are balanced
+    d = score("r</think><answer>3</answer> \\boxed{\\text{7}}", "7")
+    assert (d['pred'], d['accuracy']) == ('\\text{7}', 1)
+    # an unclosed \boxed is skipped, a later "answer is" still counts
+    d = score("r</think>\\boxed{7 ... the answer is 7", "7")
+    assert (d['pred'], d['accuracy']) == ('7', 1)
+    assert rewards.boxed_all("a \\boxed{\\{1,2\\}} b \\boxed 5 c") == ['\\{1,2\\}', '5']
+
+
+def test_multiple_choice_letters():
+    opts = ['red', 'blue', 'green']
+    for ans in ['B', '(B)', 'B.', 'B) blue', 'B. blue', '\\text{B}', 'Option B', 'blue', 'Blue']:
+        assert score(f"r</think>\\boxed{{{ans}}}", 'B', options=opts)['accuracy'] == 1, ans
+    for ans in ['A', '(C)', 'red', 'D', 'purple']:
+        assert score(f"r</think>\\boxed{{{ans}}}", 'B', options=opts)['accuracy'] == 0, ans
+    # an "answer is" line, and a gold given as the option text
+    assert score("r</think>The answer is (B).", 'B', options=opts)['accuracy'] == 1
+    assert score("r</think>\\boxed{B}", 'blue', options=opts)['accuracy'] == 1
+    # a bare letter gold without options is compared as a letter
+    assert score("r</think>\\boxed{(C)}", 'C')['accuracy'] == 1
+    assert score("r</think>\\boxed{D}", 'C')['accuracy'] == 0
+
+
+def test_math_verify_equivalents():
+    # one batch: one pool start for all of them
+    cases = [("\\frac{1}{2}", "0.5", 1), ("0.5", "\\frac{1}{2}", 1), ("\\dfrac{2}{4}", "1/2", 1),
+             ("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2", 1), ("(x+1)^2", "x^2+2x+1", 1), ("\\pi/2", "\\frac{\\pi}{2}", 1),
+             ("\\frac{1}{3}", "0.5", 0), ("x^2+1", "(x+1)^2", 0), ("7.0", "7", 1), ("1,000", "1000", 1), ("12", "1,2", 0)]
+    out = score_batch([f"r</think>\\boxed{{{p}}}" for p, _, _ in cases], [g for _, g, _ in cases], timeout=10.0)
+    assert [d['accuracy'] for d in out] == [c[2] for c in cases]
+    assert not any(d['timeout'] for d in out)
+
+
+ADVERSARIAL = [
+    "r</think>\\boxed{9^{9^{9^{9}}}}",
+    "r</think>\\boxed{10^{10^{10}}}",
+    "r</think>\\boxed{2^{1000000000}}",
+    "r</think>\\boxed{" + "9" * 100000 + "}",                   # huge number
+    "r</think>" + "x" * 200000 + "\\boxed{5}",                 # 200k characters
+    "r</think>" + "{" * 200000,                                # unbalanced braces
+    "r</think>" + "\\boxed{" * 20000,                          # many unclosed boxes
+    "r</think>\\boxed{" + "{" * 5000 + "5" + "}" * 5000 + "}",  # deeply nested braces
+    "r</think>\\boxed{" + "{" * 40 + "5" + "}" * 40 + "}",
+    "r</think>\\boxed{\\frac{\\frac{\\frac{1}{2}}{" + "}" * 3,
+    None, 12345, "",
+]
+
+
+def test_adversarial_strings_score_zero_fast():
+    t0 = time.time()
+    out = score_batch(ADVERSARIAL, ["5"] * len(ADVERSARIAL), timeout=3.0)
+    elapsed = time.time() - t0
+    assert [d['accuracy'] for d in out] == [0] * len(ADVERSARIAL)
+    assert elapsed < 10.0, elapsed
+    # each alone too (score() on a single item)
+    for r in ADVERSARIAL[:3]:
+        t0 = time.time()
+        assert score(r, "5", timeout=3.0)['accuracy'] == 0
+        assert time.time() - t0 < 5.0
+
+
+def test_too_hard_precheck():
+    assert rewards.too_hard("9^{9^{9^{9}}}") and rewards.too_hard("10**10**10") and rewards.too_hard("7^{99999999}")
+    assert not rewards.too_hard("2^{10}") and not rewards.too_hard("2^{3^{2}}") and not rewards.too_hard("e^{x^2}")
+
+
+def _hang_or_verify(pred, gold, t_in):
+    # stand-in for the pool's worker: sleeps through any signal-based timeout, like a big-int power in C
+    if pred == 'hang':
+        time.sleep(60)
+    return _real_worker(pred, gold, t_in)
+
+
+def test_batch_hard_timeout_restarts_pool(monkeypatch):
+    rewards.close()  # workers fork after the patch, so they run the stand-in
+    monkeypatch.setattr(rewards, '_verify_worker', _hang_or_verify)
+    preds = ['hang', '\\frac{1}{2}', 'hang', '2/4', '\\frac{1}{3}']
+    t0 = time.time()
+    out = score_batch([f"r</think>\\boxed{{{p}}}" for p in preds], ['0.5'] * len(preds), timeout=1.0, workers=2)
+    elapsed = time.time() - t0
+    assert [d['timeout'] for d in out] == [True, False, True, False, False]
+    assert [d['accuracy'] for d in out] == [0, 1, 0, 1, 0]
+    assert sum(d['timeout'] for d in out) == 2
+    assert elapsed < 8.0, elapsed  # two 1 s timeouts plus restarts, never the 60 s sleep
+    monkeypatch.undo()
+    rewards.close()
+    # the pool comes back after close()
+    assert score("r</think>\\boxed{\\frac{3}{6}}", "0.5")['accuracy'] == 1
+
+
+def test_judge_hook_and_weights():
+    calls = []
+
+    def judge(question, response, answer):
+        calls.append((question, response, answer))
+        return 'seven' in response
+
+    d = score("r</think>The result: seven apples, \\boxed{seven}", "7", judge=judge, question="How many?")
+    assert d['accuracy'] == 1 and calls == [("How many?", "The result: seven apples, \\boxed{seven}", "7")]
+    # not asked when the rule check already says 1, nor without a final answer part, nor for a hedge
+    score("r</think>\\boxed{7}", "7", judge=judge)
+    score("seven \\boxed{seven}", "7", judge=judge)
+    score("r</think>\\boxed{seven} \\boxed{six}", "7", judge=judge)
+    assert len(calls) == 1
+    d = score("r</think>\\boxed{7}", "7", acc_weight=0.5, fmt_weight=0.5)
+    assert d['reward'] == 1.0
+    d = score("r</think>\\boxed{8}", "7", acc_weight=0.5, fmt_weight=0.5)
+    assert d['reward'] == 0.5
+
+
+def test_bad_gold_is_an_error_naming_the_sample():
+    with pytest.raises(ValueError, match="sample 1: empty gold"):
+        score_batch(["r</think>\\boxed{1}"] * 2, ["1", ""])
+    with pytest.raises(ValueError, match="sample 0: gold answer 'purple'"):
+        score("r</think>\\boxed{A}", "purple", options=['red', 'blue'])
+    with pytest.raises(ValueError, match="2 responses but 1 answers"):
+        score_batch(["a", "b"], ["1"])

@@ -1,0 +1,248 @@
+"""
+sampler.py: Triton kernels vs their PyTorch references (under TRITON_INTERPRET=1 on CPU, set by conftest.py),
+greedy parity with transformers' generate(), cached decode vs the uncached forward, the sampler's log-probs vs
+the training forward's, seeding, EOS / stop / max_new_tokens per row, compaction, the cache-size check.
+"""
+import pytest
+import torch
+
+import hf_fixtures as hx
+import sampler
+from model import VLM, VLMConfig
+from sampler import cache_append, decode_attention, generate
+
+TPT = hx.TOKENS_PER_TILE
+
+
+def rand_prompt(g, n_text, n_tiles):
+    # text tokens, an image span of n_tiles tiles somewhere after the first token, more text
+    ids = torch.randint(0, hx.N_REGULAR, (n_text,), generator=g).tolist()
+    if n_tiles:
+        ids = ids[:2] + [hx.IMG_START_ID] + [hx.IMG_CONTEXT_ID] * (TPT * n_tiles) + [hx.IMG_END_ID] + ids[2:]
+    pv = torch.randn(n_tiles, 3, hx.IMAGE_SIZE, hx.IMAGE_SIZE, generator=g) if n_tiles else None
+    return ids, pv
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    hf, d = hx.make_hf_model(tmp_path_factory.mktemp("sampler"))
+    return hf, VLM.from_pretrained(d)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(1)
+    return [rand_prompt(g, 7, 1), rand_prompt(g, 3, 0), rand_prompt(g, 12, 2), rand_prompt(g, 5, 1)]
+
+# -----------------------------------------------------------------------------
+# kernels: Triton (interpreter) == reference
+
+
+@pytest.mark.parametrize("G,dtype", [(1, torch.float32), (2, torch.float32), (4, torch.float32),
+                                     (8, torch.float32), (4, torch.float16), (2, torch.bfloat16)])
+def test_decode_attention_triton_matches_ref(G, dtype):
+    torch.manual_seed(G)
+    B, n_kv, M, D = 4, 2, 80, 24  # head_dim 24 is not a power of 2: the masked tail of the block is exercised
+    q = torch.randn(B, n_kv * G, D).to(dtype)
+    # the cache is a view of a bigger buffer (as after compaction): strided rows, unused positions are garbage
+    buf = torch.randn(2, B + 1, n_kv, M, D).to(dtype) * 3
+    kc, vc = buf[0, :B], buf[1, :B]
+    lens = torch.tensor([1, 17, 50, 80])  # ragged: 1 block, 2 blocks, several splits, the full cache
+    ref = decode_attention(q, kc, vc, lens, use_triton=False)
+    ref32 = decode_attention(q.float(), kc.float(), vc.float(), lens, use_triton=False)
+    # block 16 x split 32 -> 3 splits, some empty for short rows; plus once the automatic split choice
+    variants = [dict(block_n=16, split_len=32)] + ([dict(block_n=16, len_bound=70)] if G == 4 else [])
+    for kw in variants:
+        y = decode_attention(q, kc, vc, lens, use_triton=True, **kw)
+        assert y.dtype == dtype and y.shape == q.shape
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(y.float(), ref.float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(y.float(), ref32, atol=2 * tol, rtol=2 * tol)
+    # the data is sensitive to what is checked: row 0 (one position) returns exactly v[0], and reading one
+    # position fewer per row changes the output
+    torch.testing.assert_close(ref32[0], vc[0, :, 0].float().repeat_interleave(G, 0))
+    short = decode_attention(q.float(), kc.float(), vc.float(), (lens - 1).clamp(min=1), use_triton=False)
+    assert not torch.allclose(short[1:], ref32[1:], atol=1e-3)
+
+
+@pytest.mark.parametrize("T,dtype", [(1, torch.float32), (3, torch.float32), (1, torch.bfloat16)])
+def test_cache_append_triton_matches_ref(T, dtype):
+    torch.manual_seed(T)
+    B, n_kv, M, D = 3, 2, 20, 24
+    buf = torch.randn(B + 1, 2, n_kv, M, D).to(dtype)  # k and v interleaved per row: strided row views
+    k = torch.randn(B, n_kv, T, D).to(dtype)  # new k/v come in the cache dtype (the model's)
+    v = torch.randn(B, n_kv, T, D).to(dtype)
+    lens = torch.tensor([0, 5, M - T])
+    outs = []
+    for use in (False, True):
+        base = buf.clone()
+        kc, vc = base[:B, 0], base[1:, 1]
+        cache_append(kc, vc, k, v, lens, use_triton=use)
+        outs.append(base)
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    kc = outs[1][:B, 0]
+    torch.testing.assert_close(kc[2, :, M - T:], k[2].to(dtype))  # written at its own position
+    assert not torch.equal(outs[1], buf)
+    torch.testing.assert_close(kc[1, :, :5], buf[1, 0, :, :5])  # positions before lens untouched
+
+# -----------------------------------------------------------------------------
+# generate(): parity and consistency
+
+
+def hf_greedy(hf, ids, pv, max_new_tokens):
+    kw = dict(pixel_values=pv) if pv is not None else {}  # transformers' InternVL fails on pixel_values=None
+    out = hf.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, **kw)
+    return out[0, len(ids):].tolist()
+
+
+def test_greedy_matches_transformers(models, prompts):
+    hf, m = models
+    res = generate(m, prompts, n=2, max_new_tokens=10, temperature=0, sync_every=3)
+    assert len(res) == 2 * len(prompts)
+    for i, (ids, pv) in enumerate(prompts):  # 0, 1 and 2 tiles, lengths 3..23
+        want = hf_greedy(hf, ids, pv, 10)
+        for j in range(2):
+            r = res[2 * i + j]
+            assert r.prompt_index == i and r.finish_reason == "length"
+            assert r.tokens == want, f"prompt {i} sample {j}: {r.tokens} != transformers {want}"
+
+
+def full_forward_logp(m, prompts, res):
+    """The training-side computation: one right-padded, uncached forward over prompt + response, then
+    rl.token_logprobs_entropy on the final hidden states (as grpo.py computes pi_theta)."""
+    from rl import token_logprobs_entropy
+    seqs = [prompts[r.prompt_index][0] + r.tokens for r in res]
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = torch.tensor(s)
+    pv = [prompts[r.prompt_index][1] for r in res if prompts[r.prompt_index][1] is not None]
+    with torch.no_grad():
+        h = m(ids, torch.cat(pv) if pv else None, return_hidden=True)
+        logp, ent = token_logprobs_entropy(h[:, :-1], m.llm.lm_head.weight, ids[:, 1:])
+    out = []
+    for b, r in enumerate(res):
+        P = len(prompts[r.prompt_index][0])
+        out.append((logp[b, P - 1:P - 1 + len(r.tokens)], ent[b, P - 1:P - 1 + len(r.tokens)]))
+    return out
+
+
+def test_logprobs_match_uncached_and_training_forward(models, prompts):
+    _, m = models
+    res = generate(m, prompts, n=3, max_new_tokens=9, temperature=1.0, top_k=50, top_p=0.9, seed=3)
+    # (a) the uncached model forward, plain log_softmax over its logits: within 1e-4
+    for r in res:
+        ids, pv = prompts[r.prompt_index]
+        with torch.no_grad():
+            logits = m(torch.tensor([ids + r.tokens]), pv)[0].float()
+        lp = logits.log_softmax(-1)[len(ids) - 1:-1]  # position t predicts token t+1
+        want_logp = lp.gather(-1, torch.tensor(r.tokens)[:, None])[:, 0]
+        want_ent = -(lp.exp() * lp).sum(-1)
+        assert len(r.tokens) == len(r.logprobs) == len(r.entropies) == 9
+        torch.testing.assert_close(torch.tensor(r.logprobs), want_logp, atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(r.entropies), want_ent, atol=1e-4, rtol=0)
+    # (b) the trainer's batched forward + rl.token_logprobs_entropy: within 1e-5 (the GRPO ratio starts at 1)
+    for r, (logp, ent) in zip(res, full_forward_logp(m, prompts, res)):
+        torch.testing.assert_close(torch.tensor(r.logprobs), logp, atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(r.entropies), ent, atol=1e-5, rtol=0)
+
+
+def test_triton_path_matches_reference_path(models, prompts):
+    # the whole sampler with the Triton decode kernels (interpreter) gives the same rollouts as the reference
+    _, m = models
+    kw = dict(n=2, max_new_tokens=4, temperature=1.0, seed=5, sync_every=2)
+    a = generate(m, prompts[1:3], use_triton=False, **kw)
+    b = generate(m, prompts[1:3], use_triton=True, **kw)
+    for x, y in zip(a, b):
+        assert x.tokens == y.tokens and x.finish_reason == y.finish_reason
+        torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
+
+
+def test_seed_and_sample_diversity(models, prompts):
+    _, m = models
+    kw = dict(n=4, max_new_tokens=8, temperature=1.0)
+    a, b, c = generate(m, prompts[:2], seed=0, **kw), generate(m, prompts[:2], seed=0, **kw), \
+        generate(m, prompts[:2], seed=1, **kw)
+    assert [r.tokens for r in a] == [r.tokens for r in b]  # same seed -> same samples
+    assert [r.tokens for r in a] != [r.tokens for r in c]
+    for p in range(2):  # the n samples of one prompt differ at temperature 1
+        group = [tuple(r.tokens) for r in a if r.prompt_index == p]
+        assert len(set(group)) == 4
+
+
+def test_eos_stop_and_length_per_row(models, prompts):
+    _, m = models
+    base = generate(m, prompts, n=2, max_new_tokens=12, temperature=0.7, seed=2)
+    # pick as EOS ids tokens that occur at different steps in different rows, one more id as a stop id
+    eos = [base[0].tokens[2], base[5].tokens[6]]
+    stop_id = base[3].tokens[4]
+    for sync_every, compact in ((1, True), (4, True), (4, False), (100, True)):
+        res = generate(m, prompts, n=2, max_new_tokens=12, temperature=0.7, seed=2, eos_token_id=eos,
+                       stop_token_ids=stop_id, sync_every=sync_every, compact=compact)
+        for r, full in zip(res, base):  # each row cut at its own first EOS / stop id, else max_new_tokens
+            cut = next((i for i, t in enumerate(full.tokens) if t in eos or t == stop_id), None)
+            if cut is None:
+                assert r.finish_reason == "length" and r.tokens == full.tokens
+            else:
+                assert r.tokens == full.tokens[:cut + 1]  # the EOS token itself is included
+                assert r.finish_reason == ("eos" if full.tokens[cut] in eos else "stop")
+                torch.testing.assert_close(torch.tensor(r.logprobs), torch.tensor(full.logprobs[:cut + 1]),
+                                           atol=1e-5, rtol=0)
+    reasons = {r.finish_reason for r in res}
+    assert {"eos", "length"} <= reasons, reasons
+
+
+def test_stop_strings(models, prompts, tmp_path):
+    from transformers import AutoTokenizer
+    hx.write_tokenizer(str(tmp_path))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    _, m = models
+    base = generate(m, prompts[:2], n=2, max_new_tokens=10, temperature=0, tokenizer=tok)
+    target = base[0].tokens[3:5]  # two consecutive tokens -> a stop string that completes at step 4
+    s = tok.decode(target)
+    res = generate(m, prompts[:2], n=2, max_new_tokens=10, temperature=0, tokenizer=tok, stop=[s], sync_every=3)
+    assert res[0].tokens == base[0].tokens[:5] and res[0].finish_reason == "stop" and s in res[0].text
+    for r, full in zip(res, base):
+        assert (s in r.text) == (s in full.text)
+
+
+def test_sampling_options(models, prompts):
+    _, m = models
+    greedy = generate(m, prompts[:2], n=2, max_new_tokens=6, temperature=0)
+    for kw in (dict(top_k=1), dict(top_p=1e-6)):  # both reduce to the argmax
+        res = generate(m, prompts[:2], n=2, max_new_tokens=6, temperature=1.0, **kw)
+        assert [r.tokens for r in res] == [r.tokens for r in greedy], kw
+    banned = sorted({t for r in greedy for t in r.tokens})
+    res = generate(m, prompts[:2], n=2, max_new_tokens=6, temperature=0, ban_token_ids=banned)
+    assert all(t not in banned for r in res for t in r.tokens)
+    # logprobs stay those of the raw distribution: a banned-token run still reports raw log p (< 0, finite)
+    assert all(-1e9 < lp <= 0 for r in res for lp in r.logprobs)
+
+
+def test_cache_too_big_and_modes(models, prompts):
+    _, m = models
+    with pytest.raises(MemoryError, match="bytes"):
+        generate(m, prompts, n=8, max_new_tokens=100, max_cache_bytes=10_000)
+    m.train()
+    generate(m, prompts[:1], max_new_tokens=2)
+    assert m.training  # train mode restored
+    m.eval()
+    with pytest.raises(ValueError, match=r"prompts\[0\]"):  # image tokens without pixels
+        generate(m, [(prompts[0][0], None)], max_new_tokens=2)
+
+
+def test_compaction_shrinks_batch():
+    # many rows end early: compaction must drop them (decode batch shrinks) and not change any output
+    torch.manual_seed(0)
+    cfg = VLMConfig(image_size=16, patch_size=8, vit_hidden=16, vit_heads=2, vit_mlp=32, vocab_size=32, n_embd=32,
+                    n_head=4, n_kv_head=1, mlp_hidden=64, n_layer=2, image_token_id=31)
+    m = VLM(cfg)
+    ps = [([1, 2, 3], None), ([4, 5, 6, 7, 8], None)]
+    kw = dict(n=6, max_new_tokens=20, temperature=1.0, eos_token_id=[0, 1, 2], seed=4)
+    s1, s2 = {}, {}
+    a = generate(m, ps, compact=True, sync_every=2, stats=s1, **kw)
+    b = generate(m, ps, compact=False, sync_every=2, stats=s2, **kw)
+    assert s1["compactions"] > 0
+    for x, y in zip(a, b):
+        assert x.tokens == y.tokens and x.finish_reason == y.finish_reason
+        torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
