@@ -1,6 +1,6 @@
 """
 Peak memory of the log-prob pass (log p(target) + entropy, forward AND backward) for the GRPO update:
-the naive full-logits computation vs rl.token_logprobs_entropy (chunks over tokens, each under
+the naive full-logits computation vs model.token_logprobs (chunks over tokens, each under
 torch.utils.checkpoint). Each measurement runs in its own fresh subprocess so peaks do not mix.
 
   CPU:  python bench_logprob.py                       (4096 tokens x 32768 vocab, width 1024, fp32)
@@ -11,6 +11,10 @@ torch.utils.checkpoint). Each measurement runs in its own fresh subprocess so pe
 Both modes also allocate the gradients of hidden (N x C) and weight (V x C); they are in both peaks.
 Prints bytes per token = peak increase / tokens. The naive figure grows with the token count (it holds
 several N x V fp32 tensors); the chunked one is a per-chunk constant plus the gradients.
+
+Measured (2-core shared CPU, fp32, defaults): naive +2442 MiB (625 KB/token, ~4.8 fp32 N x V tensors);
+chunk=1024 +686 MiB (176 KB/token); chunk=256 +284 MiB (73 KB/token, 144 MiB of it the two gradients);
+fwd+bwd time 40 s naive vs 44 s chunked (backward recomputes each chunk's logits).
 """
 import argparse
 import json
@@ -21,7 +25,7 @@ import time
 
 import torch
 
-import rl
+import model
 
 
 def naive(h, w, tgt):
@@ -33,7 +37,7 @@ def run(a, h, w, tgt, g1, g2):
     if a.mode == "naive":
         logp, ent = naive(h, w, tgt)
     else:
-        logp, ent = rl.token_logprobs_entropy(h, w, tgt, chunk=a.chunk)
+        logp, ent = model.token_logprobs(h, w, tgt, chunk=a.chunk)
     ((logp * g1).sum() + (ent * g2).sum()).backward()
 
 

@@ -83,7 +83,7 @@ def compute_cleanup():
 def print0(*args, **kwargs):
     """print on rank 0 only."""
     if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs)
+        print(*args, **{"flush": True, **kwargs})  # flushed: logs piped to a file show up as they happen
 
 
 def autocast_ctx(device):

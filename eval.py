@@ -37,16 +37,15 @@ mode = "think"  # 'think' | 'nothink' | 'nowait'
 k = 1  # runs per item (avg@k, pass@k)
 temperature = 0.0  # 0 = greedy; the paper uses 1.0 with k=5
 top_p = 1.0
-max_new_tokens = 256
+max_new_tokens = 320
 batch_prompts = 64  # prompts per generate() call
 limit = 0  # evaluate the first `limit` items only (0 = all)
 system_prompt = ""
 skip_bad = False
 seed = 0
 device = "cuda" if torch.cuda.is_available() else "cpu"
-config = configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
-assert mode in ("think", "nothink", "nowait"), f"mode must be think, nothink or nowait, not {mode!r}"
+# (the functions below are also used by grpo.py and entropy.py; the script itself runs under __main__)
 
 
 def summarize(rows, k):
@@ -113,6 +112,8 @@ def evaluate(model, tok, items, k, temperature, max_new_tokens, mode, seed=0, ba
 
 
 if __name__ == "__main__":
+    config = configure(globals(), sys.argv[1:])
+    assert mode in ("think", "nothink", "nowait"), f"mode must be think, nothink or nowait, not {mode!r}"
     if responses:  # re-judge saved outputs (as VLMEvalKit users do): no model, no generation
         with open(responses) as f:
             rows = [json.loads(line) for line in f if line.strip()]

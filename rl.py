@@ -13,16 +13,15 @@ response tokens and 0 on prompt/padding. `advantages` are per response (B,), bro
   dynamic_sampling      DAPO dynamic sampling: accumulate informative groups across rounds, with a cap
   SampleBuffer          R1V2 Selective Sample Buffer (non-zero |A| samples, FIFO, drawn in proportion to |A|)
   zero_truncated        Skywork-OR1: truncated responses get reward 0
-  token_logprobs_entropy  log p(target) and entropy from hidden states in chunks, never the full fp32 logits
+(log-probs and entropies come from model.py: model(ids, pix, targets=...) -> token_logprobs, in chunks)
 
 How grpo.py puts the loss together (on each micro-batch, with the FULL batch's normaliser `denom`):
-    logp, ent = token_logprobs_entropy(hidden, model.llm.lm_head.weight, targets)
+    logp, ent = model(input_ids, pixel_values, targets=targets)   # model.token_logprobs, chunked
     loss, stats = ppo_clip_loss(logp, old_logp, advantages, mask, eps_low, eps_high, agg, norm_const, denom)
     if kl_coef > 0:   loss = loss + kl_coef * agg_loss(kl_k3(logp, ref_logp), mask, agg, norm_const, denom)
     if ent_coef > 0:  loss = loss - ent_coef * agg_loss(ent, mask, agg, norm_const, denom)
 """
 import torch
-from torch.utils.checkpoint import checkpoint
 
 AGGS = ("seq_mean_token_mean", "token_mean", "seq_sum_const")
 
@@ -228,55 +227,3 @@ class SampleBuffer:
 
     def load_state_dict(self, sd):
         self.max_size, self.items = sd["max_size"], [dict(it) for it in sd["items"]]
-
-
-# -----------------------------------------------------------------------------
-# chunked log-probs and entropy
-
-
-def _chunk_logp_entropy(h, w, tgt, temperature, with_entropy):
-    # h (N,C) w (V,C) tgt (N,). Matmul in the model dtype, softmax math in fp32.
-    logits = (h @ w.t()).float()  # (N,V) fp32, only this chunk
-    if temperature != 1.0:
-        logits = logits / temperature
-    logq = torch.log_softmax(logits, dim=-1)  # (N,V), one fused kernel forward and backward
-    logp = logq.gather(1, tgt[:, None]).squeeze(1)  # (N,)
-    if not with_entropy:
-        return (logp,)
-    # H = -sum_v p_v log p_v; (lse - sum_v p_v z_v) is equal but cancels badly when H is near 0
-    ent = -(logq.exp() * logq).sum(-1)  # (N,)
-    return logp, ent
-
-
-# log p(targets) and the full-vocabulary entropy from final hidden states, for the PPO ratio, the entropy bonus
-# and logging. The fp32 (tokens x vocab) logits of the whole batch never exist (Qwen's 152k vocab: ~600 KB per
-# token): the B*T tokens go through in chunks, and with grad enabled each chunk runs under torch.utils.checkpoint
-# (non-reentrant), so autograd stores only the chunk's inputs and backward recomputes the chunk's logits.
-# Entropy is computed WITH gradient (same recomputation, cheap next to the matmul) so the entropy bonus can use it.
-# hidden[:, t] predicts targets[:, t]: shift before calling, and slice to the response positions (prompt tokens
-# need no log-probs). targets must be valid ids (put a real id, e.g. pad, on masked positions).
-# Peak extra memory: a few (chunk x V) fp32 tensors plus, in backward, one transient (V x C) weight-grad per
-# chunk, independent of B*T (bench_logprob.py measures it). temperature: divide the logits as the sampler did.
-# Returns logp (B,T) fp32 and entropy (B,T) fp32 (None when with_entropy=False).
-def token_logprobs_entropy(hidden, weight, targets, chunk=1024, with_entropy=True, temperature=1.0):
-    B, T, C = hidden.shape
-    V = weight.shape[0]
-    if targets.shape != (B, T) or weight.shape[1] != C:
-        raise ValueError(f"rl.py token_logprobs_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
-                         f"targets {tuple(targets.shape)} do not fit (B,T,C), (V,C), (B,T)")
-    if targets.numel() and (targets.min() < 0 or targets.max() >= V):
-        raise ValueError(f"rl.py token_logprobs_entropy: target ids must be in [0, {V}); got min "
-                         f"{targets.min().item()} max {targets.max().item()} "
-                         "(replace ignore-index padding with a real id and mask it)")
-    if B * T == 0:
-        z = hidden.new_zeros(B, T, dtype=torch.float32)
-        return z, (z if with_entropy else None)
-    h, tgt = hidden.reshape(B * T, C), targets.reshape(B * T)
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    outs = []
-    for i in range(0, B * T, chunk):
-        args = (h[i:i + chunk], weight, tgt[i:i + chunk], temperature, with_entropy)
-        outs.append(checkpoint(_chunk_logp_entropy, *args, use_reentrant=False) if grad else _chunk_logp_entropy(*args))
-    logp = torch.cat([o[0] for o in outs]).view(B, T)
-    ent = torch.cat([o[1] for o in outs]).view(B, T) if with_entropy else None
-    return logp, ent

@@ -19,11 +19,12 @@ How one call runs (the shape of a GRPO step: P prompts x n samples = R rows):
    torch.Generator, temperature / top-k / top-p / banned ids); the host looks at the `finished` flags only
    every `sync_every` steps, so on GPU there is no host sync per token.
 4. Finished rows stop costing work: at each sync point the still-active rows are compacted to the front of the
-   cache in place (one gather of K/V up to the current length) and the decode batch shrinks. We chose compaction
-   over "keep computing finished rows" after measuring on CPU (bench.py, 8 prompts x 8 samples, random EOS):
-   the gather costs about one decode step of K/V traffic and is paid only when some row finished; with
-   sync_every=8 it recovers most of the work of rows that stop early. (Refilling freed rows with waiting prompts
-   would keep the batch full, but GRPO needs all n samples of a prompt before its advantage anyway.)
+   cache in place (a gather of their K/V up to the current length) and the decode batch shrinks. Measured on CPU
+   (bench.py, the tiny VLM, 8 prompts x 8 samples, EOS ids holding ~1/32 of the mass: mean length 14 of 64,
+   sync_every=8): 603 tokens/s without compaction, 1157 with it. The gather is paid only at sync points where
+   some row finished. Sampling draws one uniform per ORIGINAL row every step, so the samples do not depend on
+   compaction, sync_every or the kernel path (tested). (Refilling freed rows with waiting prompts would keep the
+   batch full, but GRPO needs all n samples of a prompt before its advantage anyway.)
 5. Outputs per row: tokens (EOS included when hit), logprobs and entropies. Both are computed in fp32 from the
    model's RAW distribution (temperature 1, no top-k/top-p/bans): that is the pi_old(a|s) of the GRPO ratio and
    the entropy the RL logs track. The token itself is drawn from the shaped distribution.
@@ -35,14 +36,24 @@ Triton for CUDA tensors, the reference elsewhere; tests force both, the Triton p
     tile (padded to >= 16 rows) so each K/V block is loaded once for all of them, ragged per-row lengths.
   cache_append: writes each row's new k/v at its own position lens[b].
 
-FSDP2 (grpo.py): generate() needs a module whose forward runs without collectives per token. The simple, measured-
-in-memory choice is to gather the full weights once per rollout phase (bf16: 2 bytes x n_params per GPU, e.g.
-1 GB for 0.5B, 4 GB for 2B) -- see gather_for_rollout() in grpo.py's caller; generating through the sharded module
-would all-gather every layer on every token (n_layer collectives per step), which is latency-bound at decode.
+FSDP2 (grpo.py): generate() all-gathers an FSDP2 model's units ONCE per call (unsharded(), also usable around
+several calls) and keeps them for all decode steps; memory: the full bf16 weights on every GPU, 2 bytes x n_params
+(~1 GB for 0.5B, ~4 GB for 2B, ~15 GB for 7B), given back (resharded) before training resumes. The alternative,
+decoding through the sharded model, pays n_layer all-gathers per decode step: pure latency at decode sizes.
+Checked on CPU/gloo, one process (tests): same greedy tokens as the unwrapped model, backward works afterwards.
+Not measured on GPUs (none was available).
+
+Where the speed-up over transformers' generate() comes from (bench.py on CPU, fp32, the repo's tiny VLM, 8 prompts
+x 8 samples): prefix sharing removes (n-1)/n of the ViT + prefill work (0.95 s -> 0.15 s); the decode step runs the
+same matmuls as transformers' but without its growing cache and torch.multinomial (1.57 s -> 1.30 s for 63 steps).
+Not done: sharing the prompt's K/V inside the attention (read once for its n rows, as Hydragen does) instead of
+copying it into n rows -- the next step for long prompts.
 """
+import functools
 import os
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +99,7 @@ if triton is not None:
                              s_cb, s_ch, s_cn, s_db, s_dh, s_dn,
                              max_len, D, BLOCK_D: tl.constexpr):
         # one program per (row b, kv head h, new token t); head_dim is contiguous (stride 1)
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # int64 offsets: B x row stride can pass 2^31
         h = tl.program_id(1)
         t = tl.program_id(2)
         pos = tl.load(Lens + b) + t
@@ -117,17 +128,19 @@ def cache_append(k_cache, v_cache, k, v, lens, use_triton=None):
 # Decode attention: q (B, n_head, hd) for ONE new token per row, over positions < lens[b] of row b's cache.
 # GQA: query head j uses kv head j // G, G = n_head // n_kv_head (Qwen2 / HF repeat_kv convention).
 
-def decode_attention_ref(q, k_cache, v_cache, lens, scale=None):
+def decode_attention_ref(q, k_cache, v_cache, lens, scale=None, len_bound=None):
     # q: (B, n_head, hd) ; k_cache, v_cache: (B, n_kv_head, max_len, hd) ; lens: (B,) valid positions per row
     B, n_head, D = q.shape
     n_kv_head = k_cache.shape[1]
     G = n_head // n_kv_head
     scale = D ** -0.5 if scale is None else scale
-    L = int(lens.max())  # host sync: only the reference path (CPU) reads the current max length
+    L = int(lens.max()) if len_bound is None else min(len_bound, k_cache.shape[2])  # keys past every row: unused
     valid = torch.arange(L, device=q.device)[None, :] < lens[:, None]  # (B, L) ragged rows
-    # query head j uses kv head j // G (enable_gqa); fp32 math, as the Triton kernel does after its loads
-    y = F.scaled_dot_product_attention(q.float()[:, :, None], k_cache[:, :, :L].float(), v_cache[:, :, :L].float(),
-                                       attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=G > 1)
+    # GQA packed as in the kernel: the G query heads of kv head h (heads h*G .. h*G+G-1) are G "queries" over
+    # the same keys; fp32 math, as the Triton kernel does after its loads
+    qg = q.float().view(B, n_kv_head, G, D)
+    y = F.scaled_dot_product_attention(qg, k_cache[:, :, :L].float(), v_cache[:, :, :L].float(),
+                                       attn_mask=valid[:, None, None, :], scale=scale)  # (B, n_kv_head, G, hd)
     return y.view(B, n_head, D).to(q.dtype)
 
 
@@ -141,7 +154,7 @@ if triton is not None:
                                   PRECISION: tl.constexpr):
         # Flash-decoding (Dao et al. 2023), step 1: program (b, kv head h, split s) runs online softmax over
         # positions [s*split_len, min((s+1)*split_len, lens[b])) for all G query heads of kv head h at once.
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # int64 offsets: B x row stride can pass 2^31
         h = tl.program_id(1)
         s = tl.program_id(2)
         L = tl.load(Lens + b)
@@ -189,7 +202,7 @@ if triton is not None:
                                    split_len, n_split, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
         # Flash-decoding step 2: program (b, query head j) merges the splits: y = sum_s w_s o_s / sum_s w_s,
         # w_s = exp(lse_s - max lse). Only the splits that hold positions of row b are read.
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # int64 offsets: B x row stride can pass 2^31
         j = tl.program_id(1)
         L = tl.load(Lens + b)
         n_used = tl.minimum(tl.cdiv(L, split_len), n_split)
@@ -205,26 +218,33 @@ if triton is not None:
         tl.store(Out + b * s_yb + j * s_yh + d, y.to(Out.dtype.element_ty), mask=mask_d)
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def decode_split_len(B, n_kv_head, max_len, block_n, device, len_bound=None):
     """Positions per split: enough (b, kv head, split) programs to fill the GPU, splits a multiple of block_n."""
     L = max_len if len_bound is None else max(1, min(len_bound, max_len))
     n_blocks = triton.cdiv(L, block_n)
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    target = 4 * _num_sms(device) if device.type == "cuda" else 8
     n_split = min(n_blocks, max(1, triton.cdiv(target, B * n_kv_head)), 64)
     return triton.cdiv(n_blocks, n_split) * block_n
 
 
-def decode_attention(q, k_cache, v_cache, lens, scale=None, use_triton=None, block_n=64, split_len=None,
+def decode_attention(q, k_cache, v_cache, lens, scale=None, use_triton=None, block_n=None, split_len=None,
                      len_bound=None):
     """q (B, n_head, hd); k_cache, v_cache (B, n_kv_head, max_len, hd); lens (B,) >= 1 -> y (B, n_head, hd).
     len_bound: optional host-side upper bound of lens (sizes the splits without a sync)."""
     if not _want_triton(q, use_triton):
-        return decode_attention_ref(q, k_cache, v_cache, lens, scale)
+        return decode_attention_ref(q, k_cache, v_cache, lens, scale, len_bound)
     B, n_head, D = q.shape
     _, n_kv_head, max_len, _ = k_cache.shape
     G = n_head // n_kv_head
     assert G * n_kv_head == n_head and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     scale = D ** -0.5 if scale is None else scale
+    # fp32 dots need about 3x the shared memory of tf32 ones (75 KB at 32 x 128 on sm_80/sm_90, checked with ptxas)
+    block_n = block_n or (32 if q.dtype == torch.float32 else 64)
     if split_len is None:
         split_len = decode_split_len(B, n_kv_head, max_len, block_n, q.device, len_bound)
     L = max_len if len_bound is None else max(1, min(len_bound, max_len))
@@ -267,9 +287,11 @@ class DecodeCache(KVCache):
     def attend(self, layer_idx, q, k, v):
         if q.shape[2] != 1:  # prefill: the reference causal attention of model.KVCache
             return super().attend(layer_idx, q, k, v)
+        if layer_idx == 0:  # lens is fixed during a forward: one lens + 1 per step, not one per layer
+            self.lens_after = self.lens + 1
         kc, vc = self.k[layer_idx], self.v[layer_idx]  # (B, n_kv_head, max_len, hd)
         cache_append(kc, vc, k, v, self.lens, self.use_triton)
-        y = decode_attention(q[:, :, 0], kc, vc, self.lens + 1, use_triton=self.use_triton,
+        y = decode_attention(q[:, :, 0], kc, vc, self.lens_after, use_triton=self.use_triton,
                              len_bound=self.len_bound)  # (B, n_head, hd)
         return y[:, :, None]
 
@@ -421,9 +443,10 @@ def prefill(model, cache, prompts, n, pad_id, max_tokens):
             T = max(T, len(prompts[p1][0]))
             p1 += 1
         lens = torch.tensor([len(prompts[p][0]) for p in range(p0, p1)], device=device)
-        ids = torch.full((p1 - p0, T), pad_id, dtype=torch.long, device=device)
+        ids = torch.full((p1 - p0, T), pad_id, dtype=torch.long)
         for j, p in enumerate(range(p0, p1)):
             ids[j, :len(prompts[p][0])] = torch.tensor(prompts[p][0], dtype=torch.long)
+        ids = ids.to(device)  # one host->device copy per chunk
         pix = [prompts[p][1] for p in range(p0, p1) if prompts[p][1] is not None]
         pix = torch.cat(pix).to(device) if pix else None
         view = cache.rows(slice(p0 * n, p1 * n, n))  # rows p*n of this chunk's prompts
@@ -470,7 +493,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        # an FSDP2 model is gathered once for the whole call (see unsharded()); not inference_mode: the gathered
+        # weights must stay usable by training
+        with unsharded(model), torch.no_grad():
             return _generate(model, prompts, n, max_new_tokens, temperature, top_p, top_k, eos_ids, stop_ids,
                              stop, tokenizer, ban_token_ids, seed, sync_every, compact, use_triton, prefill_tokens,
                              compile, stats, device, dtype, P, R, max_prompt, max_len, nbytes)
@@ -495,9 +520,9 @@ def _generate(model, prompts, n, max_new_tokens, temperature, top_p, top_k, eos_
     logits = prefill(model, cache, prompts, n, pad_id, prefill_tokens)  # (P, vocab)
     plen = torch.tensor([len(ids) for ids, _ in prompts], device=device)
     if n > 1:
-        L, _, H, M, D = cache.k_buf.shape
+        n_l, _, H, M, D = cache.k_buf.shape
         for buf in (cache.k_buf, cache.v_buf):
-            rows = buf.view(L, P, n, H, M, D)
+            rows = buf.view(n_l, P, n, H, M, D)  # (layer, prompt, sample, ...): sample 0 holds the prefill
             rows[:, :, 1:, :, :max_prompt] = rows[:, :, :1, :, :max_prompt]
         logits = logits.repeat_interleave(n, dim=0)  # (R, vocab)
     cache.lens = plen.repeat_interleave(n)
@@ -591,3 +616,90 @@ def _check_stop_strings(tokenizer, stop, out_tok, gen_len, reason, row_ids, done
             done[i] = True
         checked[r] = upto
     return done
+
+# -----------------------------------------------------------------------------
+# FSDP2 (grpo.py): gather the full weights ONCE for a rollout phase instead of an all-gather per layer per token
+
+
+@contextmanager
+def unsharded(model):
+    """Inside this block an FSDP2 model keeps its full weights: memory + (full - shard) params per GPU (bf16:
+    2 bytes x n_params, e.g. ~1 GB for 0.5B, ~4 GB for 2B, 15 GB for 7B), paid once per rollout phase, instead of
+    n_layer all-gathers on every decode step (latency-bound at decode batch sizes). A plain module: no-op.
+        with unsharded(model):
+            rollouts = generate(model, prompts, n=8, ...)"""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        FSDPModule = None
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)] if FSDPModule else []
+    for m in mods:  # all-gather every unit now (the first call also runs FSDP's lazy init)
+        m.unshard()
+    # remember each unit's post-forward policy (FSDP keeps it per parameter group; the root's is special-cased)
+    saved = [(st, st._auto_reshard_after_forward, [(g, g.post_forward_mesh_info) for g in st._fsdp_param_groups])
+             for st in (m._get_fsdp_state() for m in mods)]
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)  # forwards inside keep the gathered weights
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.reshard()
+        for st, auto, groups in saved:
+            st._auto_reshard_after_forward = auto
+            for g, info in groups:
+                g.post_forward_mesh_info = info
+
+# -----------------------------------------------------------------------------
+# CLI: python sampler.py --ckpt=DIR --image=cat.png --question="..." [--show_entropy]
+
+
+def main(argv=None):
+    import sys
+    from configurator import configure
+    cuda = torch.cuda.is_available()
+    c = dict(ckpt="", tokenizer="", image="", question="", system="", think=True, n=1, max_new_tokens=512,
+             temperature=0.0, top_p=1.0, top_k=0, seed=0, show_entropy=False, no_wait=False,
+             device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32")
+    argv = sys.argv[1:] if argv is None else argv
+    argv = [a + "=True" if a.startswith("--") and "=" not in a and isinstance(c.get(a[2:]), bool) else a
+            for a in argv]  # bare --show_entropy means True
+    configure(c, argv)
+    if not c["ckpt"] or not c["question"]:
+        raise SystemExit("usage: python sampler.py --ckpt=DIR --question='...' [--image=path.png] [--show_entropy]")
+    from common import load_inference_model
+    model, tok, path = load_inference_model(c["ckpt"], c["device"], getattr(torch, c["dtype"]), c["tokenizer"])
+    cfg = model.cfg
+    try:
+        from data.common import build_prompt_ids, load_image
+    except ImportError as e:
+        raise SystemExit(f"sampler.py: data/common.py is needed to build prompts ({e})")
+    pix = load_image(c["image"], cfg.image_size, cfg.max_tiles, cfg.use_thumbnail) if c["image"] else None
+    n_tiles = [pix.shape[0]] if pix is not None else []
+    ids = build_prompt_ids(tok, c["question"], n_tiles, cfg.tokens_per_tile, think=c["think"],
+                           system=c["system"] or None)
+    eos = [i for i in (tok.convert_tokens_to_ids(s) for s in ("<|im_end|>", "<|endoftext|>"))
+           if i is not None and i != tok.unk_token_id]
+    # the paper's "no-wait" mode bans reflection words: here the single-token spellings of "wait"
+    ban = [ids_[0] for ids_ in (tok.encode(s, add_special_tokens=False) for s in ("wait", "Wait", " wait", " Wait"))
+           if len(ids_) == 1] if c["no_wait"] else None
+    print(f"{path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, prompt {len(ids)} tokens, "
+          f"{len(n_tiles) and n_tiles[0]} tiles")
+    st = {}
+    res = generate(model, [(ids, pix)], n=c["n"], max_new_tokens=c["max_new_tokens"], temperature=c["temperature"],
+                   top_p=c["top_p"], top_k=c["top_k"], eos_token_id=eos, seed=c["seed"], tokenizer=tok,
+                   ban_token_ids=ban, stats=st)
+    for i, r in enumerate(res):
+        print(f"--- sample {i} ({len(r.tokens)} tokens, {r.finish_reason}, mean entropy "
+              f"{sum(r.entropies) / max(len(r.entropies), 1):.3f})")
+        print(r.text)
+        if c["show_entropy"]:
+            print(f"{'pos':>4} {'entropy':>8} {'logp':>8}  token")
+            for j, (t, e, lp) in enumerate(zip(r.tokens, r.entropies, r.logprobs)):
+                print(f"{j:4d} {e:8.3f} {lp:8.3f}  {tok.decode([t])!r}")
+    print(f"{st['new_tokens']} tokens in {st['prefill_s'] + st['decode_s']:.2f} s ({st['tokens_per_s']:.0f} tokens/s)")
+    return res
+
+
+if __name__ == "__main__":
+    main()

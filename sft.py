@@ -37,13 +37,13 @@ tokenizer = ""  # '' -> the init_from directory, or data/synth/tokenizer when tr
 skip_bad = False  # True: skip (and count) bad samples instead of stopping at the first
 think = True  # R1V3: the assistant turn opens with "<think>\n"
 system_prompt = ""
-max_len = 320  # tokens per sample, prompt + response
+max_len = 400  # tokens per sample, prompt + response
 # optimisation (RECIPE.md section 2 for real models: lr 1e-5, cosine, warmup 3%, global batch 64)
 batch_size = 32  # samples per micro-batch per process
 grad_accum = 1  # micro-batches per step; global batch = batch_size * grad_accum * world_size
-epochs = 5.0
+epochs = 4.0
 max_steps = 0  # > 0 overrides epochs
-lr = 2e-3
+lr = 3e-3
 min_lr_frac = 0.1
 warmup_frac = 0.03
 weight_decay = 0.0
@@ -56,13 +56,15 @@ activation_checkpointing = False
 # tiny VLM (init_from='scratch' only)
 image_size = 64
 patch_size = 8
-vit_hidden = 128
+vit_hidden = 64
 vit_layers = 2
 vit_heads = 4
-n_embd = 256
+n_embd = 128
 n_layer = 4
 n_head = 4
 n_kv_head = 2
+vit_layer_scale = 1.0  # InternViT starts its layer-scale at 0.1; from scratch, 1.0 lets the tower learn faster
+rope_theta = 1e4  # a short context: Qwen's 1e6 would leave almost no positional resolution at head_dim 32
 # logging and checkpoints
 log_every = 10
 eval_every = 100
@@ -89,7 +91,7 @@ tok = load_tokenizer(tokenizer, init_from, resume_path)
 model = build_model(init_from, tok, device, resume_path=resume_path, scratch=dict(
     image_size=image_size, patch_size=patch_size, vit_hidden=vit_hidden, vit_layers=vit_layers, vit_heads=vit_heads,
     vit_mlp=4 * vit_hidden, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
-    mlp_hidden=3 * n_embd, max_tiles=1, use_thumbnail=False))
+    mlp_hidden=3 * n_embd, rope_theta=rope_theta, vit_layer_scale=vit_layer_scale, max_tiles=1, use_thumbnail=False))
 cfg = model.cfg
 n_train = set_trainable(model, train_vit, train_connector, train_llm)
 print0(f"model: {sum(p.numel() for p in model.parameters()):,} params, {n_train:,} trainable "

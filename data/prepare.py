@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 from data.common import IM_END, SPECIAL_TOKENS, THINK_END, THINK_START, build_prompt_text
 from data.synth import DIFFICULTIES, DOMAINS, make_sample
 
-VERSION = 4  # bump when synth.py or the tokenizer recipe changes, so old outputs are rebuilt
+VERSION = 5  # bump when synth.py or the tokenizer recipe changes, so old outputs are rebuilt
 SEEDS = dict(test=1001, val=1002, sft=1003, rl=1004)  # splits are rendered in this order
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "synth")
 

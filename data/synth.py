@@ -61,6 +61,15 @@ def render(scene):
 # -----------------------------------------------------------------------------
 # pieces of the chain-of-thought traces
 
+def grid_lines(scene):
+    # a full transcription of the grid, cell by cell in reading order, each cell numbered by its column:
+    # "Row 1: 1 red circle, 2 empty, 3 empty, 4 blue square." Reading the k-th cell means looking at the k-th image
+    # token (one token per cell after pixel shuffle), an alignment a tiny model learns quickly; the reasoning lines
+    # after it then work on text.
+    return [f"Row {r}: " + ", ".join(
+        f"{c} {o['color']} {o['shape']}" if (o := at(scene, r, c)) else f"{c} empty" for c in range(1, GRID + 1)) + "."
+        for r in range(1, GRID + 1)]
+
 def where(o):
     return f"row {o['row']} col {o['col']}"
 
@@ -217,8 +226,9 @@ BUILDERS = dict(count_color=q_count_color, count_shape=q_count_shape, compare=q_
 
 # -----------------------------------------------------------------------------
 
-def make_sample(rng, domain, difficulty, p_wait=0.2, p_hmm=0.1):
-    """rng: random.Random. Returns dict(image, question, answer, options, solution, domain, difficulty, scene)."""
+def make_sample(rng, domain, difficulty, p_wait=0.2, p_hmm=0.1, describe=True):
+    """rng: random.Random. Returns dict(image, question, answer, options, solution, domain, difficulty, scene).
+    describe: the trace opens by transcribing the grid (see grid_lines)."""
     assert domain in BUILDERS and difficulty in DIFFICULTIES, (domain, difficulty)
     for _ in range(1000):
         scene = make_scene(rng, difficulty)
@@ -231,6 +241,7 @@ def make_sample(rng, domain, difficulty, p_wait=0.2, p_hmm=0.1):
     question, answer, options, lines = out
     if rng.random() < p_hmm:  # an explicit re-check before the final answer
         lines.insert(len(lines) - 1, "Hmm, let me check the grid row by row again. It matches.")
+    lines = (grid_lines(scene) if describe else []) + lines
     solution = "<think>\n" + "\n".join(lines) + "\n</think>\n\n\\boxed{" + str(answer) + "}"
     return dict(image=render(scene), question=question, answer=str(answer), options=options, solution=solution,
                 domain=domain, difficulty=difficulty, scene=scene)

@@ -110,7 +110,14 @@ def test_answers_are_right_for_the_image():
                 # the trace ends with the same answer, and is short
                 assert s["solution"].startswith("<think>\n") and "\n</think>\n\n" in s["solution"]
                 assert re.findall(r"\\boxed\{(.*?)\}", s["solution"]) == [s["answer"]]
-                assert 5 <= len(s["solution"].split()) <= 130, s["solution"]
+                assert 5 <= len(s["solution"].split()) <= 200, s["solution"]
+                # it opens by transcribing every cell of the grid, in reading order, as the image shows it
+                rows = s["solution"].split("\n")[1:5]
+                for r, line in enumerate(rows, 1):
+                    cells = re.fullmatch(rf"Row {r}: (.*)\.", line).group(1).split(", ")
+                    for c, cell in enumerate(cells, 1):
+                        o = next((o for o in scene if (o["row"], o["col"]) == (r, c)), None)
+                        assert cell == (f"{c} {o['color']} {o['shape']}" if o else f"{c} empty"), (line, scene)
 
 def test_wait_fraction():
     sols = lambda p: [make_sample(random.Random(i), DOMAINS[i % 6], DIFFICULTIES[i % 2], p_wait=p)["solution"] for i in range(300)]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import rl
+from model import token_logprobs
 
 # -----------------------------------------------------------------------------
 # advantages
@@ -269,12 +270,12 @@ def test_token_logprobs_entropy_hand_computed():
     # logits [0, log 3] -> p = [.25, .75]
     h = torch.ones(1, 2, 1)
     w = torch.tensor([[0.0], [math.log(3.0)]])
-    logp, ent = rl.token_logprobs_entropy(h, w, torch.tensor([[1, 0]]))
+    logp, ent = token_logprobs(h, w, torch.tensor([[1, 0]]))
     torch.testing.assert_close(logp, torch.tensor([[math.log(0.75), math.log(0.25)]]))
     H = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
     torch.testing.assert_close(ent, torch.tensor([[H, H]]))
     # all logits equal: entropy log V
-    _, ent = rl.token_logprobs_entropy(torch.zeros(1, 1, 4), torch.randn(7, 4), torch.tensor([[3]]))
+    _, ent = token_logprobs(torch.zeros(1, 1, 4), torch.randn(7, 4), torch.tensor([[3]]))
     assert abs(ent.item() - math.log(7)) < 1e-6
 
 
@@ -286,7 +287,7 @@ def test_token_logprobs_entropy_matches_naive_values_and_grads(chunk, temperatur
     w = torch.randn(V, C, generator=g, requires_grad=True)
     tgt = torch.randint(0, V, (B, T), generator=g)
     g1, g2 = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
-    logp, ent = rl.token_logprobs_entropy(h, w, tgt, chunk=chunk, temperature=temperature)
+    logp, ent = token_logprobs(h, w, tgt, chunk=chunk, temperature=temperature)
     dh, dw = torch.autograd.grad((logp * g1).sum() + (ent * g2).sum(), (h, w))
     ref_logp, ref_ent = naive_logp_entropy(h, w, tgt, temperature)
     rh, rw = torch.autograd.grad((ref_logp * g1).sum() + (ref_ent * g2).sum(), (h, w))
@@ -294,12 +295,12 @@ def test_token_logprobs_entropy_matches_naive_values_and_grads(chunk, temperatur
     for a, b in [(logp, ref_logp), (ent, ref_ent), (dh, rh), (dw, rw)]:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # logp only
-    lp, none = rl.token_logprobs_entropy(h, w, tgt, chunk=chunk, with_entropy=False, temperature=temperature)
+    lp, none = token_logprobs(h, w, tgt, chunk=chunk, with_entropy=False, temperature=temperature)
     assert none is None
     torch.testing.assert_close(lp, ref_logp, rtol=1e-5, atol=1e-6)
     # no-grad path (old/ref log-probs)
     with torch.no_grad():
-        lp, _ = rl.token_logprobs_entropy(h, w, tgt, chunk=chunk, temperature=temperature)
+        lp, _ = token_logprobs(h, w, tgt, chunk=chunk, temperature=temperature)
     torch.testing.assert_close(lp, ref_logp, rtol=1e-5, atol=1e-6)
 
 
@@ -315,7 +316,7 @@ def test_token_logprobs_entropy_saves_no_logits_for_backward():
         return x
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        rl.token_logprobs_entropy(h, w, tgt, chunk=4)
+        token_logprobs(h, w, tgt, chunk=4)
     assert not [s for s in shapes if s[-1] == V], shapes  # no (tokens, V) tensor kept alive for backward
     shapes.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
@@ -325,6 +326,6 @@ def test_token_logprobs_entropy_saves_no_logits_for_backward():
 
 def test_token_logprobs_entropy_bad_targets():
     with pytest.raises(ValueError, match=r"target ids must be in \[0, 5\)"):
-        rl.token_logprobs_entropy(torch.zeros(1, 2, 3), torch.zeros(5, 3), torch.tensor([[0, -100]]))
+        token_logprobs(torch.zeros(1, 2, 3), torch.zeros(5, 3), torch.tensor([[0, -100]]))
     with pytest.raises(ValueError, match="do not fit"):
-        rl.token_logprobs_entropy(torch.zeros(1, 2, 3), torch.zeros(5, 4), torch.tensor([[0, 1]]))
+        token_logprobs(torch.zeros(1, 2, 3), torch.zeros(5, 4), torch.tensor([[0, 1]]))

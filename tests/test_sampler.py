@@ -24,8 +24,15 @@ def rand_prompt(g, n_text, n_tiles):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def hf_dir(tmp_path_factory):
     hf, d = hx.make_hf_model(tmp_path_factory.mktemp("sampler"))
+    hx.write_tokenizer(d)
+    return hf, d
+
+
+@pytest.fixture(scope="module")
+def models(hf_dir):
+    hf, d = hf_dir
     return hf, VLM.from_pretrained(d)
 
 
@@ -109,8 +116,8 @@ def test_greedy_matches_transformers(models, prompts):
 
 def full_forward_logp(m, prompts, res):
     """The training-side computation: one right-padded, uncached forward over prompt + response, then
-    rl.token_logprobs_entropy on the final hidden states (as grpo.py computes pi_theta)."""
-    from rl import token_logprobs_entropy
+    model.token_logprobs on the final hidden states (as grpo.py computes pi_theta)."""
+    from model import token_logprobs
     seqs = [prompts[r.prompt_index][0] + r.tokens for r in res]
     T = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), T, dtype=torch.long)
@@ -119,7 +126,7 @@ def full_forward_logp(m, prompts, res):
     pv = [prompts[r.prompt_index][1] for r in res if prompts[r.prompt_index][1] is not None]
     with torch.no_grad():
         h = m(ids, torch.cat(pv) if pv else None, return_hidden=True)
-        logp, ent = token_logprobs_entropy(h[:, :-1], m.llm.lm_head.weight, ids[:, 1:])
+        logp, ent = token_logprobs(h[:, :-1], m.llm.lm_head.weight, ids[:, 1:])
     out = []
     for b, r in enumerate(res):
         P = len(prompts[r.prompt_index][0])
@@ -141,7 +148,7 @@ def test_logprobs_match_uncached_and_training_forward(models, prompts):
         assert len(r.tokens) == len(r.logprobs) == len(r.entropies) == 9
         torch.testing.assert_close(torch.tensor(r.logprobs), want_logp, atol=1e-4, rtol=0)
         torch.testing.assert_close(torch.tensor(r.entropies), want_ent, atol=1e-4, rtol=0)
-    # (b) the trainer's batched forward + rl.token_logprobs_entropy: within 1e-5 (the GRPO ratio starts at 1)
+    # (b) the trainer's batched forward + model.token_logprobs: within 1e-5 (the GRPO ratio starts at 1)
     for r, (logp, ent) in zip(res, full_forward_logp(m, prompts, res)):
         torch.testing.assert_close(torch.tensor(r.logprobs), logp, atol=1e-5, rtol=0)
         torch.testing.assert_close(torch.tensor(r.entropies), ent, atol=1e-5, rtol=0)
@@ -192,10 +199,9 @@ def test_eos_stop_and_length_per_row(models, prompts):
     assert {"eos", "length"} <= reasons, reasons
 
 
-def test_stop_strings(models, prompts, tmp_path):
+def test_stop_strings(models, hf_dir, prompts):
     from transformers import AutoTokenizer
-    hx.write_tokenizer(str(tmp_path))
-    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    tok = AutoTokenizer.from_pretrained(hf_dir[1])
     _, m = models
     base = generate(m, prompts[:2], n=2, max_new_tokens=10, temperature=0, tokenizer=tok)
     target = base[0].tokens[3:5]  # two consecutive tokens -> a stop string that completes at step 4
@@ -246,3 +252,97 @@ def test_compaction_shrinks_batch():
     for x, y in zip(a, b):
         assert x.tokens == y.tokens and x.finish_reason == y.finish_reason
         torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
+
+
+def test_cli(hf_dir, tmp_path, capsys):
+    from PIL import Image
+    img = tmp_path / "x.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(img)
+    res = sampler.main([f"--ckpt={hf_dir[1]}", f"--image={img}", "--question=t5 t6 t7", "--max_new_tokens=5",
+                        "--show_entropy", "--device=cpu", "--dtype=float32"])
+    out = capsys.readouterr().out
+    assert len(res) == 1 and 1 <= len(res[0].tokens) <= 5
+    assert "entropy" in out and res[0].text in out
+
+
+FSDP_SCRIPT = r"""
+import copy, os, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, os.getcwd())
+from model import VLM, VLMConfig
+import sampler
+dist.init_process_group("gloo", rank=0, world_size=1)
+torch.manual_seed(0)
+cfg = VLMConfig(image_size=16, patch_size=8, vit_hidden=16, vit_heads=2, vit_mlp=32, vocab_size=32, n_embd=32,
+                n_head=4, n_kv_head=1, mlp_hidden=64, n_layer=2, image_token_id=31)
+m = VLM(cfg)
+ref = copy.deepcopy(m)
+fully_shard(m.vit)
+for b in m.llm.blocks:
+    fully_shard(b)
+fully_shard(m)
+ps = [([1, 2, 3], None), ([4, 5, 6, 7, 8], None)]
+a = sampler.generate(ref, ps, n=2, max_new_tokens=6, temperature=0)
+with sampler.unsharded(m):
+    b = sampler.generate(m, ps, n=2, max_new_tokens=6, temperature=0)
+c = sampler.generate(m, ps, n=2, max_new_tokens=6, temperature=0)  # generate() gathers by itself
+assert [x.tokens for x in a] == [x.tokens for x in b] == [x.tokens for x in c]
+m(torch.tensor([[1, 2, 3]])).sum().backward()  # training still works after the rollout
+print("FSDP_OK")
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_unsharded_rollout(tmp_path):
+    # FSDP2 on CPU/gloo, one process, in a subprocess so no process group leaks into the other tests
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", FSDP_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "FSDP_OK" in r.stdout, r.stderr[-2000:]
+
+
+COMPILE_SCRIPT = r"""
+import os, sys
+sys.path.insert(0, os.getcwd())
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import sampler
+def build(fn, types, consts):
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+for dt, bn in (("bf16", 64), ("fp32", 32)):
+    k = build(sampler._decode_attn_split_kernel,
+              dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", Lens="*i64", MidO="*fp32", MidLse="*fp32", scale="fp32"),
+              dict(BLOCK_G=16, BLOCK_N=bn, BLOCK_D=128, PRECISION="ieee" if dt == "fp32" else "tf32"))
+    assert k.metadata.shared <= 100 * 1024, k.metadata.shared
+    build(sampler._decode_attn_reduce_kernel, dict(MidO="*fp32", MidLse="*fp32", Out=f"*{dt}", Lens="*i64"),
+          dict(BLOCK_S=16, BLOCK_D=128))
+    build(sampler._cache_append_kernel, dict(K=f"*{dt}", V=f"*{dt}", Kc=f"*{dt}", Vc=f"*{dt}", Lens="*i64"),
+          dict(BLOCK_D=128))
+print("COMPILED")
+"""
+
+
+def test_kernels_compile_for_h100():
+    # no GPU here, but Triton can lower the kernels to sm_90 machine code (ptxas ships with it): catches what the
+    # interpreter forgives (block sizes < 16, dot shapes, dtype mixes, shared memory)
+    import os
+    import subprocess
+    import sys
+    triton = pytest.importorskip("triton")
+    if not os.path.isfile(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "COMPILED" in r.stdout, r.stderr[-3000:]

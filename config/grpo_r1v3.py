@@ -1,0 +1,26 @@
+# GRPO as in Skywork-R1V3 section 3 (RECIPE.md section 3), on one 8-GPU node:
+#   torchrun --standalone --nproc_per_node=8 grpo.py config/grpo_r1v3.py --init_from=out/sft_8b/hf
+# 1024 rollouts per step = 32 prompts x 32 samples; one optimizer step per rollout batch (on-policy);
+# clip eps 0.2, no KL, reward 0.8 acc + 0.2 format, lr 1e-5 (1e-6 is the safe alternative), all modules trained,
+# response length 4096 then 8192. Rollouts run on gathered FSDP weights: fits models up to ~8-14B on 80 GB GPUs.
+init_from = "out/sft_8b/hf"
+data = "/data/mmk12_rl.jsonl"  # question + answer (+ images, options); R1V3 used 15K K12 maths problems
+val_data = "/data/mmk12_val.jsonl"
+val_n = 256
+out_dir = "out/grpo_r1v3"
+prompts_per_step = 32
+group_size = 32
+temperature = 1.0
+max_new_tokens = [[0, 4096], [200, 8192]]
+lr = 1e-5
+beta2 = 0.999
+eps_low = 0.2
+eps_high = 0.2
+loss_agg = "seq_mean_token_mean"
+kl_coef = 0.0
+micro_batch = 4
+activation_checkpointing = True
+max_steps = 400
+high_entropy = 6.8  # R1V3's threshold for Qwen's 152k vocabulary
+eval_every = 20
+save_every = 10

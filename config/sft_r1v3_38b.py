@@ -1,0 +1,23 @@
+# Cold-start SFT of a 38B InternVL3-layout model (Skywork-R1V3 section 2; RECIPE.md section 2) on one 8-GPU node:
+#   torchrun --standalone --nproc_per_node=8 sft.py config/sft_r1v3_38b.py --init_from=/models/InternVL3-38B
+# The report gives no epochs / lr / batch for this stage: these are ours (lr 1e-5, cosine, warmup 3%, global batch 64).
+init_from = "/models/InternVL3-38B"  # a local directory (original or transformers-native layout)
+data = "/data/r1v3_cold_start.jsonl"  # ~12K rejection-sampled reasoning traces
+val_data = ""
+out_dir = "out/sft_38b"
+max_len = 16384
+batch_size = 1  # per GPU
+grad_accum = 8  # 1 x 8 x 8 GPUs = global batch 64
+epochs = 1.0
+lr = 1e-5
+min_lr_frac = 0.0
+warmup_frac = 0.03
+weight_decay = 0.05
+grad_clip = 1.0
+train_vit = False  # RECIPE.md: ViT optional; connector + LLM trained
+train_connector = True
+train_llm = True
+activation_checkpointing = True
+log_every = 1
+save_every = 50
+keep_last = 2
