@@ -86,13 +86,13 @@ max_sample_rounds = 3
 buffer_frac = 0.0  # R1V2 SSB: this fraction of each update batch is drawn from the buffer of non-zero-|A| samples
 buffer_size = 1024
 # optimisation
-lr = 1e-5
+lr = 2e-4  # the tiny default; R1V3 used 1e-5 at 38B (config/grpo_r1v3.py)
 warmup_steps = 0
 min_lr_frac = 1.0  # constant lr by default
 weight_decay = 0.0
 beta2 = 0.999
 grad_clip = 1.0
-max_steps = 60
+max_steps = 50
 ppo_epochs = 1  # passes over each rollout batch
 mini_batches = 1  # optimizer steps per pass (1 = strictly on-policy)
 micro_batch = 32  # sequences per forward/backward

@@ -63,7 +63,6 @@ n_embd = 128
 n_layer = 4
 n_head = 4
 n_kv_head = 2
-vit_layer_scale = 1.0  # InternViT starts its layer-scale at 0.1; from scratch, 1.0 lets the tower learn faster
 rope_theta = 1e4  # a short context: Qwen's 1e6 would leave almost no positional resolution at head_dim 32
 # logging and checkpoints
 log_every = 10
@@ -91,7 +90,7 @@ tok = load_tokenizer(tokenizer, init_from, resume_path)
 model = build_model(init_from, tok, device, resume_path=resume_path, scratch=dict(
     image_size=image_size, patch_size=patch_size, vit_hidden=vit_hidden, vit_layers=vit_layers, vit_heads=vit_heads,
     vit_mlp=4 * vit_hidden, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
-    mlp_hidden=3 * n_embd, rope_theta=rope_theta, vit_layer_scale=vit_layer_scale, max_tiles=1, use_thumbnail=False))
+    mlp_hidden=3 * n_embd, rope_theta=rope_theta, max_tiles=1, use_thumbnail=False))
 cfg = model.cfg
 n_train = set_trainable(model, train_vit, train_connector, train_llm)
 print0(f"model: {sum(p.numel() for p in model.parameters()):,} params, {n_train:,} trainable "
