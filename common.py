@@ -322,6 +322,15 @@ def export_hf(model, out_dir):
 # model, tokenizer and data set-up shared by the training scripts
 
 
+def log_jsonl(out_dir, d):
+    """Append one metrics record to out_dir/log.jsonl on rank 0: full precision, continued across resumes
+    (a resumed run re-logs the steps after its checkpoint; readers keep the last record of a step)."""
+    if _rank() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(d) + "\n")
+
+
 def ensure_synth_data(out="data/synth"):
     """Render the embedded synthetic task (and its tokenizer) if it is not there yet: rank 0 renders, the others
     wait. prepare() is idempotent and deterministic."""

@@ -40,7 +40,7 @@ import torch
 
 from common import (apply_activation_checkpointing, apply_fsdp, autocast_ctx, build_model, compute_cleanup,
                     compute_init, ensure_synth_data, export_hf, get_lr, latest_checkpoint, load_checkpoint,
-                    load_tokenizer, print0, save_checkpoint, set_trainable)
+                    load_tokenizer, log_jsonl, print0, save_checkpoint, set_trainable)
 from configurator import configure
 from data.common import critical_token_ids, encode_prompt, load_jsonl
 from rewards import score_batch
@@ -338,13 +338,6 @@ def validate():
     return correct / max(total, 1)
 
 
-def log_metrics(d):
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(d) + "\n")
-
-
 def save():
     state = {"epoch": epoch, "pos": pos, "tokenizer": tok.name_or_path, "init_from": init_path,
              "entropy_control": ent_ctl.state_dict(),
@@ -359,7 +352,7 @@ if wandb_log and rank == 0:
 if step == 0 and val_items and eval_every > 0:
     acc0 = validate()
     print0(f"step 0: val accuracy {acc0:.4f}")
-    log_metrics({"step": 0, "val_accuracy": acc0})
+    log_jsonl(out_dir, {"step": 0, "val_accuracy": acc0})
 
 while step < max_steps:
     t_step = time.time()
@@ -456,14 +449,15 @@ while step < max_steps:
     N, R, A, F, L, TR, TO, AC, AW, G, NR, GK = tot  # N rollouts in G groups, GK groups kept for training
     dt = time.time() - t_step
     m = {"step": step, "reward": R / N, "accuracy": A / N, "format": F / N, "all_correct": AC / G,
-         "all_wrong": AW / G, "resp_len": L / N, "truncated": TR / N, "loss": ustats["loss"], "clip_frac": ustats["clip_frac"],
+         "all_wrong": AW / G, "resp_len": L / N, "truncated": TR / N,
+         "loss": ustats["loss"], "clip_frac": ustats["clip_frac"],
          "approx_kl": ustats["approx_kl"], "gnorm": ustats["gnorm"], "entropy": mean_ent,
          "high_entropy_share": hi_n / max(ent_n, 1), "critical_entropy": crit_sum / crit_n if crit_n else None,
          "critical_count": int(crit_n), "entropy_coef": ent_coef_now, "verifier_timeouts": int(TO),
          "logp_mismatch": mismatch, "lr": lr_now, "sample_rounds": NR / world_size, "groups_kept": GK / G, "skipped": ustats["skipped"],
          "t_rollout": t_rollout, "t_logp": t_logp, "t_update": t_update, "t_step": dt,
          "rollout_tok_per_s": L / max(t_rollout, 1e-9)}
-    log_metrics(m)
+    log_jsonl(out_dir, m)
     if step % log_every == 0:
         ce = f"{m['critical_entropy']:.3f}" if m["critical_entropy"] is not None else "-"
         print0(f"step {step}/{max_steps} | reward {m['reward']:.3f} acc {m['accuracy']:.3f} fmt {m['format']:.3f} | "
@@ -483,7 +477,7 @@ while step < max_steps:
     if val_items and eval_every > 0 and (step % eval_every == 0 or step == max_steps):
         acc = validate()
         print0(f"step {step}: val accuracy {acc:.4f}")
-        log_metrics({"step": step, "val_accuracy": acc})
+        log_jsonl(out_dir, {"step": step, "val_accuracy": acc})
     if step % save_every == 0 or step == max_steps:
         save()
 

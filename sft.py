@@ -23,7 +23,7 @@ import torch
 
 from common import (apply_activation_checkpointing, apply_fsdp, autocast_ctx, compute_cleanup, compute_init,
                     export_hf, get_lr, latest_checkpoint, load_checkpoint, print0, save_checkpoint, set_trainable,
-                    build_model, load_tokenizer, ensure_synth_data)
+                    build_model, load_tokenizer, ensure_synth_data, log_jsonl)
 from configurator import configure
 from data.common import collate, load_sft_data
 
@@ -180,13 +180,6 @@ if wandb_log and rank == 0:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 
-def log_metrics(d):  # out_dir/log.jsonl, full precision, appended across resumes (for plots and tests)
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(d) + "\n")
-
-
 def save():
     save_checkpoint(out_dir, step, model, optimizer, {"epoch": epoch, "pos": pos, "tokenizer": tok.name_or_path},
                     config, keep_last=keep_last)
@@ -223,7 +216,7 @@ while step < total_steps:
     step += 1
     dt = time.time() - t0
     n_seen = all_reduce_sum(sum(int((b["input_ids"] != pad_id).sum()) for b in micro))[0]
-    log_metrics({"step": step, "loss": loss_val, "lr": lr_now, "gnorm": gnorm, "tok_per_s": n_seen / dt})
+    log_jsonl(out_dir, {"step": step, "loss": loss_val, "lr": lr_now, "gnorm": gnorm, "tok_per_s": n_seen / dt})
     if step % log_every == 0 or step == 1 or step == total_steps:
         print0(f"step {step}/{total_steps} | loss {loss_val:.4f} | lr {lr_now:.2e} | gnorm {gnorm:.3f} | "
                f"{n_seen / dt:,.0f} tok/s | {dt * 1000:.0f} ms")
@@ -232,7 +225,7 @@ while step < total_steps:
     if val_items and (step % eval_every == 0 or step == total_steps):
         vl = evaluate()
         print0(f"step {step}: val loss {vl:.4f}")
-        log_metrics({"step": step, "val_loss": vl})
+        log_jsonl(out_dir, {"step": step, "val_loss": vl})
         if wandb_log and rank == 0:
             wandb.log({"val_loss": vl}, step=step)
     if step % save_every == 0 or step == total_steps:
