@@ -4,8 +4,11 @@ A script that prints tables, not a timed test (PERF.md "How to measure").
 
 CPU (default; 2 cores, fp32): the GRPO shape -- 8 prompts x 8 samples, one image tile each, 96-token prompts,
 64 new tokens, temperature 1 -- on a small random InternVL built by transformers, saved with save_pretrained and
-loaded with our VLM.from_pretrained. Then the finished-rows policy (compaction on/off) when rows stop early.
-    python bench.py
+loaded with our VLM.from_pretrained. The two sides run in interleaved rounds (ours, transformers, ours, ...; the
+machine is shared, so the load average is printed and the ratio is of the medians). Then the finished-rows policy
+(compaction on/off) when rows stop early. --profile=True first prints where a decode step's time goes.
+    python bench.py [--profile=True] [--repeats=5]
+Results, with the dates and load: BENCHMARKS.md.
 GPU (bf16, random weights from the real configs; decode roofline per PERF.md with a measured bandwidth; the
 attention kernel alone vs its bytes and vs F.scaled_dot_product_attention; transformers on the 0.5B shape):
     python bench.py --device=cuda
@@ -33,7 +36,9 @@ gpu_mode = False  # real-shape tables; on by default when device is cuda
 # for a descheduled thread (measured: the same run 1.4 s with 1 thread, 38 s with 2 while another job held a core)
 threads = 1
 seed = 0
-repeats = 3  # runs per side, alternating; the median is reported
+repeats = 5  # rounds per side, interleaved (ours, transformers, ours, ...); medians are reported
+profile = False  # CPU: print where a decode step's time goes (torch.profiler) before the table
+finished_rows = True  # CPU: the compaction on/off table after the main one
 # CPU GRPO-shaped workload
 n_prompts, n_samples, prompt_len, new_tokens = 8, 8, 96, 64
 # the model: the repo's tiny VLM (VLMConfig defaults: LLM 256 wide x 4 layers, GQA 4/2, vocab 1024; ViT 128 wide x 2
@@ -163,61 +168,127 @@ def cpu_bench():
     prompts = [(ids[p].tolist(), pv[p:p + 1]) for p in range(n_prompts)]
     n_tok = n_prompts * n_samples * new_tokens
     n_par = sum(p.numel() for p in model.parameters())
-    print(f"\nCPU bench: {n_par / 1e6:.1f}M params fp32, {n_prompts} prompts x {n_samples} samples, {prompt_len}-token"
-          f" prompts ({cfg.tokens_per_tile} image tokens, 1 tile), {new_tokens} new tokens, temperature 1, "
-          f"{torch.get_num_threads()} threads")
-    # same weights? one greedy continuation must agree token for token
+    print(f"\nCPU bench {time.strftime('%Y-%m-%d %H:%M')}: {n_par / 1e6:.1f}M params fp32, {n_prompts} prompts x "
+          f"{n_samples} samples, {prompt_len}-token prompts ({cfg.tokens_per_tile} image tokens, 1 tile), "
+          f"{new_tokens} new tokens, temperature 1, {torch.get_num_threads()} threads (both sides)")
+    print(f"load average at start (1/5/15 min): {load_avg()}  -- the machine is shared; see the per-round ratios")
+    # same weights? one greedy continuation must agree token for token (also the warm-up of both sides)
     ours = sampler.generate(model, prompts[:1], max_new_tokens=8, temperature=0)[0].tokens
     with torch.no_grad():
         theirs = hf.generate(input_ids=ids[:1], pixel_values=pv[:1], do_sample=False, max_new_tokens=8,
                              pad_token_id=0)[0, prompt_len:].tolist()
     print(f"greedy parity check (8 tokens): {'OK' if ours == theirs else 'MISMATCH'}")
-    t_hf, t_us, splits = [], [], []
-    for r in range(repeats):  # alternate so a noisy machine hurts both sides alike
-        t = time.perf_counter()
-        hf_generate(hf, ids, pv, n_samples, new_tokens)
-        t_hf.append(time.perf_counter() - t)
+    if profile:
+        profile_decode(model, prompts)
+    # interleaved rounds (ours, transformers, ours, ...): a burst of load from other jobs hits both sides alike,
+    # and the ratio of the medians is robust to a few noisy rounds. Besides wall time, the process CPU time: with
+    # one torch thread it counts the work done, not the time spent descheduled while other jobs ran
+    t_hf, t_us, c_hf, c_us, splits = [], [], [], [], []
+    for r in range(repeats):
         st = {}
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         res = sampler.generate(model, prompts, n=n_samples, max_new_tokens=new_tokens, temperature=1.0, seed=r,
                                stats=st)
         t_us.append(time.perf_counter() - t)
+        c_us.append(time.process_time() - c)
         splits.append(st)
         assert sum(len(x.tokens) for x in res) == n_tok
+        t, c = time.perf_counter(), time.process_time()
+        hf_generate(hf, ids, pv, n_samples, new_tokens)
+        t_hf.append(time.perf_counter() - t)
+        c_hf.append(time.process_time() - c)
     t = time.perf_counter()
     hf_generate(hf, ids, pv, n_samples, 1)  # transformers' prefill (ViT + LLM for every copy) and one token
     hf_pre = time.perf_counter() - t
     hf_s, us_s = statistics.median(t_hf), statistics.median(t_us)
-    st = splits[t_us.index(us_s)] if us_s in t_us else splits[-1]
+    st = {k: statistics.median(s[k] for s in splits) for k in ("prefill_s", "decode_s")}
     print_table(["sampler", "time (s, median)", "tokens/s", "ratio"], [
         [f"transformers generate() (prefill ~{hf_pre:.2f} s, decode ~{hf_s - hf_pre:.2f} s)", f"{hf_s:.2f}",
          f"{n_tok / hf_s:.0f}", "1.00x"],
         [f"sampler.generate() (prefill {st['prefill_s']:.2f} s, decode {st['decode_s']:.2f} s)", f"{us_s:.2f}",
          f"{n_tok / us_s:.0f}", f"{hf_s / us_s:.2f}x"]])
-    print(f"all runs (s): transformers {[round(x, 2) for x in t_hf]}, ours {[round(x, 2) for x in t_us]}")
+    print(f"all rounds (wall s): ours {[round(x, 2) for x in t_us]}, transformers {[round(x, 2) for x in t_hf]}; "
+          f"per-round ratio {[round(a / b, 2) for a, b in zip(t_hf, t_us)]}")
+    print(f"process CPU time (s, medians): ours {statistics.median(c_us):.2f}, transformers "
+          f"{statistics.median(c_hf):.2f}, ratio {statistics.median(c_hf) / statistics.median(c_us):.2f}x "
+          f"(a less noisy cross-check of the wall-time ratio)")
+    print(f"load average at end: {load_avg()}")
 
     # finished rows: an EOS set holding ~1/eos_every of the mass ends rows at random lengths
+    if not finished_rows:
+        return
     with torch.no_grad():
         h = model(ids[:1], pv[:1], return_hidden=True)[0, -1]
         probs = model.llm.lm_head(h).softmax(-1)
     order = probs.argsort()
     cum = probs[order].cumsum(0)
     eos = order[:int((cum < 1.0 / eos_every).sum()) + 1].tolist()
-    rows = []
-    for compact in (False, True):
-        ts, toks = [], 0
-        for r in range(repeats):
-            st = {}
+    ts, toks = {False: [], True: []}, []
+    for r in range(repeats):  # interleaved too; seed r gives the same tokens under both policies (tested)
+        for compact in (False, True):
             t = time.perf_counter()
             res = sampler.generate(model, prompts, n=n_samples, max_new_tokens=new_tokens, temperature=1.0, seed=r,
-                                   eos_token_id=eos, compact=compact, sync_every=8, stats=st)
-            ts.append(time.perf_counter() - t)
-            toks = sum(len(x.tokens) for x in res)
-        s = statistics.median(ts)
-        rows.append([f"compact={compact}", f"{toks}", f"{s:.2f}", f"{toks / s:.0f}"])
+                                   eos_token_id=eos, compact=compact, sync_every=8)
+            ts[compact].append(time.perf_counter() - t)
+        toks.append(sum(len(x.tokens) for x in res))
+    rows = [[f"compact={c}", f"{statistics.median(ts[c]):.2f}",
+             f"{statistics.median(k / s for k, s in zip(toks, ts[c])):.0f}"] for c in (False, True)]
     print(f"\nfinished rows ({len(eos)} EOS ids, ~1/{eos_every} of the mass; mean length "
-          f"{toks / len(res):.1f} of {new_tokens}; sync_every=8):")
-    print_table(["policy", "new tokens", "time (s, median)", "tokens/s"], rows)
+          f"{sum(toks) / len(toks) / len(res):.1f} of {new_tokens} over {repeats} seeds; sync_every=8):")
+    print_table(["policy", "time (s, median)", "tokens/s (median)"], rows)
+    print(f"load average at end: {load_avg()}")
+
+
+def load_avg():
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def profile_decode(model, prompts):
+    """Where one decode step's time goes, CPU: the functions of each part are wrapped in wall-clock timers for one
+    generate() call (a timer costs ~0.3 us, against torch.profiler's per-op overhead that inflates op-dense parts
+    such as the attention); the rest = the step minus the timed parts. Repeated `repeats` times, medians."""
+    import torch.nn.functional as F
+    acc = {}
+
+    def timed(name, fn):
+        def f(*a, **kw):
+            t = time.perf_counter()
+            out = fn(*a, **kw)
+            acc[name] = acc.get(name, 0.0) + time.perf_counter() - t
+            return out
+        return f
+    saved = dict(linear=F.linear, step=sampler._decode_step, sample=sampler.sample_next,
+                 attn=sampler.prefix_attention, attend=sampler.DecodeCache.attend)
+    runs = []
+    try:
+        F.linear = timed("linear", saved["linear"])  # nn.Linear.forward calls F.linear
+        sampler._decode_step = timed("step", saved["step"])
+        sampler.sample_next = timed("sampling", saved["sample"])
+        sampler.prefix_attention = timed("attention", saved["attn"])
+        sampler.DecodeCache.attend = timed("attend", saved["attend"])  # a plain function: binds as a method
+        for _ in range(repeats):
+            acc.clear()
+            st = {}
+            sampler.generate(model, prompts, n=n_samples, max_new_tokens=new_tokens, stats=st)
+            n = st["decode_steps"]
+            a = {k: v / n * 1e3 for k, v in acc.items()}  # ms per step
+            wall = st["decode_s"] / n * 1e3  # the decode loop: steps + sampling + bookkeeping
+            runs.append({"linear layers (q/k/v/o, MLP, lm_head: F.linear)": a["linear"],
+                         "attention (prompt K/V shared + own tokens)": a["attention"],
+                         "cache write (k, v of the new token)": a["attend"] - a["attention"],
+                         "rest of the forward: embedding, norms, RoPE, residuals, Python":
+                             a["step"] - a["linear"] - a["attend"],
+                         "sampling (log-softmax, entropy, inverse-cdf draw)": a["sampling"],
+                         "loop bookkeeping (outputs, EOS flags, rand)": wall - a["step"] - a["sampling"],
+                         "total": wall})
+    finally:
+        F.linear, sampler._decode_step, sampler.sample_next = saved["linear"], saved["step"], saved["sample"]
+        sampler.prefix_attention, sampler.DecodeCache.attend = saved["attn"], saved["attend"]
+    m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}  # per part (medians need not add up)
+    print(f"\ndecode step profile: {m['total']:.2f} ms per step of {n_prompts * n_samples} rows (median of {repeats} "
+          f"calls, {n} steps each; timers around the parts):")
+    print_table(["part", "ms / step", "share"], [[k, f"{v:.2f}", f"{v / m['total']:.0%}"] for k, v in m.items()])
+
 
 # ----------------------------------------------------------------------------- GPU: real shapes
 
@@ -279,11 +350,13 @@ def gpu_bench():
                                      stats=st)
                     e2e = time.perf_counter() - t
                 except (MemoryError, torch.OutOfMemoryError) as e:
-                    rows.append([shape, B, L, "OOM", "", "", "", "", str(e)[:60]])
+                    rows.append([shape, B, L, "OOM", "", "", "", "", "", str(e)[:60]])
                     torch.cuda.empty_cache() if dev.type == "cuda" else None
                     continue
                 step = st["decode_s"] / max(st["decode_steps"], 1)
                 floor = (n_llm * esize + B * (L + gpu_new_tokens / 2) * kv_tok) / bw  # PERF.md formula
+                # our cache holds each prompt once (B // n copies, not B): the bytes a step must read are fewer
+                floor_sh = (n_llm * esize + (B // n * L + B * gpu_new_tokens / 2) * kv_tok) / bw
                 hf_cell = ""
                 if hf_model is not None and str(B) in hf_batches.split(",") and L == Ls[0]:
                     dids = ids.to(dev)
@@ -295,7 +368,7 @@ def gpu_bench():
                     hf_e2e = time.perf_counter() - t
                     hf_cell = f"{B * gpu_new_tokens / hf_e2e:.0f} ({hf_e2e / e2e:.1f}x)"
                 rows.append([shape, B, L, f"{B * gpu_new_tokens / e2e:.0f}", f"{B / step:.0f}", f"{B / floor:.0f}",
-                             f"{step * 1e3:.2f}", f"{step / floor:.2f}", hf_cell])
+                             f"{step * 1e3:.2f}", f"{step / floor:.2f}", f"{step / floor_sh:.2f}", hf_cell])
         if attn_only:
             H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
             for B in Bs:
@@ -311,18 +384,27 @@ def gpu_bench():
                     t_sd = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(
                         q[:, :, None], kc, vc, enable_gqa=True))
                     nbytes = 2 * B * K * L * D * esize
+                    # shared prefix: B // n prompts of L tokens, n = 8 rows each with 64 tokens of their own
+                    n = min(B, 8)
+                    pk, pv, gk, gv = kc[:B // n], vc[:B // n], kc[:, :, :64], vc[:, :, :64]
+                    t_sh = timeit(lambda: sampler.prefix_attention(q, pk, pv, L, gk, gv, min(64, L), n))
+                    sh_bytes = 2 * (B // n * L + B * min(64, L)) * K * D * esize
                     attn_rows.append([shape, B, L, f"{t_tr * 1e6:.1f}", f"{nbytes / t_tr / 1e9:.0f}",
-                                      f"{nbytes / t_tr / bw:.0%}", f"{t_sd * 1e6:.1f}", f"{t_sd / t_tr:.2f}x"])
-                    del q, kc, vc
+                                      f"{nbytes / t_tr / bw:.0%}", f"{t_sd * 1e6:.1f}", f"{t_sd / t_tr:.2f}x",
+                                      f"{t_sh * 1e6:.1f}", f"{sh_bytes / t_sh / bw:.0%}"])
+                    del q, kc, vc, pk, pv, gk, gv
         del model, hf_model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    print("\ndecode (tokens/s; step = one decode step of the whole batch; floor = PERF.md bytes / bandwidth)")
+    print("\ndecode (tokens/s; step = one decode step of the whole batch; floor = PERF.md bytes / bandwidth, each "
+          "row's prompt counted; 'shared': each prompt counted once, as our cache stores it; n = min(batch, 8))")
     print_table(["shape", "batch", "context", "tokens/s e2e", "tokens/s decode", "ceiling", "step ms",
-                 "step/floor", "transformers tokens/s (ours/theirs)"], rows)
+                 "step/floor", "step/floor shared", "transformers tokens/s (ours/theirs)"], rows)
     if attn_rows:
-        print("\ndecode attention alone (Triton split-K kernel, full context every row)")
-        print_table(["shape", "batch", "context", "us", "GB/s", "of bandwidth", "SDPA us", "SDPA/ours"], attn_rows)
+        print("\ndecode attention alone (Triton split-K kernel, full context every row; shared: prefix_attention, "
+              "batch // 8 prompts of `context` tokens + 64 own tokens per row, of bandwidth = its bytes / time)")
+        print_table(["shape", "batch", "context", "us", "GB/s", "of bandwidth", "SDPA us", "SDPA/ours",
+                     "shared us", "shared of bandwidth"], attn_rows)
 
 
 if __name__ == "__main__":

@@ -8,23 +8,28 @@ RL reward uses: text after </think>, last \\boxed{}, Math-Verify / option letter
     python eval.py --ckpt=out/grpo --mode=nowait       # ban "Wait" / "Alternatively" / "Hmm" via logits
     python eval.py --responses=out/eval/responses.jsonl   # re-score saved responses, no model needed
 
---ckpt takes an HF directory, a ckpt_XXXXXXX checkpoint, or a training out_dir. Writes to out_dir:
+--ckpt takes an HF directory, a ckpt_XXXXXXX checkpoint, or a training out_dir. --data takes our JSONL (format in
+data/common.py); MMMU / MathVista / MMK12 files convert to it with data/convert_bench.py. Writes to out_dir:
 responses.jsonl (one line per sample and run: id, run, response, pred, answer, correct, ...), summary.json and
 summary.md (accuracy avg@k with its spread over runs, pass@k, format rate, mean response length, truncation rate,
-and the breakdown by domain and difficulty).
+and the breakdown by whichever of domain / subject / difficulty the samples have). --responses re-scores a
+responses file (ours, or any JSONL with id, response, answer [, options, run, n_tokens, truncated, domain, ...]) and
+writes responses_rescored.jsonl + summary.json/.md beside it (or to out_dir). Bad input (a missing, binary or
+malformed file, a missing image, an empty answer, a duplicate id) stops with "file:line: what is wrong".
 """
 import json
 import math
 import os
 import sys
 import time
+from collections import Counter
 
 import torch
 
 from common import load_inference_model, print0
 from configurator import configure
 from data.common import critical_token_ids, encode_prompt, load_jsonl
-from rewards import score_batch
+from rewards import score_batch, to_letter
 from sampler import generate
 
 # -----------------------------------------------------------------------------
@@ -48,8 +53,12 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 # (the functions below are also used by grpo.py and entropy.py; the script itself runs under __main__)
 
 
+BREAKDOWN = ("domain", "subject", "difficulty")  # per-group accuracy for each of these a sample has
+
+
 def summarize(rows, k):
-    """rows: one dict per (item, run) with id, run, correct, format, n_tokens, truncated, domain, difficulty."""
+    """rows: one dict per (item, run) with id, run, correct, format, n_tokens (None if unknown), truncated, and
+    optionally the BREAKDOWN keys."""
     by_item = {}
     for r in rows:
         by_item.setdefault(r["id"], []).append(r)
@@ -57,33 +66,126 @@ def summarize(rows, k):
     acc_per_run = [sum(r["correct"] for r in rows if r["run"] == i) / len(by_item) for i in runs]
     mean = sum(acc_per_run) / len(acc_per_run)
     std = math.sqrt(sum((a - mean) ** 2 for a in acc_per_run) / len(acc_per_run))
+    lens = [r["n_tokens"] for r in rows if r.get("n_tokens") is not None]
     s = {"n_items": len(by_item), "k": k, "accuracy": mean, "accuracy_std": std, "accuracy_per_run": acc_per_run,
          f"pass@{k}": sum(any(r["correct"] for r in rs) for rs in by_item.values()) / len(by_item),
          "format": sum(r["format"] for r in rows) / len(rows),
-         "mean_tokens": sum(r["n_tokens"] for r in rows) / len(rows),
-         "truncation_rate": sum(r["truncated"] for r in rows) / len(rows),
+         "mean_tokens": sum(lens) / len(lens) if lens else None,
+         "truncation_rate": sum(r.get("truncated", 0) for r in rows) / len(rows),
          "timeouts": sum(r.get("timeout", False) for r in rows)}
-    for key in ("domain", "difficulty"):
+    for key in BREAKDOWN:
         groups = {}
         for r in rows:
-            groups.setdefault(r.get(key) or "-", []).append(r["correct"])
+            groups.setdefault(str(r.get(key) or "-"), []).append(r["correct"])
         if len(groups) > 1 or "-" not in groups:
             s[f"by_{key}"] = {g: sum(v) / len(v) for g, v in sorted(groups.items())}
+            s[f"n_by_{key}"] = {g: len(v) for g, v in sorted(groups.items())}  # (item, run) rows per group
     return s
 
 
 def markdown(s, title):
     k = s["k"]
+    tokens = "-" if s["mean_tokens"] is None else f"{s['mean_tokens']:.1f}"
     lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
     lines += [f"| accuracy (avg@{k}) | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_std']:.1f} |",
               f"| pass@{k} | {100 * s[f'pass@{k}']:.1f} |",
-              f"| format | {100 * s['format']:.1f} |", f"| mean response tokens | {s['mean_tokens']:.1f} |",
+              f"| format | {100 * s['format']:.1f} |", f"| mean response tokens | {tokens} |",
               f"| truncated | {100 * s['truncation_rate']:.1f}% |", f"| items | {s['n_items']} |"]
-    for key in ("by_domain", "by_difficulty"):
-        if key in s:
-            lines += ["", f"| {key[3:]} | accuracy |", "|---|---|"]
-            lines += [f"| {g} | {100 * a:.1f} |" for g, a in s[key].items()]
+    for key in BREAKDOWN:
+        if f"by_{key}" in s:
+            n = s.get(f"n_by_{key}", {})
+            lines += ["", f"| {key} | accuracy | n |", "|---|---|---|"]
+            lines += [f"| {g} | {100 * a:.1f} | {n.get(g, '')} |" for g, a in s[f"by_{key}"].items()]
     return "\n".join(lines) + "\n"
+
+# -----------------------------------------------------------------------------
+# Reading inputs: a bad input stops the run with file:line and what is wrong; nothing is skipped silently
+
+
+def _lines(path, what):
+    """Yields (line number, text) of a UTF-8 file; a missing file, a folder or a binary file is a clear error."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder, expected a {what} JSONL file")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: {what} file not found")
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start}): a binary "
+                                     f"file? expected a {what} JSONL file (benchmark parquet/JSON files convert "
+                                     "with data/convert_bench.py)") from e
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e}") from e
+
+
+def load_items(path, skip_bad=False, limit=0):
+    """The benchmark JSONL -> samples (data/common.load_jsonl: fields, images, options checked per line), plus the
+    checks scoring needs: a non-empty answer, unique ids (runs are grouped by id)."""
+    for _ in _lines(path, "benchmark"):  # folder / missing / binary: named before load_jsonl trips on them
+        pass
+    items = load_jsonl(path, skip_bad=skip_bad)
+    items = items[:limit] if limit else items
+    seen = {}
+    for s in items:
+        if not s["answer"].strip():
+            raise ValueError(f"{s['src']}: empty 'answer'")
+        if s["id"] in seen:
+            raise ValueError(f"{s['src']}: duplicate id {s['id']!r} (also at {seen[s['id']]})")
+        seen[s["id"]] = s["src"]
+    return items
+
+
+def read_responses(path):
+    """A responses JSONL -> rows for re-scoring. Needs id, response, answer per line; options, run, n_tokens,
+    truncated and the BREAKDOWN keys are kept if present (run defaults to the id's count so far, i.e. k lines
+    of one id are k runs)."""
+    rows, count = [], Counter()
+    for lineno, line in _lines(path, "responses"):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: malformed JSON: {e}") from e
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(r).__name__}")
+        missing = [key for key in ("id", "response", "answer") if key not in r]
+        if missing:
+            raise ValueError(f"{where}: missing field(s): {', '.join(missing)}")
+        if not isinstance(r["response"], str):
+            raise ValueError(f"{where}: 'response' must be a string, got {type(r['response']).__name__}")
+        r["id"], r["answer"] = str(r["id"]), str(r["answer"] if r["answer"] is not None else "").strip()
+        if not r["answer"]:
+            raise ValueError(f"{where}: empty 'answer'")
+        opts = r["options"] = r.get("options") or None  # [] and null both mean: not multiple choice
+        if opts is not None and not (isinstance(opts, list) and len(opts) >= 2
+                                     and all(isinstance(o, str) for o in opts)):
+            raise ValueError(f"{where}: 'options' must be null or a list of at least 2 strings")
+        if opts and to_letter(r["answer"], opts) is None:
+            raise ValueError(f"{where}: answer {r['answer']!r} is neither an option letter nor an option text")
+        if not isinstance(r.setdefault("run", count[r["id"]]), int) or r["run"] < 0:
+            raise ValueError(f"{where}: 'run' must be a non-negative integer, got {r['run']!r}")
+        count[r["id"]] += 1
+        r.setdefault("n_tokens", None)
+        r["truncated"] = int(bool(r.get("truncated", 0)))
+        rows.append(r)
+    if not rows:
+        raise ValueError(f"{path}: no responses (empty file)")
+    return rows
+
+
+def rescore(rows, think=True):
+    """Re-judges saved responses in place with rewards.py (the training reward's extraction and verification)."""
+    scores = score_batch([r["response"] for r in rows], [r["answer"] for r in rows],
+                         [r.get("options") for r in rows], think=think)
+    for r, sc in zip(rows, scores):
+        r.update(pred=sc["pred"], correct=int(sc["accuracy"]), format=int(sc["format"]), reward=sc["reward"],
+                 timeout=bool(sc["timeout"]))
+    return rows
 
 
 def evaluate(model, tok, items, k, temperature, max_new_tokens, mode, seed=0, batch_prompts=64, system=None,
@@ -92,10 +194,11 @@ def evaluate(model, tok, items, k, temperature, max_new_tokens, mode, seed=0, ba
     think = mode != "nothink"
     ban = list(critical_token_ids(tok)) if mode == "nowait" else None
     eos = [i for i in {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} if i is not None]
-    prompts = [encode_prompt(tok, s, model.cfg, think, system) for s in items]
     rows, t0 = [], time.time()
     for b in range(0, len(items), batch_prompts):
-        chunk = prompts[b:b + batch_prompts]
+        # encode one chunk at a time: a benchmark's images as tiles (up to 13 x 3 x 448 x 448 fp32 each) do not fit
+        # in memory all at once
+        chunk = [encode_prompt(tok, s, model.cfg, think, system) for s in items[b:b + batch_prompts]]
         outs = generate(model, chunk, n=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         eos_token_id=eos, seed=seed + b, ban_token_ids=ban)
         texts = [tok.decode(o.tokens, skip_special_tokens=True) for o in outs]
@@ -105,8 +208,8 @@ def evaluate(model, tok, items, k, temperature, max_new_tokens, mode, seed=0, ba
             rows.append({"id": s["id"], "run": i % k, "response": text, "pred": sc["pred"], "answer": s["answer"],
                          "options": s.get("options"), "correct": int(sc["accuracy"]), "format": int(sc["format"]), "reward": sc["reward"],
                          "n_tokens": len(o.tokens), "truncated": int(o.finish_reason == "length"),
-                         "timeout": bool(sc["timeout"]), "domain": s.get("domain"),
-                         "difficulty": s.get("difficulty"), "mean_entropy": sum(o.entropies) / max(1, len(o.entropies))})
+                         "timeout": bool(sc["timeout"]), "mean_entropy": sum(o.entropies) / max(1, len(o.entropies)),
+                         **{key: s.get(key) for key in BREAKDOWN}})
         log(f"eval: {min(b + batch_prompts, len(items))}/{len(items)} items, {time.time() - t0:.1f} s")
     return rows
 
@@ -115,18 +218,18 @@ if __name__ == "__main__":
     config = configure(globals(), sys.argv[1:])
     assert mode in ("think", "nothink", "nowait"), f"mode must be think, nothink or nowait, not {mode!r}"
     if responses:  # re-judge saved outputs (as VLMEvalKit users do): no model, no generation
-        with open(responses) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        scores = score_batch([r["response"] for r in rows], [r["answer"] for r in rows],
-                             [r.get("options") for r in rows], think=mode != "nothink")
-        for r, sc in zip(rows, scores):
-            r.update(pred=sc["pred"], correct=int(sc["accuracy"]), format=int(sc["format"]),
-                     timeout=bool(sc["timeout"]))
+        try:
+            rows = read_responses(responses)
+        except ValueError as e:
+            sys.exit(f"eval.py: error: {e}")
+        rescore(rows, think=mode != "nothink")
         out = out_dir or os.path.dirname(os.path.abspath(responses))
-        title = f"re-scored {responses}"
+        title = f"re-scored {responses} ({mode})"
     else:
-        items = load_jsonl(data, skip_bad=skip_bad)
-        items = items[:limit] if limit else items
+        try:
+            items = load_items(data, skip_bad, limit)
+        except ValueError as e:
+            sys.exit(f"eval.py: error: {e}")
         model, tok, ckpt_path = load_inference_model(ckpt, device, tokenizer=tokenizer)
         rows = evaluate(model, tok, items, k, temperature, max_new_tokens, mode, seed, batch_prompts,
                         system_prompt or None, top_p)
@@ -136,10 +239,9 @@ if __name__ == "__main__":
     os.makedirs(out, exist_ok=True)
     s = summarize(rows, max(r["run"] for r in rows) + 1)
     s["config"] = config
-    if not responses:
-        with open(os.path.join(out, "responses.jsonl"), "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    with open(os.path.join(out, "responses_rescored.jsonl" if responses else "responses.jsonl"), "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(s, f, indent=2)
     with open(os.path.join(out, "summary.md"), "w") as f:

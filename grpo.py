@@ -64,7 +64,7 @@ prompts_per_step = 16  # R1V3: 32 prompts x 32 samples = 1024 rollouts per step
 group_size = 8  # samples per prompt: the group of GRPO (n in the papers; --n would clash with torchrun flags)
 temperature = 1.0  # OR1: 1.0 (0.6 stagnated)
 top_p = 1.0
-max_new_tokens = [[0, 320]]  # [[from_step, length], ...]: R1V3 grows 4096 -> 8192
+max_new_tokens = [[0, 128]]  # [[from_step, length], ...]: R1V3 grows 4096 -> 8192; the default's traces are <= 89 tokens
 # reward (RECIPE.md section 3)
 acc_weight = 0.8
 fmt_weight = 0.2
@@ -92,7 +92,7 @@ min_lr_frac = 1.0  # constant lr by default
 weight_decay = 0.0
 beta2 = 0.999
 grad_clip = 1.0
-max_steps = 50
+max_steps = 60
 ppo_epochs = 1  # passes over each rollout batch
 mini_batches = 1  # optimizer steps per pass (1 = strictly on-policy)
 micro_batch = 32  # sequences per forward/backward

@@ -10,19 +10,23 @@ CLI, like nanoGPT's sample.py:
     python sampler.py --ckpt=out/sft --image=cat.png --question="How many cats?" [--show_entropy]
 
 How one call runs (the shape of a GRPO step: P prompts x n samples = R rows):
-1. The cache is sized before it is allocated: R rows x (longest prompt + max_new_tokens) x every layer. If it does
-   not fit (free CUDA memory, or max_cache_bytes / available RAM on CPU) we raise with the byte count.
-2. ViT + prefill run ONCE per prompt (batched over prompts, right-padded), writing K/V straight into row p*n of
-   the cache; the prefix is then copied into the other n-1 rows of that prompt. Only the last position's hidden
-   state goes through lm_head (a 1k-token prompt x 152k vocab of fp32 logits would be 600 MB per prompt).
-3. Decode: all rows step together, each at its own position (cache.lens). Sampling happens on device (seeded
-   torch.Generator, temperature / top-k / top-p / banned ids); the host looks at the `finished` flags only
-   every `sync_every` steps, so on GPU there is no host sync per token.
+1. The cache is sized before it is allocated: each prompt's K/V ONCE (P x longest prompt) plus each row's generated
+   K/V (R x max_new_tokens), every layer. If it does not fit (free CUDA memory, or max_cache_bytes / available RAM
+   on CPU) we raise with the byte count.
+2. ViT + prefill run ONCE per prompt (batched over prompts, right-padded), writing the prompt's K/V into its row of
+   the prompt cache; the n rows of a prompt share that one copy (no copy into n rows: see prefix_attention).
+   Only the last position's hidden state goes through lm_head (a 1k-token prompt x 152k vocab of fp32 logits
+   would be 600 MB per prompt).
+3. Decode: all rows step together, each at its own position (prompt length + t) for RoPE; every row has exactly t
+   generated tokens, so the new k/v of a step all go to position t of the generated cache. Attention per row =
+   softmax over [its prompt's shared K/V ; its own generated K/V] (Hydragen). Sampling happens on device (seeded
+   torch.Generator, temperature / top-k / top-p / banned ids); the host looks at the `finished` flags only every
+   `sync_every` steps (and never without EOS / stop criteria), so on GPU there is no host sync per token.
 4. Finished rows stop costing work: at each sync point the still-active rows are compacted to the front of the
-   cache in place (a gather of their K/V up to the current length) and the decode batch shrinks. Measured on CPU
-   (bench.py, the tiny VLM, 8 prompts x 8 samples, EOS ids holding ~1/32 of the mass: mean length 14 of 64,
-   sync_every=8): 603 tokens/s without compaction, 1157 with it. The gather is paid only at sync points where
-   some row finished. Sampling draws one uniform per ORIGINAL row every step, so the samples do not depend on
+   generated cache in place (a gather of their own t tokens) and the decode batch shrinks; a prompt with no active
+   row left leaves the prompt cache too. Measured on CPU (bench.py, the tiny VLM, 8 prompts x 8 samples, EOS ids
+   holding ~1/32 of the mass, sync_every=8; see BENCHMARKS.md): compaction gives ~1.5x the tokens/s of no
+   compaction. Sampling draws one uniform per ORIGINAL row every step, so the samples do not depend on
    compaction, sync_every or the kernel path (tested). (Refilling freed rows with waiting prompts would keep the
    batch full, but GRPO needs all n samples of a prompt before its advantage anyway.)
 5. Outputs per row: tokens (EOS included when hit), logprobs and entropies. Both are computed in fp32 from the
@@ -31,10 +35,13 @@ How one call runs (the shape of a GRPO step: P prompts x n samples = R rows):
 
 Kernels (GPU path, Triton) with a plain PyTorch reference beside each, selected by `use_triton` (None = auto:
 Triton for CUDA tensors, the reference elsewhere; tests force both, the Triton path under TRITON_INTERPRET=1):
-  decode_attention: one new query token per row over the static cache, flash-decoding (split along the sequence,
-    then a reduce kernel merges the splits with their log-sum-exp), the G query heads of a kv head packed into one
-    tile (padded to >= 16 rows) so each K/V block is loaded once for all of them, ragged per-row lengths.
-  cache_append: writes each row's new k/v at its own position lens[b].
+  decode_attention: one new query token per row over its cache, flash-decoding (split along the sequence, then a
+    reduce kernel merges the splits with their log-sum-exp), the G query heads of a kv head packed into one tile
+    (padded to >= 16 rows) so each K/V block is loaded once for all of them, ragged per-row lengths.
+  prefix_attention: the same two kernels over the two-part cache. The split kernel runs once over the prompt K/V
+    with the n samples x G heads of a prompt packed as the query rows of one tile (each prompt K/V block loaded
+    once for n rows), once over each row's own tokens, and one reduce merges the splits of both.
+  cache_append: writes each row's new k/v at its own position (a tensor, so a compiled step has static shapes).
 
 FSDP2 (grpo.py): generate() all-gathers an FSDP2 model's units ONCE per call (unsharded(), also usable around
 several calls) and keeps them for all decode steps; memory: the full bf16 weights on every GPU, 2 bytes x n_params
@@ -44,10 +51,12 @@ Checked on CPU/gloo, one process (tests): same greedy tokens as the unwrapped mo
 Not measured on GPUs (none was available).
 
 Where the speed-up over transformers' generate() comes from (bench.py on CPU, fp32, the repo's tiny VLM, 8 prompts
-x 8 samples): prefix sharing removes (n-1)/n of the ViT + prefill work (0.95 s -> 0.15 s); the decode step runs the
-same matmuls as transformers' but without its growing cache and torch.multinomial (1.57 s -> 1.30 s for 63 steps).
-Not done: sharing the prompt's K/V inside the attention (read once for its n rows, as Hydragen does) instead of
-copying it into n rows -- the next step for long prompts.
+x 8 samples, 96-token prompts, 64 new tokens, one torch thread each; runs at load average ~3 on the shared 2-core
+machine, all in BENCHMARKS.md): prefix sharing removes (n-1)/n of the ViT + prefill work (transformers ~0.9-1.1 s,
+ours ~0.11 s); our 63 decode steps take ~0.92 s against ~1.4-1.5 s: the same matmuls, but each prompt's K/V is
+read once for its n rows instead of once per row (attention ~5.9 -> ~3.6 ms of the step, measured before/after),
+the new k/v go to one position with a strided copy, and there is no growing cache and no torch.multinomial. The
+linear layers are ~60% of our step now, the same work on both sides. Overall ~2.3-2.4x its tokens/s (was ~1.8x).
 """
 import functools
 import os
@@ -149,15 +158,18 @@ if triton is not None:
     def _decode_attn_split_kernel(Q, K, V, Lens, MidO, MidLse,
                                   s_qb, s_qh, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                                   s_ob, s_oh, s_os, s_lb, s_lh,
-                                  scale, split_len, G, D,
+                                  scale, split_len, G, D, kv_div,
                                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                   PRECISION: tl.constexpr):
         # Flash-decoding (Dao et al. 2023), step 1: program (b, kv head h, split s) runs online softmax over
-        # positions [s*split_len, min((s+1)*split_len, lens[b])) for all G query heads of kv head h at once.
+        # positions [s*split_len, min((s+1)*split_len, lens[kb])) for all G query heads of kv head h at once.
+        # Query row b reads K/V row kb = b // kv_div (1 for plain decode; a shared prefix packs the n samples of a
+        # prompt as extra query heads: G = samples x GQA group, and several query rows may share one prompt).
         b = tl.program_id(0).to(tl.int64)  # int64 offsets: B x row stride can pass 2^31
         h = tl.program_id(1)
         s = tl.program_id(2)
-        L = tl.load(Lens + b)
+        kb = b // kv_div
+        L = tl.load(Lens + kb)
         start = s * split_len
         end = tl.minimum(start + split_len, L)
         g = tl.arange(0, BLOCK_G)
@@ -172,8 +184,8 @@ if triton is not None:
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max per query head
         l = tl.zeros([BLOCK_G], tl.float32)  # running sum of exp
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)  # running sum of p * v
-        k_base = K + b * s_kb + h * s_kh
-        v_base = V + b * s_vb + h * s_vh
+        k_base = K + kb * s_kb + h * s_kh
+        v_base = V + kb * s_vb + h * s_vh
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + n
             mask_n = pos < end
@@ -188,7 +200,7 @@ if triton is not None:
             l = l * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
             m = m_new
-        # an empty split (start >= lens[b]) leaves l = 0: write o = 0 and lse = -inf so the reduce ignores it
+        # an empty split (start >= lens[kb]) leaves l = 0: write o = 0 and lse = -inf so the reduce ignores it
         nonempty = l > 0
         o = acc / tl.where(nonempty, l, 1.0)[:, None]
         lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
@@ -197,21 +209,20 @@ if triton is not None:
         tl.store(MidLse + b * s_lb + qh * s_lh + s, lse, mask=mask_g)
 
     @triton.jit
-    def _decode_attn_reduce_kernel(MidO, MidLse, Out, Lens,
+    def _decode_attn_reduce_kernel(MidO, MidLse, Out,
                                    s_ob, s_oh, s_os, s_lb, s_lh, s_yb, s_yh,
-                                   split_len, n_split, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                                   n_split, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
         # Flash-decoding step 2: program (b, query head j) merges the splits: y = sum_s w_s o_s / sum_s w_s,
-        # w_s = exp(lse_s - max lse). Only the splits that hold positions of row b are read.
+        # w_s = exp(lse_s - max lse). Empty splits carry lse = -inf (w_s = 0). The splits may come from several
+        # split launches (a shared prefix + the row's own tokens), concatenated along s.
         b = tl.program_id(0).to(tl.int64)  # int64 offsets: B x row stride can pass 2^31
         j = tl.program_id(1)
-        L = tl.load(Lens + b)
-        n_used = tl.minimum(tl.cdiv(L, split_len), n_split)
         s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, BLOCK_D)
-        mask_s = s < n_used
+        mask_s = s < n_split
         mask_d = d < D
         lse = tl.load(MidLse + b * s_lb + j * s_lh + s, mask=mask_s, other=float("-inf")).to(tl.float32)
-        w = tl.exp(lse - tl.max(lse, 0))  # (BLOCK_S,), 0 for unused splits
+        w = tl.exp(lse - tl.max(lse, 0))  # (BLOCK_S,), 0 for empty splits
         o = tl.load(MidO + b * s_ob + j * s_oh + s[:, None] * s_os + d[None, :],
                     mask=mask_s[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
         y = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
@@ -232,27 +243,21 @@ def decode_split_len(B, n_kv_head, max_len, block_n, device, len_bound=None):
     return triton.cdiv(n_blocks, n_split) * block_n
 
 
-def decode_attention(q, k_cache, v_cache, lens, scale=None, use_triton=None, block_n=None, split_len=None,
-                     len_bound=None):
-    """q (B, n_head, hd); k_cache, v_cache (B, n_kv_head, max_len, hd); lens (B,) >= 1 -> y (B, n_head, hd).
-    len_bound: optional host-side upper bound of lens (sizes the splits without a sync)."""
-    if not _want_triton(q, use_triton):
-        return decode_attention_ref(q, k_cache, v_cache, lens, scale, len_bound)
-    B, n_head, D = q.shape
+def _attn_splits(q, k_cache, v_cache, lens, scale, block_n=None, split_len=None, len_bound=None, kv_div=1):
+    """Triton step 1. q (B, n_kv_head * G, hd); k_cache, v_cache (B // kv_div, n_kv_head, max_len, hd); lens
+    (B // kv_div,) -> per-split outputs mid_o (B, n_kv_head * G, n_split, hd) fp32 and their lse (B, ., n_split)."""
+    B, n_q, D = q.shape
     _, n_kv_head, max_len, _ = k_cache.shape
-    G = n_head // n_kv_head
-    assert G * n_kv_head == n_head and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    scale = D ** -0.5 if scale is None else scale
+    G = n_q // n_kv_head
+    assert G * n_kv_head == n_q and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     # fp32 dots need about 3x the shared memory of tf32 ones (75 KB at 32 x 128 on sm_80/sm_90, checked with ptxas)
     block_n = block_n or (32 if q.dtype == torch.float32 else 64)
     if split_len is None:
         split_len = decode_split_len(B, n_kv_head, max_len, block_n, q.device, len_bound)
     L = max_len if len_bound is None else max(1, min(len_bound, max_len))
     n_split = triton.cdiv(L, split_len)
-    mid_o = torch.empty(B, n_head, n_split, D, device=q.device, dtype=torch.float32)
-    mid_lse = torch.empty(B, n_head, n_split, device=q.device, dtype=torch.float32)
-    y = torch.empty(B, n_head, D, device=q.device, dtype=q.dtype)
-    BLOCK_D = max(16, triton.next_power_of_2(D))
+    mid_o = torch.empty(B, n_q, n_split, D, device=q.device, dtype=torch.float32)
+    mid_lse = torch.empty(B, n_q, n_split, device=q.device, dtype=torch.float32)
     # fp32 inputs: exact fp32 dots. 16-bit inputs: tf32 dots (q, k are exact in tf32; p rounds at 2^-11)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _decode_attn_split_kernel[(B, n_kv_head, n_split)](
@@ -260,66 +265,212 @@ def decode_attention(q, k_cache, v_cache, lens, scale=None, use_triton=None, blo
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        scale, split_len, G, D,
-        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=BLOCK_D, PRECISION=precision)
+        scale, split_len, G, D, kv_div,
+        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        PRECISION=precision)
+    return mid_o, mid_lse
+
+
+def _attn_reduce(mid_o, mid_lse, dtype):
+    """Triton step 2: merge the splits of mid_o (B, n_head, n_split, hd) -> y (B, n_head, hd) in dtype."""
+    B, n_head, n_split, D = mid_o.shape
+    y = torch.empty(B, n_head, D, device=mid_o.device, dtype=dtype)
     _decode_attn_reduce_kernel[(B, n_head)](
-        mid_o, mid_lse, y, lens,
+        mid_o, mid_lse, y,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         y.stride(0), y.stride(1),
-        split_len, n_split, D, BLOCK_S=max(16, triton.next_power_of_2(n_split)), BLOCK_D=BLOCK_D)
+        n_split, D, BLOCK_S=max(16, triton.next_power_of_2(n_split)), BLOCK_D=max(16, triton.next_power_of_2(D)))
     return y
 
+
+def decode_attention(q, k_cache, v_cache, lens, scale=None, use_triton=None, block_n=None, split_len=None,
+                     len_bound=None):
+    """q (B, n_head, hd); k_cache, v_cache (B, n_kv_head, max_len, hd); lens (B,) >= 1 -> y (B, n_head, hd).
+    len_bound: optional host-side upper bound of lens (sizes the splits without a sync)."""
+    if not _want_triton(q, use_triton):
+        return decode_attention_ref(q, k_cache, v_cache, lens, scale, len_bound)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mid_o, mid_lse = _attn_splits(q, k_cache, v_cache, lens, scale, block_n, split_len, len_bound)
+    return _attn_reduce(mid_o, mid_lse, q.dtype)
+
 # -----------------------------------------------------------------------------
-# The static cache used by generate(): model.KVCache with the decode step (T == 1) routed through the kernels
-# above, views for prefilling a subset of rows, and in-place compaction of the active rows.
+# Decode attention with a SHARED PREFIX (Hydragen, Juravsky et al. 2024). The n samples of a prompt attend over
+# the same prompt K/V, so it is stored ONCE per prompt; each row stores only its generated K/V. Attention over
+# [prefix ; generated] = one softmax over the two sets of scores; the Triton path computes the two partial
+# attentions separately and merges them by their log-sum-exp (the flash-decoding merge):
+#     y = (exp(lse_1) y_1 + exp(lse_2) y_2) / (exp(lse_1) + exp(lse_2))
+# The prefix part stacks the n samples x G query heads of (prompt, kv head) as the rows of ONE matmul: the prompt
+# K/V is read once for n rows (n x fewer bytes than copying it into every row; GRPO's n is 8-16), and the matmul
+# has n*G rows instead of G (on CPU, G-row matmuls run at a small fraction of the GEMM rate). Measured on CPU
+# (bench.py shape, one layer, t = 1..64): 0.73 ms with the prompt copied into every row (SDPA), 0.53-0.58 ms
+# with two softmaxes merged by lse, 0.48 ms with one softmax over the concatenation.
+# Row b of the decode batch is sample slot[b] % n of prompt slot[b] // n (slot None: row b is slot b).
 
-class DecodeCache(KVCache):
-    """k_buf, v_buf: (n_layer, rows, n_kv_head, max_len, hd) allocated once. k, v, lens: the ACTIVE rows (views of
-    the first B rows after compaction). len_bound: host-side upper bound of lens + 1 during a decode step (sizes
-    the Triton splits without a sync; None = use max_len)."""
+def prefix_attention_ref(q, pk, pv, plen, gk, gv, glen, n, slot=None, scale=None):
+    """q (B, n_head, hd); pk, pv (P, n_kv_head, Lp, hd) prompt K/V, plen (P,) tensor or int (every prompt has
+    that many); gk, gv (B, n_kv_head, Lg, hd) generated K/V, glen (B,) tensor or int -> y (B, n_head, hd).
+    One softmax over the concatenated scores [prompt ; own tokens]."""
+    B, n_head, D = q.shape
+    P, n_kv_head, Lp, _ = pk.shape
+    G = n_head // n_kv_head
+    scale = D ** -0.5 if scale is None else scale
+    qs = q.float() * scale  # fp32 math, as the Triton kernel does after its loads
+    pk, pv, pmask = _keys(pk, pv, plen)
+    gk, gv, gmask = _keys(gk, gv, glen)
+    Lp, Lg = pk.shape[2], gk.shape[2]
+    # prompt scores: the n*G queries (samples x GQA group) of (prompt, kv head) are the rows of one matmul
+    q1 = qs if slot is None else qs.new_zeros(P * n, n_head, D).index_copy_(0, slot, qs)  # finished slots: 0
+    q1 = q1.view(P, n, n_kv_head, G, D).transpose(1, 2).reshape(P, n_kv_head, n * G, D)
+    s1 = torch.matmul(q1, pk.transpose(-1, -2))  # (P, n_kv_head, n*G, Lp)
+    if pmask is not None:
+        s1.masked_fill_(pmask[:, None, None, :], float("-inf"))
+    # own-token scores, per row, moved into the same (prompt, kv head, sample x group) layout
+    s2 = torch.matmul(qs.view(B, n_kv_head, G, D), gk.transpose(-1, -2))  # (B, n_kv_head, G, Lg)
+    if gmask is not None:
+        s2.masked_fill_(gmask[:, None, None, :], float("-inf"))
+    if slot is not None:
+        s2 = s2.new_zeros(P * n, n_kv_head, G, Lg).index_copy_(0, slot, s2)
+    s2 = s2.view(P, n, n_kv_head, G, Lg).transpose(1, 2).reshape(P, n_kv_head, n * G, Lg)
+    p = torch.cat([s1, s2], dim=-1).softmax(dim=-1)  # softmax over the union of the keys
+    y1 = torch.matmul(p[..., :Lp], pv)  # (P, n_kv_head, n*G, hd)
+    y1 = y1.view(P, n_kv_head, n, G, D).transpose(1, 2).reshape(P * n, n_kv_head, G, D)
+    p2 = p[..., Lp:].reshape(P, n_kv_head, n, G, Lg).transpose(1, 2).reshape(P * n, n_kv_head, G, Lg)
+    if slot is not None:
+        y1, p2 = y1[slot], p2[slot]
+    y = torch.matmul(p2, gv).add_(y1)  # (B, n_kv_head, G, hd)
+    return y.view(B, n_head, D).to(q.dtype)
 
-    def __init__(self, cfg, batch_size, max_len, dtype=torch.float32, device="cpu", use_triton=None):
-        super().__init__(cfg, batch_size, max_len, dtype, device)
-        self.k_buf, self.v_buf = self.k, self.v
-        self.use_triton = use_triton
-        self.len_bound = None
+
+def _keys(k, v, lens):
+    # lens an int: every item has exactly that many keys (slice, no mask); else a mask (N, L) of the keys to drop
+    mask = None
+    if not isinstance(lens, int):
+        mask = torch.arange(k.shape[2], device=k.device)[None, :] >= lens[:, None]
+    elif lens < k.shape[2]:
+        k, v = k[:, :, :lens], v[:, :, :lens]
+    if k.dtype != torch.float32:  # (a no-op call still costs on a CPU decode step)
+        k, v = k.float(), v.float()
+    return k, v, mask
+
+
+def prefix_attention(q, pk, pv, plen, gk, gv, glen, n, slot=None, scale=None, use_triton=None, gen_bound=None):
+    """Decode attention of rows over [their prompt's shared K/V ; their own generated K/V], see above.
+    q (B, n_head, hd); pk, pv (P, n_kv_head, Lp, hd), plen (P,); gk, gv (B, n_kv_head, Lg, hd), glen (B,);
+    slot (B,) or None -> y (B, n_head, hd). gen_bound: optional host-side bound of glen (Triton split sizing)."""
+    if not _want_triton(q, use_triton):
+        return prefix_attention_ref(q, pk, pv, plen, gk, gv, glen, n, slot, scale)
+    B, n_head, D = q.shape
+    P, n_kv_head, Lp, _ = pk.shape
+    G = n_head // n_kv_head
+    scale = D ** -0.5 if scale is None else scale
+    if isinstance(plen, int):
+        plen = torch.full((P,), plen, device=q.device)
+    if isinstance(glen, int):
+        gen_bound, glen = glen, torch.full((B,), glen, device=q.device)
+    # prefix: the n samples of a prompt are extra query heads, `per` samples per program (at most 64 query rows
+    # per tile in 16-bit, 32 in fp32: shared memory, see test_kernels_compile_for_h100), c = n // per query rows
+    # per prompt, each reading its prompt's K/V (kv_div = c)
+    max_rows = 64 if q.element_size() <= 2 else 32
+    per = max(d for d in range(1, n + 1) if n % d == 0 and (d * G <= max_rows or d == 1))
+    c = n // per
+    qs = q if slot is None else q.new_zeros(P * n, n_head, D).index_copy_(0, slot, q)
+    q1 = qs.view(P, c, per, n_kv_head, G, D).transpose(2, 3).reshape(P * c, n_kv_head * per * G, D)
+    mid1, lse1 = _attn_splits(q1, pk, pv, plen, scale, kv_div=c)  # (P*c, n_kv*per*G, S1, hd)
+    S1 = mid1.shape[2]
+    mid1 = mid1.view(P, c, n_kv_head, per, G, S1, D).transpose(2, 3).reshape(P * n, n_head, S1, D)
+    lse1 = lse1.view(P, c, n_kv_head, per, G, S1).transpose(2, 3).reshape(P * n, n_head, S1)
+    if slot is not None:
+        mid1, lse1 = mid1[slot], lse1[slot]
+    # generated part, then one reduce over the splits of both
+    mid2, lse2 = _attn_splits(q, gk, gv, glen, scale, len_bound=gen_bound)  # (B, n_head, S2, hd)
+    return _attn_reduce(torch.cat([mid1, mid2], 2), torch.cat([lse1, lse2], 2), q.dtype)
+
+# -----------------------------------------------------------------------------
+# The cache used by generate(): prompt K/V once per prompt (written by the prefill through a model.KVCache), the
+# generated K/V per row, and in-place compaction of the active rows. model.forward calls attend() once per layer.
+
+class DecodeCache:
+    """pk, pv: (n_layer, P, n_kv_head, max_prompt, hd) the prompts' K/V ; plen (P,) their lengths.
+    gk, gv: (n_layer, R, n_kv_head, max_new, hd) the generated K/V of every row, allocated once.
+    The active rows are the first B rows of gk/gv (compaction moves them there); slot (B,) maps them to (prompt,
+    sample) (None: row b is sample b % n of prompt b // n); lens (B,) is each row's position (its prompt length +
+    t) for RoPE; t (host int) the generated tokens stored per row, the same for every row since all rows step
+    together. static=True (torch.compile): only tensors inside attend(), so every step has the same graph."""
+
+    def __init__(self, cfg, P, n, max_prompt, max_new, dtype=torch.float32, device="cpu", use_triton=None,
+                 static=False):
+        self.prefix = KVCache(cfg, P, max_prompt, dtype, device)  # the prefill writes here (model.KVCache.attend)
+        self.pk, self.pv = self.prefix.k, self.prefix.v
+        shape = (cfg.n_layer, P * n, cfg.n_kv_head, max_new, cfg.head_dim)
+        self.gk = torch.zeros(shape, dtype=dtype, device=device)  # zeros: masked keys times 0 stay 0 (not NaN)
+        self.gv = torch.zeros(shape, dtype=dtype, device=device)
+        self.n, self.P, self.t = n, P, 0
+        self.plen, self.plen_arg, self.slot, self.lens = None, None, None, None
+        self.use_triton, self.static = use_triton, static
+        self.tensor_pos = static or _want_triton(self.gk, use_triton)  # write positions as a tensor (B,)
+
+    def start(self, plen):
+        """After the prefill: plen (P,) prompt lengths; every row starts at its prompt's length."""
+        self.plen = plen
+        self.plen_arg = int(plen[0]) if bool((plen == plen[0]).all()) else plen  # equal lengths: no mask
+        self.lens = plen.repeat_interleave(self.n)
+        self.gpos = torch.zeros_like(self.lens)  # (B,) = t, for the Triton append and static graphs
 
     def attend(self, layer_idx, q, k, v):
-        if q.shape[2] != 1:  # prefill: the reference causal attention of model.KVCache
-            return super().attend(layer_idx, q, k, v)
-        if layer_idx == 0:  # lens is fixed during a forward: one lens + 1 per step, not one per layer
-            self.lens_after = self.lens + 1
-        kc, vc = self.k[layer_idx], self.v[layer_idx]  # (B, n_kv_head, max_len, hd)
-        cache_append(kc, vc, k, v, self.lens, self.use_triton)
-        y = decode_attention(q[:, :, 0], kc, vc, self.lens_after, use_triton=self.use_triton,
-                             len_bound=self.len_bound)  # (B, n_head, hd)
-        return y[:, :, None]
+        # q (B, n_head, 1, hd), k, v (B, n_kv_head, 1, hd): one new token per active row
+        assert q.shape[2] == 1, "DecodeCache is for one-token decode steps (the prefill uses model.KVCache)"
+        B = q.shape[0]
+        gk, gv = self.gk[layer_idx, :B], self.gv[layer_idx, :B]
+        pk, pv = self.pk[layer_idx, :self.P], self.pv[layer_idx, :self.P]
+        if self.tensor_pos:
+            if layer_idx == 0:  # one add per step, not one per layer
+                self.glen = self.gpos + 1
+            cache_append(gk, gv, k, v, self.gpos, self.use_triton)
+            glen, bound = self.glen, None if self.static else self.t + 1
+        else:  # every row writes position t: a strided copy, no index tensors
+            gk[:, :, self.t], gv[:, :, self.t] = k[:, :, 0], v[:, :, 0]
+            glen, bound = self.t + 1, None
+        y = prefix_attention(q[:, :, 0], pk, pv, self.plen_arg, gk, gv, glen, self.n, self.slot,
+                             use_triton=self.use_triton, gen_bound=bound)
+        return y[:, :, None]  # (B, n_head, 1, hd)
 
-    def rows(self, sl):
-        """A cache over the rows sl (a slice) of this one, sharing its storage, with its own lens = 0."""
-        view = DecodeCache.__new__(DecodeCache)
-        view.__dict__.update(self.__dict__)
-        view.k, view.v = self.k_buf[:, sl], self.v_buf[:, sl]
-        view.lens = torch.zeros(view.k.shape[1], dtype=torch.long, device=self.lens.device)
-        return view
+    def advance(self):
+        """The caller's step after a forward (model.forward never moves the cache): one more token per row."""
+        self.lens += 1
+        self.gpos += 1
+        self.t += 1
 
-    def keep_rows(self, idx, upto):
-        """Move the rows idx (B_new,) to the front, keeping positions < upto; the active batch becomes B_new.
-        One layer at a time so the gather's temporary is one layer's K/V, not the whole cache."""
-        B = idx.numel()
-        for i in range(self.k_buf.shape[0]):
-            self.k_buf[i, :B, :, :upto] = self.k[i, idx, :, :upto]
-            self.v_buf[i, :B, :, :upto] = self.v[i, idx, :, :upto]
-        self.k, self.v = self.k_buf[:, :B], self.v_buf[:, :B]
-        self.lens = self.lens[idx]
+    def keep_rows(self, idx, drop_prompts=True):
+        """Move the rows idx (B_new,) to the front; the active batch becomes B_new. One layer at a time so the
+        gather's temporary is one layer's K/V. drop_prompts: prompts with no active row left move out too (their
+        prompt K/V is not read any more)."""
+        B, t = idx.numel(), self.t
+        for i in range(self.gk.shape[0]):
+            self.gk[i, :B, :, :t] = self.gk[i, idx, :, :t]
+            self.gv[i, :B, :, :t] = self.gv[i, idx, :, :t]
+        self.lens, self.gpos = self.lens[idx], self.gpos[idx]
+        slot = idx if self.slot is None else self.slot[idx]
+        if drop_prompts:
+            prompt = slot // self.n
+            keep_p = torch.unique(prompt)  # sorted
+            if keep_p.numel() < self.P:
+                for i in range(self.pk.shape[0]):
+                    self.pk[i, :keep_p.numel()] = self.pk[i, keep_p]
+                    self.pv[i, :keep_p.numel()] = self.pv[i, keep_p]
+                self.P, self.plen = keep_p.numel(), self.plen[keep_p]
+                if not isinstance(self.plen_arg, int):
+                    self.plen_arg = self.plen
+                slot = torch.searchsorted(keep_p, prompt) * self.n + slot % self.n
+        self.slot = slot
 
 
-def cache_bytes(cfg, rows, max_len, dtype):
-    # K and V, every layer, every row, every position
-    return 2 * cfg.n_layer * rows * cfg.n_kv_head * max_len * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
+def cache_bytes(cfg, P, n, max_prompt, max_new, dtype):
+    # K and V, every layer: the prompts once, the generated tokens per row
+    per_pos = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
+    return per_pos * (P * max_prompt + P * n * max_new)
 
 
-def check_cache_fits(nbytes, device, max_cache_bytes, rows, max_len):
+def check_cache_fits(nbytes, device, max_cache_bytes, P, n, max_prompt, max_new):
     """Raise before allocating a cache that cannot fit: free CUDA memory, or max_cache_bytes / available RAM."""
     if max_cache_bytes is not None:
         limit, what = max_cache_bytes, "max_cache_bytes"
@@ -328,9 +479,10 @@ def check_cache_fits(nbytes, device, max_cache_bytes, rows, max_len):
     else:
         limit, what = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available RAM"
     if nbytes > limit:
-        raise MemoryError(f"sampler.py: the KV cache needs {nbytes:,} bytes ({nbytes / 2**30:.2f} GiB) for {rows} rows "
-                          f"x {max_len} positions but {what} is {limit:,} bytes; lower the number of prompts, n, "
-                          f"max_new_tokens or the prompt length (or raise max_cache_bytes)")
+        raise MemoryError(f"sampler.py: the KV cache needs {nbytes:,} bytes ({nbytes / 2**30:.2f} GiB) for {P} prompts "
+                          f"x {max_prompt} positions + {P * n} rows x {max_new} new tokens but {what} is {limit:,} "
+                          f"bytes; lower the number of prompts, n, max_new_tokens or the prompt length (or raise "
+                          f"max_cache_bytes)")
 
 # -----------------------------------------------------------------------------
 # Sampling on device. Returns the token drawn from the SHAPED distribution (bans, temperature, top-k, top-p)
@@ -430,10 +582,11 @@ def _find_stop(tokenizer, toks, stop, checked):
 
 
 @torch.no_grad()
-def prefill(model, cache, prompts, n, pad_id, max_tokens):
+def prefill(model, cache, prompts, pad_id, max_tokens):
     """ViT + prefill ONCE per prompt, batched over prompts (right-padded, causal so the pads never reach a real
-    token), writing K/V into rows p*n of the cache. Returns the last-position logits (P, vocab) in fp32."""
-    device = cache.k_buf.device
+    token), writing K/V into row p of cache (a model.KVCache with one row per prompt). Returns the last-position
+    logits (P, vocab) in fp32."""
+    device = cache.k.device
     P = len(prompts)
     out = []
     p0 = 0
@@ -449,7 +602,9 @@ def prefill(model, cache, prompts, n, pad_id, max_tokens):
         ids = ids.to(device)  # one host->device copy per chunk
         pix = [prompts[p][1] for p in range(p0, p1) if prompts[p][1] is not None]
         pix = torch.cat(pix).to(device) if pix else None
-        view = cache.rows(slice(p0 * n, p1 * n, n))  # rows p*n of this chunk's prompts
+        view = KVCache.__new__(KVCache)  # rows p0..p1 of the cache, sharing its storage, lens 0
+        view.k, view.v, view.max_len = cache.k[:, p0:p1], cache.v[:, p0:p1], cache.max_len
+        view.lens = torch.zeros(p1 - p0, dtype=torch.long, device=device)
         h = model(ids, pix, cache=view, return_hidden=True)  # (C, T, n_embd)
         last = h[torch.arange(p1 - p0, device=device), lens - 1]  # (C, n_embd): only these need logits
         out.append(model.llm.lm_head(last).float())
@@ -486,9 +641,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     compile = compile and device.type == "cuda"
     P, R = len(prompts), len(prompts) * n
     max_prompt = max(len(ids) for ids, _ in prompts)
-    max_len = max_prompt + max_new_tokens
-    nbytes = cache_bytes(cfg, R, max_len, dtype)
-    check_cache_fits(nbytes, device, max_cache_bytes, R, max_len)
+    nbytes = cache_bytes(cfg, P, n, max_prompt, max_new_tokens, dtype)
+    check_cache_fits(nbytes, device, max_cache_bytes, P, n, max_prompt, max_new_tokens)
 
     was_training = model.training
     model.eval()
@@ -498,17 +652,17 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         with unsharded(model), torch.no_grad():
             return _generate(model, prompts, n, max_new_tokens, temperature, top_p, top_k, eos_ids, stop_ids,
                              stop, tokenizer, ban_token_ids, seed, sync_every, compact, use_triton, prefill_tokens,
-                             compile, stats, device, dtype, P, R, max_prompt, max_len, nbytes)
+                             compile, stats, device, dtype, P, R, max_prompt, nbytes)
     finally:
         model.train(was_training)
 
 
 def _generate(model, prompts, n, max_new_tokens, temperature, top_p, top_k, eos_ids, stop_ids, stop, tokenizer,
               ban_token_ids, seed, sync_every, compact, use_triton, prefill_tokens, compile, stats, device, dtype,
-              P, R, max_prompt, max_len, nbytes):
+              P, R, max_prompt, nbytes):
     cfg = model.cfg
     t0 = time.perf_counter()
-    cache = DecodeCache(cfg, R, max_len, dtype, device, use_triton)
+    cache = DecodeCache(cfg, P, n, max_prompt, max_new_tokens, dtype, device, use_triton, static=compile)
     gen = torch.Generator(device=device).manual_seed(seed)
     ban = torch.tensor(_as_ids(ban_token_ids, "ban_token_ids"), dtype=torch.long, device=device) \
         if ban_token_ids else None
@@ -516,16 +670,10 @@ def _generate(model, prompts, n, max_new_tokens, temperature, top_p, top_k, eos_
     stop_t = torch.tensor(stop_ids or [-1], device=device)
     pad_id = 0 if cfg.image_token_id != 0 else 1  # any id that is not an image-context token
 
-    # 1) ViT + prefill once per prompt, then copy each prompt's prefix into its other n-1 rows
-    logits = prefill(model, cache, prompts, n, pad_id, prefill_tokens)  # (P, vocab)
-    plen = torch.tensor([len(ids) for ids, _ in prompts], device=device)
-    if n > 1:
-        n_l, _, H, M, D = cache.k_buf.shape
-        for buf in (cache.k_buf, cache.v_buf):
-            rows = buf.view(n_l, P, n, H, M, D)  # (layer, prompt, sample, ...): sample 0 holds the prefill
-            rows[:, :, 1:, :, :max_prompt] = rows[:, :, :1, :, :max_prompt]
-        logits = logits.repeat_interleave(n, dim=0)  # (R, vocab)
-    cache.lens = plen.repeat_interleave(n)
+    # 1) ViT + prefill once per prompt; its K/V stays in one copy that the n rows of the prompt share
+    logits = prefill(model, cache.prefix, prompts, pad_id, prefill_tokens)  # (P, vocab)
+    cache.start(torch.tensor([len(ids) for ids, _ in prompts], device=device))
+    logits = logits.repeat_interleave(n, dim=0)  # (R, vocab)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t1 = time.perf_counter()
@@ -544,20 +692,22 @@ def _generate(model, prompts, n, max_new_tokens, temperature, top_p, top_k, eos_
         step_fn = torch.compile(_decode_step, dynamic=False)
     n_steps = n_compact = 0
     t = 0
+    idx = slice(None)  # row_ids as an index: a plain slice until the first compaction (no index tensors)
     while True:
         # sample token t of every active row from the logits of position t-1
-        u = torch.rand(R, generator=gen, device=device)[row_ids]  # per original row: invariant to compaction
+        u = torch.rand(R, generator=gen, device=device)[idx]  # per original row: invariant to compaction
         tok, logp, ent = sample_next(logits, u, temperature, top_k, top_p, ban)
-        out_tok[row_ids, t], out_logp[row_ids, t], out_ent[row_ids, t] = tok, logp, ent
-        hit_eos, hit_stop = torch.isin(tok, eos_t), torch.isin(tok, stop_t)
-        new = ~done & (hit_eos | hit_stop)
-        gen_len[row_ids] = torch.where(new, t + 1, gen_len[row_ids])
-        reason[row_ids] = torch.where(new, torch.where(hit_eos, 1, 2), reason[row_ids])
-        done = done | new
+        out_tok[idx, t], out_logp[idx, t], out_ent[idx, t] = tok, logp, ent
+        if eos_ids or stop_ids:
+            hit_eos, hit_stop = torch.isin(tok, eos_t), torch.isin(tok, stop_t)
+            new = ~done & (hit_eos | hit_stop)
+            gen_len[idx] = torch.where(new, t + 1, gen_len[idx])
+            reason[idx] = torch.where(new, torch.where(hit_eos, 1, 2), reason[idx])
+            done = done | new
         t += 1
         if t == max_new_tokens:
             break
-        if t % sync_every == 0:  # the only host syncs of the loop
+        if t % sync_every == 0 and (eos_ids or stop_ids or stop):  # the only host syncs of the loop
             if stop:
                 done = _check_stop_strings(tokenizer, stop, out_tok, gen_len, reason, row_ids, done, checked, t)
             if bool(done.all()):
@@ -567,13 +717,13 @@ def _generate(model, prompts, n, max_new_tokens, temperature, top_p, top_k, eos_
                 if compile:  # pad to a power-of-2 bucket with finished rows so the compiled step sees few shapes
                     B_new = min(done.numel(), 1 << (keep.numel() - 1).bit_length())
                     keep = torch.cat([keep, done.nonzero()[:, 0]])[:B_new]
-                cache.keep_rows(keep, max_prompt + t)
+                cache.keep_rows(keep, drop_prompts=not compile)  # compiled: keep the prompt count static
                 tok, row_ids, done = tok[keep], row_ids[keep], done[keep]
+                idx = row_ids
                 n_compact += 1
-        # forward the sampled token at position lens[b]; the cache holds positions < max_prompt + t afterwards
-        cache.len_bound = None if compile else max_prompt + t
+        # forward the sampled token at position lens[b] (prompt length + t - 1); then every row holds t tokens
         logits = step_fn(model, cache, tok)
-        cache.lens += 1
+        cache.advance()
         n_steps += 1
     if stop:
         _check_stop_strings(tokenizer, stop, out_tok, gen_len, reason, row_ids, done, checked, t)

@@ -13,19 +13,27 @@ Resume an interrupted run exactly where it stopped:
 
 Writes out_dir/ckpt_XXXXXXX/ (sharded, resumable) every save_every steps and at the end, and out_dir/hf/
 (transformers-native layout + tokenizer) at the end, which grpo.py / eval.py take as --init_from.
+
+connector_tune.py (R1V3 section 4) is this file run with other defaults (connector only, early stopping): a caller
+passes them in `_defaults` (runpy init_globals); config files and --key=value flags still override them.
+Early stopping (early_stop_patience > 0): val loss at step 0 and every eval_every steps; stop after `patience`
+evaluations without a new best; out_dir/hf gets the BEST weights (a copy of the trainable params is kept in memory;
+out_dir/best_XXXXXXX/ holds it beside checkpoint XXXXXXX when that checkpoint's own weights are not the best).
 """
 import json
 import os
+import shutil
 import sys
 import time
 
 import torch
+import torch.distributed.checkpoint as dcp
 
 from common import (apply_activation_checkpointing, apply_fsdp, autocast_ctx, compute_cleanup, compute_init,
                     export_hf, get_lr, latest_checkpoint, load_checkpoint, print0, save_checkpoint, set_trainable,
-                    build_model, load_tokenizer, ensure_synth_data, log_jsonl)
-from configurator import configure
-from data.common import collate, load_sft_data
+                    build_model, load_tokenizer, ensure_synth_data, log_jsonl, _list_checkpoints)
+from configurator import check_type, config_keys, configure
+from data.common import collate, load_jsonl, load_sft_data
 
 # -----------------------------------------------------------------------------
 # config: every global below can be set by a config file or --key=value
@@ -35,6 +43,8 @@ data = "data/synth/sft.jsonl"  # JSONL (README "Data format"); needs 'solution'
 val_data = "data/synth/val.jsonl"  # '' to skip validation
 tokenizer = ""  # '' -> the init_from directory, or data/synth/tokenizer when training from scratch
 skip_bad = False  # True: skip (and count) bad samples instead of stopping at the first
+domains = ""  # comma-separated values of the JSONL 'domain' field to train (and validate) on; '' = all
+balance_domains = False  # True: repeat each domain's train samples up to the largest domain's count
 think = True  # R1V3: the assistant turn opens with "<think>\n"
 system_prompt = ""
 max_len = 400  # tokens per sample, prompt + response
@@ -67,6 +77,7 @@ rope_theta = 1e4  # a short context: Qwen's 1e6 would leave almost no positional
 # logging and checkpoints
 log_every = 10
 eval_every = 100
+early_stop_patience = 0  # > 0: stop after this many evaluations without a new best val loss, export the best weights
 save_every = 200
 keep_last = 2
 export = True  # write out_dir/hf at the end
@@ -74,6 +85,11 @@ seed = 1337
 wandb_log = False
 wandb_project = "nanor1v"
 wandb_run_name = "sft"
+# a caller script (connector_tune.py) runs this file with its own defaults; they are checked like a config file's
+for _k, _v in globals().get("_defaults", {}).items():
+    if _k not in config_keys(globals()):
+        raise ValueError(f"sft.py: the caller's defaults set unknown config key '{_k}'")
+    globals()[_k] = check_type(_k, _v, globals()[_k], "the caller's defaults")
 config = configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
 
@@ -86,6 +102,11 @@ if data.startswith("data/synth/") or val_data.startswith("data/synth/"):
 resume_path = latest_checkpoint(out_dir) if init_from == "resume" else None
 if init_from == "resume" and resume_path is None:
     raise FileNotFoundError(f"init_from='resume' but {out_dir} has no complete checkpoint (ckpt_*)")
+if init_from not in ("scratch", "resume") and not os.path.isdir(init_from):
+    raise FileNotFoundError(f"init_from={init_from!r}: no such directory (expected 'scratch', 'resume' or a local "
+                            f"HF model directory)")
+if early_stop_patience > 0 and not val_data:
+    raise ValueError("early_stop_patience > 0 needs a validation set (val_data)")
 tok = load_tokenizer(tokenizer, init_from, resume_path)
 model = build_model(init_from, tok, device, resume_path=resume_path, scratch=dict(
     image_size=image_size, patch_size=patch_size, vit_hidden=vit_hidden, vit_layers=vit_layers, vit_heads=vit_heads,
@@ -93,15 +114,42 @@ model = build_model(init_from, tok, device, resume_path=resume_path, scratch=dic
     mlp_hidden=3 * n_embd, rope_theta=rope_theta, max_tiles=1, use_thumbnail=False))
 cfg = model.cfg
 n_train = set_trainable(model, train_vit, train_connector, train_llm)
-print0(f"model: {sum(p.numel() for p in model.parameters()):,} params, {n_train:,} trainable "
+n_params = sum(p.numel() for p in model.parameters())
+print0(f"model: {n_params:,} params, {n_train:,} trainable "
        f"(vit={train_vit}, connector={train_connector}, llm={train_llm})")
 if activation_checkpointing:
     apply_activation_checkpointing(model)
 if ddp:  # FSDP2: bf16 params with fp32 gradient reduction on GPU; fp32 on CPU (gloo)
     apply_fsdp(model, param_dtype=torch.bfloat16 if device.type == "cuda" else None)
 
+
+def pick_domains(items, path, balance, train=True):
+    """R1V3 section 4 tunes on 20 domains: keep the samples of `domains` ('' = all) and, with balance, repeat each
+    domain's samples (in file order, cycling) up to the largest domain's count. The domain is the JSONL 'domain'."""
+    if not domains and not balance:
+        return items
+    recs = load_jsonl(path, require=(), skip_bad=True)
+    dom = {r["id"]: r.get("domain", "") for r in recs}
+    if len(dom) != len(recs):
+        raise ValueError(f"{path}: sample ids are not unique; domains/balance_domains need unique 'id's")
+    by = {}
+    for it in items:
+        by.setdefault(dom[it["id"]], []).append(it)
+    keep = [d.strip() for d in domains.split(",") if d.strip()] or sorted(by)
+    missing = [d for d in keep if d not in by]
+    if missing and (train or len(missing) == len(keep)):  # a small val set may lack a domain, not all of them
+        raise ValueError(f"{path}: no samples of domain(s) {missing}; the domains there are {sorted(by)}")
+    keep = [d for d in keep if d in by]
+    n = max(len(by[d]) for d in keep)
+    picked = {d: (by[d] * (-(-n // len(by[d]))))[:n] if balance else by[d] for d in keep}
+    print0(f"{path}: domains " + ", ".join(f"{d or '(none)'} {len(by[d])}->{len(v)}" for d, v in picked.items()))
+    return [it for d in keep for it in picked[d]]
+
+
 train_items = load_sft_data(data, tok, cfg, max_len, think, system_prompt or None, skip_bad)
+train_items = pick_domains(train_items, data, balance_domains)
 val_items = load_sft_data(val_data, tok, cfg, max_len, think, system_prompt or None, skip_bad) if val_data else []
+val_items = pick_domains(val_items, val_data, False, train=False) if val_data else []
 pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 global_batch = batch_size * grad_accum * world_size
 steps_per_epoch = len(train_items) // global_batch
@@ -118,12 +166,35 @@ groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_
           {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=1e-8)
 
+# early stopping (R1V3 section 4): the best val loss so far, its step, and evaluations since; the best trainable
+# weights are kept in memory (the frozen ones never change), cheap when only the connector trains
+best = {"val": None, "step": 0, "bad": 0}
+best_weights = None
+
+
+def snapshot():
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def best_path(s):  # the best weights as of checkpoint s, when that checkpoint's own weights are not the best
+    return os.path.join(out_dir, f"best_{s:07d}")
+
+
 # data order: one permutation per epoch from (seed, epoch), so the position (epoch, pos) is all resume needs
 step, epoch, pos = 0, 0, 0
 if resume_path:
     step, state, _ = load_checkpoint(resume_path, model, optimizer)
     epoch, pos = state["epoch"], state["pos"]
     print0(f"resumed from {resume_path} at step {step} (epoch {epoch}, position {pos})")
+    if early_stop_patience > 0 and "best" in state:
+        best = state["best"]
+        best_weights = snapshot()
+        if best["step"] != step:  # sharded like the model (DCP), loaded in place
+            if not os.path.isdir(best_path(step)):
+                raise FileNotFoundError(f"{best_path(step)} missing: {resume_path} says the best weights are "
+                                        f"step {best['step']}'s, which were saved there")
+            dcp.load(best_weights, checkpoint_id=best_path(step), no_dist=not ddp)
+        print0(f"early stopping: best val loss {best['val']:.4f} at step {best['step']}, {best['bad']} evaluations since")
 
 
 def epoch_order(e):
@@ -181,13 +252,60 @@ if wandb_log and rank == 0:
 
 
 def save():
-    save_checkpoint(out_dir, step, model, optimizer, {"epoch": epoch, "pos": pos, "tokenizer": tok.name_or_path},
-                    config, keep_last=keep_last)
+    state = {"epoch": epoch, "pos": pos, "tokenizer": tok.name_or_path}
+    if early_stop_patience > 0:
+        state["best"] = best
+        if best_weights is not None and best["step"] != step:  # written before the checkpoint commits
+            tmp = os.path.join(out_dir, f".tmp_best_{step:07d}")
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if ddp:
+                torch.distributed.barrier()
+            dcp.save(best_weights, checkpoint_id=tmp, no_dist=not ddp)
+            if ddp:
+                torch.distributed.barrier()
+            if rank == 0:
+                shutil.rmtree(best_path(step), ignore_errors=True)
+                os.replace(tmp, best_path(step))
+    save_checkpoint(out_dir, step, model, optimizer, state, config, keep_last=keep_last)
+    if rank == 0 and early_stop_patience > 0:  # drop best_* whose checkpoint keep_last pruned
+        kept = {os.path.basename(c)[len("ckpt_"):] for c in _list_checkpoints(out_dir)}
+        for d in os.listdir(out_dir):
+            if d.startswith("best_") and d[len("best_"):] not in kept:
+                shutil.rmtree(os.path.join(out_dir, d))
+
+
+def validate():
+    """Evaluate, log, and update the early-stopping state; True when training should stop."""
+    global best_weights
+    vl = evaluate()
+    print0(f"step {step}: val loss {vl:.4f}")
+    rec = {"step": step, "val_loss": vl}
+    if early_stop_patience > 0:
+        if best["val"] is None or vl < best["val"]:
+            best.update(val=vl, step=step, bad=0)
+            best_weights = snapshot()
+        else:
+            best["bad"] += 1
+        rec.update(best_val_loss=best["val"], best_step=best["step"])
+    log_jsonl(out_dir, rec)
+    if wandb_log and rank == 0:
+        wandb.log({"val_loss": vl}, step=step)
+    return early_stop_patience > 0 and best["bad"] >= early_stop_patience
+
+
+def local_bytes(t):  # this rank's share of a (possibly sharded) tensor
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
 
 
 model.train()
 t_run = time.time()
-while step < total_steps:
+stop = early_stop_patience > 0 and best["bad"] >= early_stop_patience  # resuming a run that had stopped early
+if early_stop_patience > 0 and step == 0:
+    stop = validate()  # the starting weights are a candidate too: tuning after RL may only make things worse
+mem = None
+while step < total_steps and not stop:
     t0 = time.time()
     lr_now = get_lr(step, total_steps, lr, warmup_steps, lr * min_lr_frac)
     for g in optimizer.param_groups:
@@ -212,6 +330,15 @@ while step < total_steps:
         optimizer.zero_grad(set_to_none=True)
     else:
         optimizer.step()
+        if mem is None:  # once, after the first step: what training holds beyond the weights (R1V3 section 4:
+            # with only the connector trainable, gradients and AdamW state exist for the connector alone)
+            mem = [int(x) for x in all_reduce_sum(
+                sum(local_bytes(p.grad) for p in params if p.grad is not None),
+                sum(local_bytes(t) for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)))]
+            log_jsonl(out_dir, {"step": step + 1, "trainable_params": n_train, "grad_bytes": mem[0],
+                                "optim_state_bytes": mem[1]})
+            print0(f"memory: {n_train:,} trainable params of {n_params:,}; gradients {mem[0] / 2**20:.2f} MiB, "
+                   f"AdamW state {mem[1] / 2**20:.2f} MiB ({mem[1] / max(n_train, 1):.1f} bytes per trainable param)")
         optimizer.zero_grad(set_to_none=True)
     step += 1
     dt = time.time() - t0
@@ -223,15 +350,20 @@ while step < total_steps:
         if wandb_log and rank == 0:
             wandb.log({"loss": loss_val, "lr": lr_now, "gnorm": gnorm, "tok_per_s": n_seen / dt}, step=step)
     if val_items and (step % eval_every == 0 or step == total_steps):
-        vl = evaluate()
-        print0(f"step {step}: val loss {vl:.4f}")
-        log_jsonl(out_dir, {"step": step, "val_loss": vl})
-        if wandb_log and rank == 0:
-            wandb.log({"val_loss": vl}, step=step)
-    if step % save_every == 0 or step == total_steps:
+        stop = validate()
+    if step % save_every == 0 or step == total_steps or stop:
         save()
 
 print0(f"trained {step} steps in {time.time() - t_run:.1f} s")
+if early_stop_patience > 0 and best_weights is not None:
+    if stop:
+        print0(f"early stopping at step {step}: no better val loss in {early_stop_patience} evaluations")
+    print0(f"best val loss {best['val']:.4f} at step {best['step']}: exporting those weights")
+    log_jsonl(out_dir, {"step": step, "early_stopped": stop, "best_step": best["step"], "best_val_loss": best["val"]})
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in best_weights:
+                p.copy_(best_weights[n])
 if export:
     export_hf(model, os.path.join(out_dir, "hf"))
     if rank == 0:

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 from data.common import IM_END, SPECIAL_TOKENS, THINK_END, THINK_START, build_prompt_text
 from data.synth import DIFFICULTIES, DOMAINS, make_sample
 
-VERSION = 5  # bump when synth.py or the tokenizer recipe changes, so old outputs are rebuilt
+VERSION = 7  # bump when synth.py or the tokenizer recipe changes, so old outputs are rebuilt
 SEEDS = dict(test=1001, val=1002, sft=1003, rl=1004)  # splits are rendered in this order
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "synth")
 
@@ -67,12 +67,12 @@ def render_split(split, n, seed, p_wait, seen, out):
     return samples, dupes
 
 def train_tokenizer(texts, vocab_size, out_dir):
-    """Byte-level BPE (as GPT-2/Qwen) with single digits (as Qwen2: numbers are read digit by digit)."""
+    """Byte-level BPE (as GPT-2/Qwen). Unlike Qwen2 (one token per digit), small numbers stay whole tokens (" 12"):
+    the traces' running tallies need one token per grid cell (data/synth.py)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     plain = [THINK_START, THINK_END]  # ordinary added tokens, as in R1-style Qwen tokenizers (see below)
     specials = [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS if t not in plain]
@@ -84,6 +84,8 @@ def train_tokenizer(texts, vocab_size, out_dir):
     tok.train_from_iterator(texts, trainer)
     # <think> </think>: one token each, but kept by decode(skip_special_tokens=True), so a reward can check the format
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
+    # signed tallies (data/synth.py) need " -3" as one token, like " 3"; byte-level BPE splits off the "-"
+    tok.add_tokens([AddedToken(f" -{i}", normalized=False) for i in range(1, 17)])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token="<|endoftext|>")
     # ChatML template, so tok.apply_chat_template works too (images are inserted by data/common.py)
     hf.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -113,7 +115,8 @@ def prepare(out=DEFAULT_OUT, n_sft=4000, n_rl=4000, n_val=200, n_test=500, p_wai
         stats[split] = dict(n=len(samples), duplicates_skipped=dupes,
                             with_wait=sum("Wait," in s["solution"] for s in samples))
         for s in samples:  # the tokenizer learns from prompts (no image tokens) and responses
-            texts.append(build_prompt_text(s["question"], [], 0, options=s["options"]) + s["solution"] + IM_END)
+            q = s["question"].replace("<image>", "")  # image tokens are special: the tokenizer never sees them
+            texts.append(build_prompt_text(q, [], 0, options=s["options"]) + s["solution"] + IM_END)
     texts.append(build_prompt_text("Image-1: <image>\nImage-2: <image>\nx", [1, 1], 1, system="You are a helpful assistant."))
     tok = train_tokenizer(texts, vocab_size, os.path.join(out, "tokenizer"))
     meta = dict(config=config, stats=stats, vocab_size=len(tok), seconds=round(time.time() - t0, 1))

@@ -7,7 +7,8 @@ ViT trained from scratch can read them. Every question needs the image and a few
 every answer is verifiable (an integer, or a letter for multiple choice). Each sample carries a
 short chain-of-thought trace; a fraction of traces make a slip and fix it with "Wait, ..." (so the
 entropy of critical tokens, RECIPE.md section 5, has something to measure), and some add a
-"Hmm," check or an "Alternatively," recount.
+"Hmm," check or an "Alternatively," second route. The traces are scratchpads built for a tiny model (see
+"pieces of the chain-of-thought traces" below): a one-token-per-cell grid code, then one running tally or a look-up.
 
     import random
     from data.synth import make_sample, DOMAINS
@@ -26,7 +27,7 @@ CELL = IMAGE_SIZE // GRID  # 16 px
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (235, 200, 20)}
 SHAPES = ["circle", "square", "triangle"]
 BACKGROUND, GRIDLINE = (245, 245, 245), (190, 190, 190)
-DOMAINS = ["count_color", "count_shape", "compare", "arithmetic", "position", "most_common"]
+DOMAINS = ["count_color", "count_shape", "compare", "arithmetic", "region", "position"]
 DIFFICULTIES = ["normal", "hard"]
 N_OBJECTS = {"normal": (3, 6), "hard": (6, 10)}  # inclusive range of shapes per scene
 LETTERS = "ABCD"
@@ -60,48 +61,44 @@ def render(scene):
 
 # -----------------------------------------------------------------------------
 # pieces of the chain-of-thought traces
+#
+# The traces are scratchpads for a ~1M-parameter model. The question comes before the image in the prompt, so the
+# trace starts at the same distance from the image in every sample; after pixel shuffle each of the 16 image tokens
+# is one grid cell, in reading order.
+# 1. "Grid:" then one code per cell in reading order, one token each ("rc" = red circle, "--" = empty): the k-th
+#    code sits at a fixed distance from the k-th image token, a lookup that attention with RoPE learns fast (the
+#    tiny SFT model reads the grid exactly in 99%+ of test images after 500 steps; dev/LOG.md).
+# 2. Counting questions: "Tally:" then a running total over the 16 cells (the count of matching shapes, a
+#    difference, or points), one token per cell, the k-th number again at a fixed distance from the k-th code, then
+#    the total. Position questions: the code of the asked cell, then the answer.
+# What did not work (dev/LOG.md): a readable "Row 1: 1 red circle, 2 empty, ..." transcription (cells at varying
+# distances from their image tokens: the grid was not read after 500 steps). And the step that still fails at this
+# scale: the tiny model does not learn to apply the question's condition cell by cell in the tally (~45% of tally
+# entries right in free decoding), so the default's accuracy stays low; see README "The embedded default".
 
-def grid_lines(scene):
-    # a full transcription of the grid, cell by cell in reading order, each cell numbered by its column:
-    # "Row 1: 1 red circle, 2 empty, 3 empty, 4 blue square." Reading the k-th cell means looking at the k-th image
-    # token (one token per cell after pixel shuffle), an alignment a tiny model learns quickly; the reasoning lines
-    # after it then work on text.
-    return [f"Row {r}: " + ", ".join(
-        f"{c} {o['color']} {o['shape']}" if (o := at(scene, r, c)) else f"{c} empty" for c in range(1, GRID + 1)) + "."
-        for r in range(1, GRID + 1)]
-
-def where(o):
-    return f"row {o['row']} col {o['col']}"
+def code(o):
+    return "--" if o is None else o["color"][0] + o["shape"][0]
 
 def at(scene, row, col):
     return next((o for o in scene if o["row"] == row and o["col"] == col), None)
 
-def count_line(label, objs, slip=False):
-    # "Red shapes: row 1 col 2, row 3 col 4. That is 2." ; a slip misses the last one (or, with a single
-    # one, miscounts it), then fixes it
-    if not objs:
-        return f"{label}: none. That is 0."
-    if slip and len(objs) == 1:
-        return f"{label}: {where(objs[0])}. That is 2. Wait, I listed only one position. That is 1."
+def cells(scene):
+    return [at(scene, r, c) for r in range(1, GRID + 1) for c in range(1, GRID + 1)]
+
+def grid_line(scene):
+    return "Grid: " + " ".join(code(o) for o in cells(scene))  # no full stop: " --." would be one pre-token
+
+def tally(scene, value, slip=False):
+    """value(o) -> int for an object (empty cells count 0). -> (lines, total): the running total after each cell,
+    then the total; a slip states the total one off, then corrects it from the tally ("Wait, ...")."""
+    run, k = [], 0
+    for o in cells(scene):
+        k += value(o) if o else 0
+        run.append(str(k))
+    lines = [f"Tally: {' '.join(run)}"]
     if slip:
-        seen = ", ".join(where(o) for o in objs[:-1])
-        return f"{label}: {seen}. That is {len(objs) - 1}. Wait, I missed {where(objs[-1])}. That is {len(objs)}."
-    return f"{label}: {', '.join(where(o) for o in objs)}. That is {len(objs)}."
-
-def count_lines(pairs, slip):
-    # pairs: [(label, objs)]; the slip (if any) goes to the first list it can happen in
-    lines, slipped = [], False
-    for label, objs in pairs:
-        s = slip and not slipped and len(objs) >= 1
-        slipped |= s
-        lines.append(count_line(label, objs, s))
-    return lines
-
-def colored(scene, c):
-    return [o for o in scene if o["color"] == c]
-
-def shaped(scene, s):
-    return [o for o in scene if o["shape"] == s]
+        return lines + [f"That is {k - 1 if k else 1}. Wait, the tally ends at {k}. That is {k}."], k
+    return lines + [f"That is {k}."], k
 
 def mc(rng, correct):
     # four colour options in random order; returns (options, letter of the correct one)
@@ -114,76 +111,81 @@ def mc(rng, correct):
 # scene does not suit the question (make_sample then draws a new scene)
 
 def q_count_color(rng, scene, hard, slip):
-    present = sorted({o["color"] for o in scene})
     if not hard:
+        present = sorted({o["color"] for o in scene})
         c = rng.choice(present) if rng.random() < 0.8 else rng.choice(list(COLORS))
-        n = len(colored(scene, c))
-        return f"How many {c} shapes are there?", n, None, count_lines([(f"{c.capitalize()} shapes", colored(scene, c))], slip)
+        lines, n = tally(scene, lambda o: o["color"] == c, slip)
+        return f"How many {c} shapes are there?", n, None, lines
     c1, c2 = rng.sample(list(COLORS), 2)
-    a, b = len(colored(scene, c1)), len(colored(scene, c2))
-    lines = count_lines([(f"{c1.capitalize()} shapes", colored(scene, c1)), (f"{c2.capitalize()} shapes", colored(scene, c2))], slip)
-    return f"How many shapes are {c1} or {c2}?", a + b, None, lines + [f"Total: {a} + {b} = {a + b}."]
+    lines, n = tally(scene, lambda o: o["color"] in (c1, c2), slip)
+    return f"How many shapes are {c1} or {c2}?", n, None, lines
 
 def q_count_shape(rng, scene, hard, slip):
     s = rng.choice(SHAPES)
-    label = f"{s.capitalize()}s"
     if not hard:
-        return f"How many {s}s are there?", len(shaped(scene, s)), None, count_lines([(label, shaped(scene, s))], slip)
-    # hard: all shapes minus the named ones (two counts and a subtraction)
-    n, k = len(scene), len(shaped(scene, s))
-    lines = count_lines([("All shapes", scene), (label, shaped(scene, s))], slip) + [f"{n} - {k} = {n - k}."]
+        lines, n = tally(scene, lambda o: o["shape"] == s, slip)
+        return f"How many {s}s are there?", n, None, lines
+    lines, n = tally(scene, lambda o: o["shape"] != s, slip)
     if rng.random() < 0.3:  # a second route to the same number
-        others = [o for o in scene if o["shape"] != s]
-        lines.append("Alternatively, " + count_line(f"count the non-{s}s", others))
-    return f"How many shapes are not {s}s?", n - k, None, lines
+        k = sum(o["shape"] == s for o in scene)
+        lines.append(f"Alternatively, {len(scene)} shapes minus {k} {s}s is {n}.")
+    return f"How many shapes are not {s}s?", n, None, lines
 
 def q_compare(rng, scene, hard, slip):
-    if not hard:
+    if not hard:  # a difference of two colour counts, never negative at the end (it can be on the way)
         c1, c2 = rng.sample(list(COLORS), 2)
-        if len(colored(scene, c1)) < len(colored(scene, c2)):
+        if sum(o["color"] == c1 for o in scene) < sum(o["color"] == c2 for o in scene):
             c1, c2 = c2, c1
-        a, b = len(colored(scene, c1)), len(colored(scene, c2))
-        lines = count_lines([(f"{c1.capitalize()} shapes", colored(scene, c1)), (f"{c2.capitalize()} shapes", colored(scene, c2))], slip)
-        return f"How many more {c1} shapes than {c2} shapes are there?", a - b, None, lines + [f"{a} - {b} = {a - b}."]
+        lines, n = tally(scene, lambda o: (o["color"] == c1) - (o["color"] == c2), slip)
+        return f"How many more {c1} shapes than {c2} shapes are there?", n, None, lines
     # hard: a shape count minus a colour count; the sets overlap and the result can be negative
     s, c = rng.choice(SHAPES), rng.choice(list(COLORS))
-    a, b = len(shaped(scene, s)), len(colored(scene, c))
-    lines = count_lines([(f"{s.capitalize()}s", shaped(scene, s)), (f"{c.capitalize()} shapes", colored(scene, c))], slip)
-    return f"What is the number of {s}s minus the number of {c} shapes?", a - b, None, lines + [f"{a} - {b} = {a - b}."]
+    lines, n = tally(scene, lambda o: (o["shape"] == s) - (o["color"] == c), slip)
+    return f"What is the number of {s}s minus the number of {c} shapes?", n, None, lines
 
 def q_arithmetic(rng, scene, hard, slip):
     if not hard:
         c1, c2 = rng.sample(list(COLORS), 2)
-        p1, p2 = rng.randint(2, 5), rng.randint(2, 5)
-        a, b = len(colored(scene, c1)), len(colored(scene, c2))
-        q = (f"Each {c1} shape is worth {p1} points and each {c2} shape is worth {p2} points. "
+        p = {c1: rng.randint(2, 5), c2: rng.randint(2, 5)}
+        q = (f"Each {c1} shape is worth {p[c1]} points and each {c2} shape is worth {p[c2]} points. "
              f"Other shapes are worth nothing. What is the total?")
-        lines = count_lines([(f"{c1.capitalize()} shapes", colored(scene, c1)), (f"{c2.capitalize()} shapes", colored(scene, c2))], slip)
-        lines.append(f"{a} x {p1} = {a * p1}. {b} x {p2} = {b * p2}. Total: {a * p1} + {b * p2} = {a * p1 + b * p2}.")
-        return q, a * p1 + b * p2, None, lines
-    # hard: a value per shape type, three counts, three products, one sum
-    pts = [rng.randint(2, 5) for _ in SHAPES]
-    ks = [len(shaped(scene, s)) for s in SHAPES]
-    q = f"A circle is worth {pts[0]} points, a square {pts[1]} and a triangle {pts[2]}. What is the total?"
-    lines = count_lines([(f"{s.capitalize()}s", shaped(scene, s)) for s in SHAPES], slip)
-    lines.append(" ".join(f"{k} x {p} = {k * p}." for k, p in zip(ks, pts)))
-    total = sum(k * p for k, p in zip(ks, pts))
-    lines.append(f"Total: {' + '.join(str(k * p) for k, p in zip(ks, pts))} = {total}.")
-    return q, total, None, lines
+        lines, n = tally(scene, lambda o: p.get(o["color"], 0), slip)
+        return q, n, None, lines
+    p = {s: rng.randint(2, 5) for s in SHAPES}
+    q = f"A circle is worth {p['circle']} points, a square {p['square']} and a triangle {p['triangle']}. What is the total?"
+    lines, n = tally(scene, lambda o: p[o["shape"]], slip)
+    return q, n, None, lines
+
+def q_region(rng, scene, hard, slip):
+    if not hard:
+        if rng.random() < 0.5:
+            r = rng.randint(1, GRID)
+            q, inside = f"How many shapes are in row {r}?", lambda o: o["row"] == r
+        else:
+            c = rng.randint(1, GRID)
+            q, inside = f"How many shapes are in column {c}?", lambda o: o["col"] == c
+    else:
+        half = rng.choice(["top", "bottom", "left", "right"])
+        inside = {"top": lambda o: o["row"] <= 2, "bottom": lambda o: o["row"] > 2,
+                  "left": lambda o: o["col"] <= 2, "right": lambda o: o["col"] > 2}[half]
+        c = rng.choice(list(COLORS))
+        q = f"How many {c} shapes are in the {half} half of the grid?"
+        inside = (lambda f: lambda o: f(o) and o["color"] == c)(inside)
+    lines, n = tally(scene, inside, slip)
+    return q, n, None, lines
 
 def q_position(rng, scene, hard, slip):
     if not hard:
         o = rng.choice(scene)
         r, c = o["row"], o["col"]
         q = f"What colour is the shape in row {r}, column {c}?"
-        lines = [f"Row {r}, column {c} has a {o['color']} {o['shape']}."]
-        if slip:  # first read the neighbouring cell, then notice
+        lines = [f"Row {r}, column {c}: {code(o)}"]
+        if slip:  # first read the neighbouring column, then notice
             c2 = c + 1 if c < GRID else c - 1
-            n = at(scene, r, c2)
-            seen = f"a {n['color']} {n['shape']}" if n else "nothing"
-            lines = [f"Row {r}, column {c2} has {seen}.", f"Wait, that is column {c2}, not column {c}."] + lines
+            lines[:0] = [f"Row {r}, column {c2}: {code(at(scene, r, c2))}", f"Wait, that is column {c2}, not column {c}."]
     else:
-        # the shape right of / below a reference shape that is unique by colour and shape
+        # the shape right of / below a reference shape that is unique by colour and shape: in the grid code, the
+        # next code, or the code four cells on
         pairs = []
         for o in scene:
             if sum(p["color"] == o["color"] and p["shape"] == o["shape"] for p in scene) > 1:
@@ -196,39 +198,24 @@ def q_position(rng, scene, hard, slip):
             return None
         ref, o, word = rng.choice(pairs)
         q = f"What colour is the shape directly {word} the {ref['color']} {ref['shape']}?"
-        lines = [f"The {ref['color']} {ref['shape']} is at {where(ref)}.",
-                 f"Directly {word} it is {where(o)}, which has a {o['color']} {o['shape']}."]
-        if slip:  # look the wrong way first
-            wrong = at(scene, ref["row"] - (word == "below"), ref["col"] - (word != "below"))
-            seen = f"a {wrong['color']} {wrong['shape']}" if wrong else "nothing"
+        step = "One cell" if word == "to the right of" else "Four cells"
+        lines = [f"{step} after {code(ref)}: {code(o)}"]
+        back_r, back_c = ref["row"] - (word == "below"), ref["col"] - (word != "below")
+        if slip and back_r >= 1 and back_c >= 1:  # look the wrong way first
             side = "above" if word == "below" else "to the left"
-            lines[1:1] = [f"The cell {side} has {seen}.", f"Wait, the question asks {word}, not {side}."]
+            lines[:0] = [f"{step} before {code(ref)}: {code(at(scene, back_r, back_c))}",
+                         f"Wait, the question asks {word}, not {side}."]
     options, letter = mc(rng, o["color"])
-    return q, letter, options, lines + [f"{o['color'].capitalize()} is option {letter}."]
-
-def q_most_common(rng, scene, hard, slip):
-    pool, lines, q = scene, [], "Which colour appears most often?"
-    if hard:
-        s = rng.choice(SHAPES)
-        pool = [o for o in scene if o["shape"] != s]
-        q, lines = f"Ignoring the {s}s, which colour appears most often?", [f"Ignore the {s}s."]
-    counts = {c: len(colored(pool, c)) for c in COLORS}
-    best = max(counts.values())
-    if list(counts.values()).count(best) > 1:
-        return None  # the answer must be unique
-    top = max(counts, key=counts.get)
-    lines += count_lines([(f"{c.capitalize()}", colored(pool, c)) for c in COLORS], slip)
-    options, letter = mc(rng, top)
-    return q, letter, options, lines + [f"{top.capitalize()} has the most. {top.capitalize()} is option {letter}."]
+    return q, letter, options, lines + [f"That is a {o['color']} {o['shape']}. {o['color'].capitalize()} is option {letter}."]
 
 BUILDERS = dict(count_color=q_count_color, count_shape=q_count_shape, compare=q_compare,
-                arithmetic=q_arithmetic, position=q_position, most_common=q_most_common)
+                arithmetic=q_arithmetic, region=q_region, position=q_position)
 
 # -----------------------------------------------------------------------------
 
-def make_sample(rng, domain, difficulty, p_wait=0.2, p_hmm=0.1, describe=True):
+def make_sample(rng, domain, difficulty, p_wait=0.2, p_hmm=0.1):
     """rng: random.Random. Returns dict(image, question, answer, options, solution, domain, difficulty, scene).
-    describe: the trace opens by transcribing the grid (see grid_lines)."""
+    The question ends with an "<image>" placeholder: the image comes after the question in the prompt."""
     assert domain in BUILDERS and difficulty in DIFFICULTIES, (domain, difficulty)
     for _ in range(1000):
         scene = make_scene(rng, difficulty)
@@ -239,11 +226,11 @@ def make_sample(rng, domain, difficulty, p_wait=0.2, p_hmm=0.1, describe=True):
     else:
         raise RuntimeError(f"no suitable scene for {domain}/{difficulty}")
     question, answer, options, lines = out
-    if rng.random() < p_hmm:  # an explicit re-check before the final answer
-        lines.insert(len(lines) - 1, "Hmm, let me check the grid row by row again. It matches.")
-    lines = (grid_lines(scene) if describe else []) + lines
+    if rng.random() < p_hmm:  # an explicit re-check at the end (the tally must stay right below the grid)
+        lines.append("Hmm, let me check the grid again. It matches.")
+    lines = [grid_line(scene)] + lines
     solution = "<think>\n" + "\n".join(lines) + "\n</think>\n\n\\boxed{" + str(answer) + "}"
-    return dict(image=render(scene), question=question, answer=str(answer), options=options, solution=solution,
+    return dict(image=render(scene), question=question + "\n<image>", answer=str(answer), options=options, solution=solution,
                 domain=domain, difficulty=difficulty, scene=scene)
 
 

@@ -46,6 +46,8 @@ def read_scene(img):
 
 def solve(q, scene, options):
     """Independent answer from the question text and the scene."""
+    assert q.endswith("\n<image>"), q  # the image comes after the question (data/synth.py: fixed-offset reading)
+    q = q[:-len("\n<image>")]
     n = lambda f: sum(1 for o in scene if f(o))
     col = lambda c: n(lambda o: o["color"] == c)
     shp = lambda s: n(lambda o: o["shape"] == s)
@@ -76,6 +78,11 @@ def solve(q, scene, options):
         dr, dc = (0, 1) if m[1] == "to the right of" else (1, 0)
         [o] = [o for o in scene if (o["row"], o["col"]) == (ref["row"] + dr, ref["col"] + dc)]
         return letter(o["color"])
+    if m := re.fullmatch(r"How many shapes are in (row|column) (\d)\?", q):
+        return str(n(lambda o: o[{"row": "row", "column": "col"}[m[1]]] == int(m[2])))
+    if m := re.fullmatch(r"How many (\w+) shapes are in the (top|bottom|left|right) half of the grid\?", q):
+        key, lo = {"top": ("row", True), "bottom": ("row", False), "left": ("col", True), "right": ("col", False)}[m[2]]
+        return str(n(lambda o: o["color"] == m[1] and (o[key] <= 2) == lo))
     if m := re.fullmatch(r"(?:Ignoring the (\w+)s, w|W)hich colour appears most often\?", q):
         counts = {c: n(lambda o: o["color"] == c and o["shape"] != m[1]) for c in COLORS}
         best = max(counts.values())
@@ -111,13 +118,29 @@ def test_answers_are_right_for_the_image():
                 assert s["solution"].startswith("<think>\n") and "\n</think>\n\n" in s["solution"]
                 assert re.findall(r"\\boxed\{(.*?)\}", s["solution"]) == [s["answer"]]
                 assert 5 <= len(s["solution"].split()) <= 200, s["solution"]
-                # it opens by transcribing every cell of the grid, in reading order, as the image shows it
-                rows = s["solution"].split("\n")[1:5]
-                for r, line in enumerate(rows, 1):
-                    cells = re.fullmatch(rf"Row {r}: (.*)\.", line).group(1).split(", ")
-                    for c, cell in enumerate(cells, 1):
+                # it opens with one code per cell ("rc" = red circle, "--" = empty), in reading order, as the image
+                # shows it
+                lines = s["solution"].split("\n")
+                codes = re.fullmatch(r"Grid: (.*)", lines[1]).group(1).split(" ")
+                want = []
+                for r in range(1, 5):
+                    for c in range(1, 5):
                         o = next((o for o in scene if (o["row"], o["col"]) == (r, c)), None)
-                        assert cell == (f"{c} {o['color']} {o['shape']}" if o else f"{c} empty"), (line, scene)
+                        want.append(o["color"][0] + o["shape"][0] if o else "--")
+                assert codes == want, (codes, scene)
+                # counting questions: one running tally right below the grid, one entry per cell, whose last entry
+                # is the answer (a slip states a wrong total first, then the right one)
+                if s["options"] is None:
+                    run = [int(x) for x in re.fullmatch(r"Tally: ((?:-?\d+ ){15}-?\d+)", lines[2]).group(1).split()]
+                    assert run[-1] == int(s["answer"]), (lines, s["answer"])
+                    steps = [b - a for a, b in zip([0] + run, run)]  # the running total moves only on shapes
+                    assert all(d == 0 for d, c in zip(steps, codes) if c == "--"), (lines, codes)
+                    m = re.fullmatch(r"That is (-?\d+)\.(?: Wait, the tally ends at (-?\d+)\. That is (-?\d+)\.)?", lines[3])
+                    assert int(m[3] or m[1]) == run[-1] and (m[2] is None) == (int(m[1]) == run[-1]), lines[3]
+                else:  # position questions: the code looked up is the asked cell's
+                    m = re.search(r"(?:Row (\d), column (\d)|(One|Four) cells? after (\w\w)): (\w\w|--)\n(?!Wait)", s["solution"])
+                    k = 4 * (int(m[1]) - 1) + int(m[2]) - 1 if m[1] else codes.index(m[4]) + (1 if m[3] == "One" else 4)
+                    assert m[5] == codes[k], s["solution"]
 
 def test_wait_fraction():
     sols = lambda p: [make_sample(random.Random(i), DOMAINS[i % 6], DIFFICULTIES[i % 2], p_wait=p)["solution"] for i in range(300)]

@@ -14,6 +14,16 @@ from sampler import cache_append, decode_attention, generate
 TPT = hx.TOKENS_PER_TILE
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # conftest.py sets 2 torch threads; on the shared 2-core machine, while another job holds a core, every small
+    # op then waits at an OpenMP barrier (measured: one tiny generate() 0.07 s with 1 thread, 4.8 s with 2)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def rand_prompt(g, n_text, n_tiles):
     # text tokens, an image span of n_tiles tiles somewhere after the first token, more text
     ids = torch.randint(0, hx.N_REGULAR, (n_text,), generator=g).tolist()
@@ -91,6 +101,79 @@ def test_cache_append_triton_matches_ref(T, dtype):
     torch.testing.assert_close(kc[2, :, M - T:], k[2].to(dtype))  # written at its own position
     assert not torch.equal(outs[1], buf)
     torch.testing.assert_close(kc[1, :, :5], buf[1, 0, :, :5])  # positions before lens untouched
+
+
+def copied_rows_attention(q, pk, pv, plen, gk, gv, glen, n, slot):
+    """The plain layout the shared prefix replaces: each row's cache = its prompt's K/V copied in, then its own
+    generated K/V; decode_attention_ref over that."""
+    B, Lp, Lg = q.shape[0], pk.shape[2], gk.shape[2]
+    prompt = slot // n
+    kc = torch.zeros(B, pk.shape[1], Lp + Lg, pk.shape[3])
+    vc = torch.zeros_like(kc)
+    for b in range(B):
+        p, L, g = int(prompt[b]), int(plen[prompt[b]]), int(glen[b])
+        kc[b, :, :L], vc[b, :, :L] = pk[p, :, :L], pv[p, :, :L]
+        kc[b, :, L:L + g], vc[b, :, L:L + g] = gk[b, :, :g], gv[b, :, :g]
+    return decode_attention(q, kc, vc, plen[prompt] + glen, use_triton=False)
+
+
+@pytest.mark.parametrize("G,n,n_kv", [(1, 3, 2), (2, 4, 2), (4, 2, 2), (16, 6, 1)])
+def test_prefix_attention_matches_copied_rows(G, n, n_kv):
+    # shared-prefix attention (prompt K/V once, merged by log-sum-exp with each row's own K/V) == attention over
+    # rows with the prompt copied in; ragged prompt and generated lengths, compacted rows (slot), Triton == ref.
+    # G=16, n=6: 96 query rows per prompt > 64, so the Triton path splits a prompt over 2 programs (kv_div=2)
+    torch.manual_seed(G * n)
+    P, Lp, Lg, D = 3, 21, 9, 24
+    pk, pv = torch.randn(P, n_kv, Lp, D) * 2, torch.randn(P, n_kv, Lp, D)
+    plen = torch.tensor([Lp, 5, 13])
+    slot = torch.tensor([0, n - 1, n, 2 * n + 1, 2 * n])  # some samples of each prompt, not in order
+    B = slot.numel()
+    q = torch.randn(B, n_kv * G, D)
+    gk, gv = torch.randn(B, n_kv, Lg, D) * 2, torch.randn(B, n_kv, Lg, D)
+    glen = torch.tensor([1, 9, 4, 7, 2])
+    want = copied_rows_attention(q, pk, pv, plen, gk, gv, glen, n, slot)
+    for use in (False, True):
+        y = sampler.prefix_attention(q, pk, pv, plen, gk, gv, glen, n, slot, use_triton=use)
+        torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    # int lengths (every prompt / row has that many: no masks) and slot None (all P * n rows, in order)
+    uses = (False, True) if G * n <= 16 else (False,)  # (the interpreter is slow on the big case)
+    qa, ga, va = torch.randn(P * n, n_kv * G, D), torch.randn(P * n, n_kv, Lg, D), torch.randn(P * n, n_kv, Lg, D)
+    want = copied_rows_attention(qa, pk, pv, torch.full((P,), Lp), ga, va, torch.full((P * n,), 6), n,
+                                 torch.arange(P * n))
+    for use in uses:
+        y = sampler.prefix_attention(qa, pk, pv, Lp, ga, va, 6, n, None, use_triton=use)
+        torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    # sensitive to both parts: one prompt position or one generated position fewer changes the rows that use them
+    y = sampler.prefix_attention(q, pk, pv, plen, gk, gv, glen, n, slot, use_triton=False)
+    assert not torch.allclose(sampler.prefix_attention(q, pk, pv, plen - 1, gk, gv, glen, n, slot), y, atol=1e-3)
+    fewer = sampler.prefix_attention(q, pk, pv, plen, gk, gv, (glen - 1).clamp(min=1), n, slot)
+    torch.testing.assert_close(fewer[0], y[0])  # row 0 has one generated token either way
+    assert not torch.allclose(fewer[1:], y[1:], atol=1e-3)
+
+
+def test_decode_cache_compaction_drops_prompts():
+    # DecodeCache.keep_rows: the kept rows move to the front, prompts without active rows leave the prefix cache,
+    # and every kept row's attention output is unchanged (its slot still finds its prompt and its own tokens)
+    torch.manual_seed(0)
+    cfg = VLMConfig(image_size=16, patch_size=8, vit_hidden=16, vit_heads=2, vit_mlp=32, vocab_size=32, n_embd=32,
+                    n_head=4, n_kv_head=2, mlp_hidden=64, n_layer=2, image_token_id=31)
+    P, n, Lp, T = 3, 2, 7, 5
+    c = sampler.DecodeCache(cfg, P, n, Lp, T, use_triton=False)
+    c.pk.normal_(), c.pv.normal_()
+    c.start(torch.tensor([7, 3, 6]))
+    c.gk[:, :, :, :3].normal_(), c.gv[:, :, :, :3].normal_()
+    for _ in range(3):  # three generated tokens per row; the next step writes position 3
+        c.advance()
+    q = torch.randn(P * n, cfg.n_head, 1, cfg.head_dim)
+    k, v = torch.randn(P * n, cfg.n_kv_head, 1, cfg.head_dim), torch.randn(P * n, cfg.n_kv_head, 1, cfg.head_dim)
+    before = c.attend(1, q, k, v)  # (6, n_head, 1, hd)
+    keep = torch.tensor([5, 2, 4])  # prompt 0 has no row left; rows reordered
+    c.keep_rows(keep)
+    assert c.P == 2 and c.plen.tolist() == [3, 6] and c.slot.tolist() == [3, 0, 2]
+    assert c.lens.tolist() == [6 + 3, 3 + 3, 6 + 3]
+    after = c.attend(1, q[keep], k[keep], v[keep])  # position 3 rewritten with the same k, v
+    torch.testing.assert_close(after, before[keep], atol=1e-6, rtol=0)
+    assert not torch.allclose(after, before[[2, 5, 4]], atol=1e-3)  # rows 5 and 2 differ: the check can fail
 
 # -----------------------------------------------------------------------------
 # generate(): parity and consistency
@@ -320,11 +403,13 @@ def build(fn, types, consts):
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
 for dt, bn in (("bf16", 64), ("fp32", 32)):
-    k = build(sampler._decode_attn_split_kernel,
-              dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", Lens="*i64", MidO="*fp32", MidLse="*fp32", scale="fp32"),
-              dict(BLOCK_G=16, BLOCK_N=bn, BLOCK_D=128, PRECISION="ieee" if dt == "fp32" else "tf32"))
-    assert k.metadata.shared <= 100 * 1024, k.metadata.shared
-    build(sampler._decode_attn_reduce_kernel, dict(MidO="*fp32", MidLse="*fp32", Out=f"*{dt}", Lens="*i64"),
+    for bg in (16, 64 if dt == "bf16" else 32):  # a shared prefix packs samples x GQA group query rows
+        k = build(sampler._decode_attn_split_kernel,
+                  dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", Lens="*i64", MidO="*fp32", MidLse="*fp32", scale="fp32"),
+                  dict(BLOCK_G=bg, BLOCK_N=bn, BLOCK_D=128, PRECISION="ieee" if dt == "fp32" else "tf32"))
+        assert k.metadata.shared <= 100 * 1024, (dt, bg, k.metadata.shared)
+        print(dt, bg, k.metadata.shared)
+    build(sampler._decode_attn_reduce_kernel, dict(MidO="*fp32", MidLse="*fp32", Out=f"*{dt}"),
           dict(BLOCK_S=16, BLOCK_D=128))
     build(sampler._cache_append_kernel, dict(K=f"*{dt}", V=f"*{dt}", Kc=f"*{dt}", Vc=f"*{dt}", Lens="*i64"),
           dict(BLOCK_D=128))
