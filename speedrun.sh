@@ -3,8 +3,7 @@
 #   render the synthetic task -> cold-start SFT -> GRPO -> critical-token-entropy checkpoint selection ->
 #   connector tuning -> greedy evaluation of every stage on the test split -> out/summary.json + a table.
 # CPU by default (2 cores: see README for the measured time); on a machine with several GPUs the training stages
-# run under torchrun on all local GPUs. Extra flags go to every stage's defaults through their config files only;
-# edit the stage lines below to change a stage.
+# run under torchrun on all local GPUs. To change a stage, add --key=value flags (or a config file) to its line below.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup.sh
