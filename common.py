@@ -12,7 +12,7 @@ Typical use in a training script:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], ...)
     if init_from == "resume": step, state, _ = load_checkpoint(latest_checkpoint(out_dir), model, optimizer)
     ... save_checkpoint(out_dir, step, model, optimizer, state, config, keep_last=K) ...
-    export_hf(model, out_dir + "/hf"); compute_cleanup()
+    export_hf(model, out_dir + "/hf", tok); compute_cleanup()
 Multi-node: out_dir must be on a filesystem every node sees (DCP writes one file per rank into it).
 """
 
@@ -26,7 +26,6 @@ import types
 import warnings
 import dataclasses
 import functools
-import inspect
 from contextlib import nullcontext
 from datetime import timedelta
 
@@ -303,19 +302,15 @@ def load_checkpoint(path, model, optimizer=None):
     return meta["step"], meta["state"], meta["config"]
 
 
-def export_hf(model, out_dir):
-    """Collective: gather the full state dict to rank 0's CPU and write the HF layout with
-    model.save_pretrained(out_dir, state_dict=...)."""
+def export_hf(model, out_dir, tok=None):
+    """Collective: gather the full state dict to rank 0's CPU and write the HF layout there
+    (model.save_pretrained(out_dir, state_dict=...)), plus the tokenizer if given."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if _rank() == 0:
-        params = inspect.signature(model.save_pretrained).parameters
-        if "state_dict" in params:
-            model.save_pretrained(out_dir, state_dict=full)
-        elif not dist.is_initialized():
-            model.save_pretrained(out_dir)  # single process: the model's own tensors are the full ones
-        else:
-            raise TypeError("common.py export_hf: model.py VLM.save_pretrained has no state_dict argument; "
-                            "an FSDP-sharded model cannot be exported without it")
+        model.save_pretrained(out_dir, state_dict=full)
+        if tok is not None:
+            tok.save_pretrained(out_dir)
+        print0(f"exported {out_dir}")
     _barrier()
 
 # -----------------------------------------------------------------------------

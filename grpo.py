@@ -482,8 +482,5 @@ while step < max_steps:
         save()
 
 if export:
-    export_hf(model, os.path.join(out_dir, "hf"))
-    if rank == 0:
-        tok.save_pretrained(os.path.join(out_dir, "hf"))
-        print0(f"exported {os.path.join(out_dir, 'hf')}")
+    export_hf(model, os.path.join(out_dir, "hf"), tok)
 compute_cleanup()

@@ -365,8 +365,5 @@ if early_stop_patience > 0 and best_weights is not None:
             if n in best_weights:
                 p.copy_(best_weights[n])
 if export:
-    export_hf(model, os.path.join(out_dir, "hf"))
-    if rank == 0:
-        tok.save_pretrained(os.path.join(out_dir, "hf"))
-        print0(f"exported {os.path.join(out_dir, 'hf')}")
+    export_hf(model, os.path.join(out_dir, "hf"), tok)
 compute_cleanup()
