@@ -64,7 +64,7 @@ prompts_per_step = 16  # R1V3: 32 prompts x 32 samples = 1024 rollouts per step
 group_size = 8  # samples per prompt: the group of GRPO (n in the papers; --n would clash with torchrun flags)
 temperature = 1.0  # OR1: 1.0 (0.6 stagnated)
 top_p = 1.0
-max_new_tokens = [[0, 128]]  # [[from_step, length], ...]: R1V3 grows 4096 -> 8192; the default's traces are <= 89 tokens
+max_new_tokens = [[0, 160]]  # [[from_step, length], ...]: R1V3 grows 4096 -> 8192; the default's traces are <= 123 tokens
 # reward (RECIPE.md section 3)
 acc_weight = 0.8
 fmt_weight = 0.2
@@ -86,7 +86,7 @@ max_sample_rounds = 3
 buffer_frac = 0.0  # R1V2 SSB: this fraction of each update batch is drawn from the buffer of non-zero-|A| samples
 buffer_size = 1024
 # optimisation
-lr = 2e-4  # the tiny default; R1V3 used 1e-5 at 38B (config/grpo_r1v3.py)
+lr = 5e-5  # the tiny default (2e-4 wrecked the grid reading, dev/LOG.md); R1V3 used 1e-5 at 38B (config/grpo_r1v3.py)
 warmup_steps = 0
 min_lr_frac = 1.0  # constant lr by default
 weight_decay = 0.0

@@ -51,7 +51,7 @@ max_len = 400  # tokens per sample, prompt + response
 # optimisation (RECIPE.md section 2 for real models: lr 1e-5, cosine, warmup 3%, global batch 64)
 batch_size = 32  # samples per micro-batch per process
 grad_accum = 1  # micro-batches per step; global batch = batch_size * grad_accum * world_size
-epochs = 4.0
+epochs = 2.0  # the default: 2 x 8000 samples = 500 steps of 32
 max_steps = 0  # > 0 overrides epochs
 lr = 3e-3
 min_lr_frac = 0.1

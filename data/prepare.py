@@ -26,9 +26,9 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.common import IM_END, SPECIAL_TOKENS, THINK_END, THINK_START, build_prompt_text
-from data.synth import DIFFICULTIES, DOMAINS, make_sample
+from data.synth import ALL_CODES, DIFFICULTIES, DOMAINS, KEY_VALUES, make_sample
 
-VERSION = 7  # bump when synth.py or the tokenizer recipe changes, so old outputs are rebuilt
+VERSION = 8  # bump when synth.py or the tokenizer recipe changes, so old outputs are rebuilt
 SEEDS = dict(test=1001, val=1002, sft=1003, rl=1004)  # splits are rendered in this order
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "synth")
 
@@ -86,6 +86,9 @@ def train_tokenizer(texts, vocab_size, out_dir):
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
     # signed tallies (data/synth.py) need " -3" as one token, like " 3"; byte-level BPE splits off the "-"
     tok.add_tokens([AddedToken(f" -{i}", normalized=False) for i in range(1, 17)])
+    # the tallies' key entries ("rc=1": red circles count 1) are one token each, so looking a cell's code up in the
+    # key is a single attention hop for the tiny model (data/synth.py)
+    tok.add_tokens([AddedToken(f" {c}={v}", normalized=False) for c in ALL_CODES for v in KEY_VALUES])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token="<|endoftext|>")
     # ChatML template, so tok.apply_chat_template works too (images are inserted by data/common.py)
     hf.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -93,7 +96,7 @@ def train_tokenizer(texts, vocab_size, out_dir):
     hf.save_pretrained(out_dir)
     return hf
 
-def prepare(out=DEFAULT_OUT, n_sft=4000, n_rl=4000, n_val=200, n_test=500, p_wait=0.2, vocab_size=1024):
+def prepare(out=DEFAULT_OUT, n_sft=8000, n_rl=4000, n_val=200, n_test=500, p_wait=0.2, vocab_size=1024):
     """Renders all splits and the tokenizer into out; skips if out/meta.json matches. Returns meta."""
     config = dict(version=VERSION, n_sft=n_sft, n_rl=n_rl, n_val=n_val, n_test=n_test, p_wait=p_wait,
                   vocab_size=vocab_size, seeds=SEEDS)
@@ -129,6 +132,6 @@ def prepare(out=DEFAULT_OUT, n_sft=4000, n_rl=4000, n_val=200, n_test=500, p_wai
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT)
-    for k, v in dict(n_sft=4000, n_rl=4000, n_val=200, n_test=500, p_wait=0.2, vocab_size=1024).items():
+    for k, v in dict(n_sft=8000, n_rl=4000, n_val=200, n_test=500, p_wait=0.2, vocab_size=1024).items():
         ap.add_argument(f"--{k}", type=type(v), default=v)
     prepare(**vars(ap.parse_args()))

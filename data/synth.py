@@ -8,7 +8,8 @@ every answer is verifiable (an integer, or a letter for multiple choice). Each s
 short chain-of-thought trace; a fraction of traces make a slip and fix it with "Wait, ..." (so the
 entropy of critical tokens, RECIPE.md section 5, has something to measure), and some add a
 "Hmm," check or an "Alternatively," second route. The traces are scratchpads built for a tiny model (see
-"pieces of the chain-of-thought traces" below): a one-token-per-cell grid code, then one running tally or a look-up.
+"pieces of the chain-of-thought traces" below): a one-token-per-cell grid code, then a key, the cells' values and
+a running tally, or a look-up.
 
     import random
     from data.synth import make_sample, DOMAINS
@@ -27,7 +28,7 @@ CELL = IMAGE_SIZE // GRID  # 16 px
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (235, 200, 20)}
 SHAPES = ["circle", "square", "triangle"]
 BACKGROUND, GRIDLINE = (245, 245, 245), (190, 190, 190)
-DOMAINS = ["count_color", "count_shape", "compare", "arithmetic", "region", "position"]
+DOMAINS = ["count_color", "count_shape", "count_both", "compare", "arithmetic", "position"]
 DIFFICULTIES = ["normal", "hard"]
 N_OBJECTS = {"normal": (3, 6), "hard": (6, 10)}  # inclusive range of shapes per scene
 LETTERS = "ABCD"
@@ -68,13 +69,16 @@ def render(scene):
 # 1. "Grid:" then one code per cell in reading order, one token each ("rc" = red circle, "--" = empty): the k-th
 #    code sits at a fixed distance from the k-th image token, a lookup that attention with RoPE learns fast (the
 #    tiny SFT model reads the grid exactly in 99%+ of test images after 500 steps; dev/LOG.md).
-# 2. Counting questions: "Tally:" then a running total over the 16 cells (the count of matching shapes, a
-#    difference, or points), one token per cell, the k-th number again at a fixed distance from the k-th code, then
-#    the total. Position questions: the code of the asked cell, then the answer.
+# 2. Counting questions, three lines that each take one short look-up per token:
+#    "Key:" what each of the 12 kinds of shape is worth under the question's condition ("rc=1 rs=0 ..."), always
+#    in the same order, so entry k depends on the question alone; "Values:" each cell's worth, its code looked up
+#    in the key ("rc=1" is one token, so that is one attention hop; empty cells 0); "Tally:" the running total,
+#    the k-th number at a fixed distance from the k-th value. Then the total. Position questions: the code of the
+#    asked cell, then the answer.
 # What did not work (dev/LOG.md): a readable "Row 1: 1 red circle, 2 empty, ..." transcription (cells at varying
-# distances from their image tokens: the grid was not read after 500 steps). And the step that still fails at this
-# scale: the tiny model does not learn to apply the question's condition cell by cell in the tally (~45% of tally
-# entries right in free decoding), so the default's accuracy stays low; see README "The embedded default".
+# distances from their image tokens: the grid was not read after 500 steps); a tally that applies the question's
+# condition to each cell directly (the tiny model did not learn it: ~45% of tally entries right); a key written as
+# two tokens per entry ("rc 1": the look-up then needs an induction head, ~84% of values right).
 
 def code(o):
     return "--" if o is None else o["color"][0] + o["shape"][0]
@@ -88,14 +92,21 @@ def cells(scene):
 def grid_line(scene):
     return "Grid: " + " ".join(code(o) for o in cells(scene))  # no full stop: " --." would be one pre-token
 
+ALL_CODES = [c[0] + s[0] for c in COLORS for s in SHAPES]  # the 12 object codes, in the key's fixed order
+KEY_VALUES = range(-1, 4)  # every value a key entry can take; "rc=1" etc. are one token each (data/prepare.py)
+
 def tally(scene, value, slip=False):
-    """value(o) -> int for an object (empty cells count 0). -> (lines, total): the running total after each cell,
-    then the total; a slip states the total one off, then corrects it from the tally ("Wait, ...")."""
-    run, k = [], 0
+    """value(o) -> int for an object. -> (lines, total): the key, the cells' values, the running total, the total;
+    a slip states the total one off, then corrects it from the tally ("Wait, ...")."""
+    key = {c[0] + s[0]: int(value(dict(color=c, shape=s))) for c in COLORS for s in SHAPES}
+    vals, run, k = [], [], 0
     for o in cells(scene):
-        k += value(o) if o else 0
+        v = key[code(o)] if o else 0
+        k += v
+        vals.append(str(v))
         run.append(str(k))
-    lines = [f"Tally: {' '.join(run)}"]
+    lines = ["Key: " + " ".join(f"{c}={key[c]}" for c in ALL_CODES), f"Values: {' '.join(vals)}",
+             f"Tally: {' '.join(run)}"]
     if slip:
         return lines + [f"That is {k - 1 if k else 1}. Wait, the tally ends at {k}. That is {k}."], k
     return lines + [f"That is {k}."], k
@@ -146,33 +157,26 @@ def q_compare(rng, scene, hard, slip):
 def q_arithmetic(rng, scene, hard, slip):
     if not hard:
         c1, c2 = rng.sample(list(COLORS), 2)
-        p = {c1: rng.randint(2, 5), c2: rng.randint(2, 5)}
+        p = {c1: rng.randint(2, 3), c2: rng.randint(2, 3)}
         q = (f"Each {c1} shape is worth {p[c1]} points and each {c2} shape is worth {p[c2]} points. "
              f"Other shapes are worth nothing. What is the total?")
         lines, n = tally(scene, lambda o: p.get(o["color"], 0), slip)
         return q, n, None, lines
-    p = {s: rng.randint(2, 5) for s in SHAPES}
+    p = {s: rng.randint(1, 3) for s in SHAPES}
     q = f"A circle is worth {p['circle']} points, a square {p['square']} and a triangle {p['triangle']}. What is the total?"
     lines, n = tally(scene, lambda o: p[o["shape"]], slip)
     return q, n, None, lines
 
-def q_region(rng, scene, hard, slip):
+def q_count_both(rng, scene, hard, slip):
+    c, s = rng.choice(list(COLORS)), rng.choice(SHAPES)
     if not hard:
-        if rng.random() < 0.5:
-            r = rng.randint(1, GRID)
-            q, inside = f"How many shapes are in row {r}?", lambda o: o["row"] == r
-        else:
-            c = rng.randint(1, GRID)
-            q, inside = f"How many shapes are in column {c}?", lambda o: o["col"] == c
-    else:
-        half = rng.choice(["top", "bottom", "left", "right"])
-        inside = {"top": lambda o: o["row"] <= 2, "bottom": lambda o: o["row"] > 2,
-                  "left": lambda o: o["col"] <= 2, "right": lambda o: o["col"] > 2}[half]
-        c = rng.choice(list(COLORS))
-        q = f"How many {c} shapes are in the {half} half of the grid?"
-        inside = (lambda f: lambda o: f(o) and o["color"] == c)(inside)
-    lines, n = tally(scene, inside, slip)
-    return q, n, None, lines
+        if rng.random() < 0.8:  # mostly a kind that is there, or the answer would nearly always be 0
+            o = rng.choice(scene)
+            c, s = o["color"], o["shape"]
+        lines, n = tally(scene, lambda o: o["color"] == c and o["shape"] == s, slip)
+        return f"How many {c} {s}s are there?", n, None, lines
+    lines, n = tally(scene, lambda o: o["color"] == c or o["shape"] == s, slip)
+    return f"How many shapes are {c} or {s}s?", n, None, lines
 
 def q_position(rng, scene, hard, slip):
     if not hard:
@@ -209,7 +213,7 @@ def q_position(rng, scene, hard, slip):
     return q, letter, options, lines + [f"That is a {o['color']} {o['shape']}. {o['color'].capitalize()} is option {letter}."]
 
 BUILDERS = dict(count_color=q_count_color, count_shape=q_count_shape, compare=q_compare,
-                arithmetic=q_arithmetic, region=q_region, position=q_position)
+                arithmetic=q_arithmetic, count_both=q_count_both, position=q_position)
 
 # -----------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from data.common import (IMAGENET_MEAN, IMAGENET_STD, SPECIAL_TOKENS, build_prom
                          dynamic_preprocess, encode_sft, load_image, load_jsonl, load_sft_data)
 from data.convert_llava import convert
 from data.prepare import prepare, render_split, train_tokenizer
-from data.synth import COLORS, DIFFICULTIES, DOMAINS, make_sample
+from data.synth import ALL_CODES, COLORS, DIFFICULTIES, DOMAINS, SHAPES, make_sample
 
 CFG = SimpleNamespace(image_size=64, max_tiles=1, use_thumbnail=True, tokens_per_tile=16)  # the tiny VLM's values
 
@@ -54,6 +54,10 @@ def solve(q, scene, options):
     letter = lambda color: "ABCD"[options.index(color)]
     if m := re.fullmatch(r"How many (\w+) shapes are there\?", q):
         return str(col(m[1]))
+    if m := re.fullmatch(r"How many (\w+) (\w+)s are there\?", q):
+        return str(n(lambda o: (o["color"], o["shape"]) == (m[1], m[2])))
+    if (m := re.fullmatch(r"How many shapes are (\w+) or (\w+)s\?", q)) and m[2] in SHAPES:
+        return str(n(lambda o: o["color"] == m[1] or o["shape"] == m[2]))
     if m := re.fullmatch(r"How many shapes are (\w+) or (\w+)\?", q):
         return str(col(m[1]) + col(m[2]))
     if m := re.fullmatch(r"How many (\w+)s are there\?", q):
@@ -61,7 +65,6 @@ def solve(q, scene, options):
     if m := re.fullmatch(r"How many shapes are not (\w+)s\?", q):
         return str(n(lambda o: o["shape"] != m[1]))
     if m := re.fullmatch(r"How many more (\w+) shapes than (\w+) shapes are there\?", q):
-        assert col(m[1]) >= col(m[2]), q
         return str(col(m[1]) - col(m[2]))
     if m := re.fullmatch(r"What is the number of (\w+)s minus the number of (\w+) shapes\?", q):
         return str(shp(m[1]) - col(m[2]))
@@ -78,11 +81,6 @@ def solve(q, scene, options):
         dr, dc = (0, 1) if m[1] == "to the right of" else (1, 0)
         [o] = [o for o in scene if (o["row"], o["col"]) == (ref["row"] + dr, ref["col"] + dc)]
         return letter(o["color"])
-    if m := re.fullmatch(r"How many shapes are in (row|column) (\d)\?", q):
-        return str(n(lambda o: o[{"row": "row", "column": "col"}[m[1]]] == int(m[2])))
-    if m := re.fullmatch(r"How many (\w+) shapes are in the (top|bottom|left|right) half of the grid\?", q):
-        key, lo = {"top": ("row", True), "bottom": ("row", False), "left": ("col", True), "right": ("col", False)}[m[2]]
-        return str(n(lambda o: o["color"] == m[1] and (o[key] <= 2) == lo))
     if m := re.fullmatch(r"(?:Ignoring the (\w+)s, w|W)hich colour appears most often\?", q):
         counts = {c: n(lambda o: o["color"] == c and o["shape"] != m[1]) for c in COLORS}
         best = max(counts.values())
@@ -113,6 +111,7 @@ def test_answers_are_right_for_the_image():
                     assert sorted(s["options"]) == sorted(COLORS) and s["answer"] in "ABCD"
                 else:
                     assert re.fullmatch(r"-?\d+", s["answer"])
+                    assert int(s["answer"]) >= 0 or "minus" in s["question"], s  # "how many more" is never negative
                 assert solve(s["question"], scene, s["options"]) == s["answer"], s
                 # the trace ends with the same answer, and is short
                 assert s["solution"].startswith("<think>\n") and "\n</think>\n\n" in s["solution"]
@@ -128,15 +127,23 @@ def test_answers_are_right_for_the_image():
                         o = next((o for o in scene if (o["row"], o["col"]) == (r, c)), None)
                         want.append(o["color"][0] + o["shape"][0] if o else "--")
                 assert codes == want, (codes, scene)
-                # counting questions: one running tally right below the grid, one entry per cell, whose last entry
-                # is the answer (a slip states a wrong total first, then the right one)
+                # counting questions: the key (what each kind of shape is worth), each cell's value looked up in
+                # it, the running total, whose last entry is the answer (a slip states a wrong total first)
                 if s["options"] is None:
-                    run = [int(x) for x in re.fullmatch(r"Tally: ((?:-?\d+ ){15}-?\d+)", lines[2]).group(1).split()]
-                    assert run[-1] == int(s["answer"]), (lines, s["answer"])
-                    steps = [b - a for a, b in zip([0] + run, run)]  # the running total moves only on shapes
-                    assert all(d == 0 for d, c in zip(steps, codes) if c == "--"), (lines, codes)
-                    m = re.fullmatch(r"That is (-?\d+)\.(?: Wait, the tally ends at (-?\d+)\. That is (-?\d+)\.)?", lines[3])
-                    assert int(m[3] or m[1]) == run[-1] and (m[2] is None) == (int(m[1]) == run[-1]), lines[3]
+                    key = dict(e.split("=") for e in re.fullmatch(r"Key: (.*)", lines[2]).group(1).split(" "))
+                    assert list(key) == [c[0] + sh[0] for c in COLORS for sh in SHAPES], lines[2]
+                    vals = [int(x) for x in re.fullmatch(r"Values: ((?:-?\d+ ){15}-?\d+)", lines[3]).group(1).split()]
+                    assert vals == [int(key[c]) if c != "--" else 0 for c in codes], (lines, codes)
+                    run = [int(x) for x in re.fullmatch(r"Tally: ((?:-?\d+ ){15}-?\d+)", lines[4]).group(1).split()]
+                    assert run == [sum(vals[:i + 1]) for i in range(16)] and run[-1] == int(s["answer"]), lines
+                    # the key is the question's condition: a scene holding one shape of each kind would score each
+                    # kind at its key value (checked with the independent solver)
+                    for kind, v in key.items():
+                        one = [dict(row=1, col=1, color=next(c for c in COLORS if c[0] == kind[0]),
+                                    shape=next(sh for sh in SHAPES if sh[0] == kind[1]))]
+                        assert solve(s["question"], one, None) == v, (kind, v, s["question"])
+                    m = re.fullmatch(r"That is (-?\d+)\.(?: Wait, the tally ends at (-?\d+)\. That is (-?\d+)\.)?", lines[5])
+                    assert int(m[3] or m[1]) == run[-1] and (m[2] is None) == (int(m[1]) == run[-1]), lines[5]
                 else:  # position questions: the code looked up is the asked cell's
                     m = re.search(r"(?:Row (\d), column (\d)|(One|Four) cells? after (\w\w)): (\w\w|--)\n(?!Wait)", s["solution"])
                     k = 4 * (int(m[1]) - 1) + int(m[2]) - 1 if m[1] else codes.index(m[4]) + (1 if m[3] == "One" else 4)
@@ -198,6 +205,10 @@ def test_tokenizer(prepared, tok, tmp_path):
     assert tok.decode(ids, skip_special_tokens=True) == "assistant\n<think>\nx\n</think>"  # <think> is not "special"
     for w in ["Wait", " Wait", "Hmm", "Alternatively"]:
         assert len(tok.encode(w, add_special_tokens=False)) == 1, w
+    # the traces' numbers, signed ones included, and the key's entries are one token each (data/synth.py)
+    for w in [" 0", " 12", " -1", " -16"] + [f" {c}={v}" for c in ALL_CODES for v in range(-1, 4)]:
+        assert len(tok.encode(w, add_special_tokens=False)) == 1, w
+    assert tok.tokenize(" rc=1 rs=-1") == [" rc=1", " rs=-1"]
     s = load_jsonl(os.path.join(prepared, "sft.jsonl"), require=("solution",))[0]
     text = build_prompt_text(s["question"], [2], 16, system="Be brief.", options=s.get("options")) + s["solution"] + "<|im_end|>"
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
