@@ -81,11 +81,6 @@ def solve(q, scene, options):
         dr, dc = (0, 1) if m[1] == "to the right of" else (1, 0)
         [o] = [o for o in scene if (o["row"], o["col"]) == (ref["row"] + dr, ref["col"] + dc)]
         return letter(o["color"])
-    if m := re.fullmatch(r"(?:Ignoring the (\w+)s, w|W)hich colour appears most often\?", q):
-        counts = {c: n(lambda o: o["color"] == c and o["shape"] != m[1]) for c in COLORS}
-        best = max(counts.values())
-        assert list(counts.values()).count(best) == 1, "most common colour must be unique"
-        return letter(max(counts, key=counts.get))
     raise AssertionError(f"unknown question template: {q}")
 
 def test_make_sample_deterministic():
