@@ -1,0 +1,91 @@
+#!/bin/bash
+# The R1V3 paper's findings rerun on the embedded default (issue #5). One command per experiment, each over
+# 3 seeds; every run writes under out/exp/ and prints its greedy test accuracy. Results: dev/LOG.md.
+#
+#   bash speedrun.sh                          # first: the data, the venv and the SFT checkpoint out/sft/hf
+#   bash dev/experiments.sh rl_vs_sft         # 1. 60 GRPO steps vs 60 more SFT steps from the same SFT model
+#   bash dev/experiments.sh connector_in_rl   # 2. connector trainable (default) vs frozen during GRPO
+#   bash dev/experiments.sh after_rl          # 3. after GRPO: tune the connector only / connector + LLM / all
+#   bash dev/experiments.sh curriculum        # 4. GRPO on normal then hard prompts vs mixed (same 60 steps)
+#   bash dev/experiments.sh entropy           # 5. critical-token entropy vs accuracy over the GRPO checkpoints
+#   bash dev/experiments.sh think             # 6. think vs no-think vs no-wait decoding of the GRPO models
+#
+# SEEDS="1337 2 3" by default; the GRPO runs with the default config (out/exp/grpo_s<seed>) are shared by
+# experiments 1-6 and made on first use. The runs are not timed (run two at once if you like).
+set -e
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+SEEDS=${SEEDS:-"1337 2 3"}
+E=out/exp
+mkdir -p $E
+
+acc() {  # acc CKPT OUT_DIR [eval args]: greedy test accuracy (%) of an HF checkpoint, printed as one line
+    $PY eval.py --ckpt="$1" --out_dir="$2" "${@:3}" > "$2.log" 2>&1 || { cat "$2.log"; exit 1; }
+    $PY -c "import json, sys; print(f'{sys.argv[2]}: {100 * json.load(open(sys.argv[1]))[\"accuracy\"]:.1f}%')" "$2/summary.json" "$2"
+}
+grpo_default() {  # the shared default GRPO run of seed $1
+    [ -f $E/grpo_s$1/hf/config.json ] || $PY grpo.py --seed=$1 --out_dir=$E/grpo_s$1 > $E/grpo_s$1.log 2>&1
+}
+[ -f out/sft/hf/config.json ] || { echo "no out/sft/hf: run bash speedrun.sh first"; exit 1; }
+
+case "$1" in
+rl_vs_sft)
+    # R1V3 Table 3 asks whether RL beats SFT on the same data. Here: from the same SFT checkpoint, the same number
+    # of optimizer steps (60), same lr, either GRPO on the rl prompts or more SFT on the sft traces.
+    acc out/sft/hf $E/eval_sft
+    for s in $SEEDS; do
+        grpo_default $s
+        acc $E/grpo_s$s/hf $E/eval_grpo_s$s
+        [ -f $E/moresft_s$s/hf/config.json ] || $PY sft.py --init_from=out/sft/hf --out_dir=$E/moresft_s$s --seed=$s \
+            --max_steps=60 --lr=5e-5 --warmup_frac=0 --min_lr_frac=1.0 --val_data= > $E/moresft_s$s.log 2>&1
+        acc $E/moresft_s$s/hf $E/eval_moresft_s$s
+    done ;;
+connector_in_rl)
+    for s in $SEEDS; do
+        grpo_default $s
+        acc $E/grpo_s$s/hf $E/eval_grpo_s$s
+        [ -f $E/grpo_noconn_s$s/hf/config.json ] || $PY grpo.py --seed=$s --train_connector=False \
+            --out_dir=$E/grpo_noconn_s$s > $E/grpo_noconn_s$s.log 2>&1
+        acc $E/grpo_noconn_s$s/hf $E/eval_grpo_noconn_s$s
+    done ;;
+after_rl)
+    for s in $SEEDS; do
+        grpo_default $s
+        acc $E/grpo_s$s/hf $E/eval_grpo_s$s
+        for parts in connector:True:False:False connector_llm:True:True:False all:True:True:True; do
+            IFS=: read name conn llm vit <<< "$parts"
+            d=$E/ct_${name}_s$s
+            [ -f $d/hf/config.json ] || $PY connector_tune.py --init_from=$E/grpo_s$s/hf --out_dir=$d --seed=$s \
+                --train_connector=$conn --train_llm=$llm --train_vit=$vit > $d.log 2>&1
+            acc $d/hf $E/eval_ct_${name}_s$s
+        done
+    done ;;
+curriculum)
+    # the same 60 GRPO steps: 30 on normal prompts then 30 on hard ones, vs the default's mixed prompts
+    for diff in normal hard; do
+        $PY -c "import json, sys; [print(l, end='') for l in open('data/synth/rl.jsonl') if json.loads(l)['difficulty'] == sys.argv[1]]" \
+            $diff > data/synth/rl_$diff.jsonl  # beside rl.jsonl: image paths are relative to the file
+    done
+    for s in $SEEDS; do
+        grpo_default $s
+        acc $E/grpo_s$s/hf $E/eval_grpo_s$s
+        [ -f $E/cur1_s$s/hf/config.json ] || $PY grpo.py --seed=$s --data=data/synth/rl_normal.jsonl --max_steps=30 \
+            --out_dir=$E/cur1_s$s > $E/cur1_s$s.log 2>&1
+        [ -f $E/cur2_s$s/hf/config.json ] || $PY grpo.py --seed=$s --init_from=$E/cur1_s$s/hf --data=data/synth/rl_hard.jsonl \
+            --max_steps=30 --out_dir=$E/cur2_s$s > $E/cur2_s$s.log 2>&1
+        acc $E/cur2_s$s/hf $E/eval_curriculum_s$s
+    done ;;
+entropy)
+    for s in $SEEDS; do
+        grpo_default $s
+        $PY entropy.py --ckpts="$E/grpo_s$s/ckpt_*" --out_dir=$E/entropy_s$s --export_hf=False > $E/entropy_s$s.log 2>&1
+        cat $E/entropy_s$s/entropy.md
+    done ;;
+think)
+    for s in $SEEDS; do
+        grpo_default $s
+        for mode in think nothink nowait; do acc $E/grpo_s$s/hf $E/eval_${mode}_s$s --mode=$mode; done
+    done ;;
+*)
+    sed -n 2,16p "$0"; exit 1 ;;
+esac
