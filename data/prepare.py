@@ -26,21 +26,24 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.common import IM_END, SPECIAL_TOKENS, THINK_END, THINK_START, build_prompt_text
-from data.synth import ALL_CODES, DIFFICULTIES, DOMAINS, KEY_VALUES, make_sample
+from data.synth import ALL_CODES, COLORS, DIFFICULTIES, DOMAINS, KEY_VALUES, make_sample
 
-VERSION = 8  # bump when synth.py or the tokenizer recipe changes, so old outputs are rebuilt
+VERSION = 9  # bump when synth.py or the tokenizer recipe changes, so old outputs are rebuilt
 SEEDS = dict(test=1001, val=1002, sft=1003, rl=1004)  # splits are rendered in this order
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "synth")
 
-def render_split(split, n, seed, p_wait, seen, out):
-    """Renders n unique samples; seen: set of (image sha1, question) shared by all splits."""
+def render_split(split, n, seed, p_wait, seen, out, blind="", blind_frac=0.0):
+    """Renders n unique samples; seen: set of (image sha1, question) shared by all splits. blind, blind_frac: that
+    share of the traces comes from a teacher that overlooks the colour `blind` (data/synth.py make_sample)."""
     rng = random.Random(seed)
+    brng = random.Random(seed + 1)  # its own stream: the scenes and questions are the same with or without it
     os.makedirs(os.path.join(out, "images", split), exist_ok=True)
     records, samples, dupes = [], [], 0
     while len(records) < n:
         i = len(records)
         # domains round-robin, difficulty at random: every domain is equally represented
-        s = make_sample(rng, DOMAINS[i % len(DOMAINS)], rng.choice(DIFFICULTIES), p_wait=p_wait)
+        b = blind if brng.random() < blind_frac else None
+        s = make_sample(rng, DOMAINS[i % len(DOMAINS)], rng.choice(DIFFICULTIES), p_wait=p_wait, blind=b)
         buf = io.BytesIO()
         s["image"].save(buf, format="PNG")
         key = (hashlib.sha1(buf.getvalue()).hexdigest(), s["question"])
@@ -96,10 +99,19 @@ def train_tokenizer(texts, vocab_size, out_dir):
     hf.save_pretrained(out_dir)
     return hf
 
-def prepare(out=DEFAULT_OUT, n_sft=8000, n_rl=4000, n_val=200, n_test=500, p_wait=0.2, vocab_size=1024):
-    """Renders all splits and the tokenizer into out; skips if out/meta.json matches. Returns meta."""
+def prepare(out=DEFAULT_OUT, n_sft=8000, n_rl=4000, n_val=200, n_test=500, p_wait=0.2, vocab_size=1024,
+            teacher_blind="yellow", teacher_blind_frac=0.6):
+    """Renders all splits and the tokenizer into out; skips if out/meta.json matches. Returns meta.
+    teacher_blind_frac > 0: that share of the sft traces overlook the colour teacher_blind (a systematically wrong
+    cold-start teacher, as distilled cold-start data can be: SFT learns its blind spot, RL with the verifiable
+    answers of the rl split can unlearn it; README "The embedded default"); the rl, val and test splits are
+    unchanged. teacher_blind_frac=0 gives correct traces only."""
+    if teacher_blind_frac > 0 and teacher_blind not in COLORS:
+        raise ValueError(f"teacher_blind must be one of {list(COLORS)}, got {teacher_blind!r}")
     config = dict(version=VERSION, n_sft=n_sft, n_rl=n_rl, n_val=n_val, n_test=n_test, p_wait=p_wait,
                   vocab_size=vocab_size, seeds=SEEDS)
+    if teacher_blind_frac > 0:
+        config.update(teacher_blind=teacher_blind, teacher_blind_frac=teacher_blind_frac)
     meta_path = os.path.join(out, "meta.json")
     if os.path.isfile(meta_path):
         with open(meta_path) as f:
@@ -114,7 +126,8 @@ def prepare(out=DEFAULT_OUT, n_sft=8000, n_rl=4000, n_val=200, n_test=500, p_wai
     sizes = dict(test=n_test, val=n_val, sft=n_sft, rl=n_rl)
     seen, stats, texts = set(), {}, []
     for split in SEEDS:
-        samples, dupes = render_split(split, sizes[split], SEEDS[split], p_wait, seen, out)
+        samples, dupes = render_split(split, sizes[split], SEEDS[split], p_wait, seen, out,
+                                      *((teacher_blind, teacher_blind_frac) if split == "sft" else ()))
         stats[split] = dict(n=len(samples), duplicates_skipped=dupes,
                             with_wait=sum("Wait," in s["solution"] for s in samples))
         for s in samples:  # the tokenizer learns from prompts (no image tokens) and responses
@@ -132,6 +145,7 @@ def prepare(out=DEFAULT_OUT, n_sft=8000, n_rl=4000, n_val=200, n_test=500, p_wai
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT)
-    for k, v in dict(n_sft=8000, n_rl=4000, n_val=200, n_test=500, p_wait=0.2, vocab_size=1024).items():
+    for k, v in dict(n_sft=8000, n_rl=4000, n_val=200, n_test=500, p_wait=0.2, vocab_size=1024,
+                     teacher_blind="yellow", teacher_blind_frac=0.6).items():
         ap.add_argument(f"--{k}", type=type(v), default=v)
     prepare(**vars(ap.parse_args()))

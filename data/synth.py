@@ -95,10 +95,11 @@ def grid_line(scene):
 ALL_CODES = [c[0] + s[0] for c in COLORS for s in SHAPES]  # the 12 object codes, in the key's fixed order
 KEY_VALUES = range(-1, 4)  # every value a key entry can take; "rc=1" etc. are one token each (data/prepare.py)
 
-def tally(scene, value, slip=False):
+def tally(scene, value, slip=False, blind=None):
     """value(o) -> int for an object. -> (lines, total): the key, the cells' values, the running total, the total;
-    a slip states the total one off, then corrects it from the tally ("Wait, ...")."""
-    key = {c[0] + s[0]: int(value(dict(color=c, shape=s))) for c in COLORS for s in SHAPES}
+    a slip states the total one off, then corrects it from the tally ("Wait, ..."). blind: a colour the teacher
+    overlooks (its kinds are worth 0 in the key, so the trace and its total are wrong; see make_sample)."""
+    key = {c[0] + s[0]: int(value(dict(color=c, shape=s))) * (c != blind) for c in COLORS for s in SHAPES}
     vals, run, k = [], [], 0
     for o in cells(scene):
         v = key[code(o)] if o else 0
@@ -121,64 +122,65 @@ def mc(rng, correct):
 # question families; each returns (question, answer, options, reasoning lines) or None if the
 # scene does not suit the question (make_sample then draws a new scene)
 
-def q_count_color(rng, scene, hard, slip):
+def q_count_color(rng, scene, hard, slip, blind=None):
     if not hard:
         present = sorted({o["color"] for o in scene})
         c = rng.choice(present) if rng.random() < 0.8 else rng.choice(list(COLORS))
-        lines, n = tally(scene, lambda o: o["color"] == c, slip)
+        lines, n = tally(scene, lambda o: o["color"] == c, slip, blind)
         return f"How many {c} shapes are there?", n, None, lines
     c1, c2 = rng.sample(list(COLORS), 2)
-    lines, n = tally(scene, lambda o: o["color"] in (c1, c2), slip)
+    lines, n = tally(scene, lambda o: o["color"] in (c1, c2), slip, blind)
     return f"How many shapes are {c1} or {c2}?", n, None, lines
 
-def q_count_shape(rng, scene, hard, slip):
+def q_count_shape(rng, scene, hard, slip, blind=None):
     s = rng.choice(SHAPES)
     if not hard:
-        lines, n = tally(scene, lambda o: o["shape"] == s, slip)
+        lines, n = tally(scene, lambda o: o["shape"] == s, slip, blind)
         return f"How many {s}s are there?", n, None, lines
-    lines, n = tally(scene, lambda o: o["shape"] != s, slip)
+    lines, n = tally(scene, lambda o: o["shape"] != s, slip, blind)
     if rng.random() < 0.3:  # a second route to the same number
-        k = sum(o["shape"] == s for o in scene)
-        lines.append(f"Alternatively, {len(scene)} shapes minus {k} {s}s is {n}.")
+        seen = [o for o in scene if o["color"] != blind]
+        k = sum(o["shape"] == s for o in seen)
+        lines.append(f"Alternatively, {len(seen)} shapes minus {k} {s}s is {n}.")
     return f"How many shapes are not {s}s?", n, None, lines
 
-def q_compare(rng, scene, hard, slip):
+def q_compare(rng, scene, hard, slip, blind=None):
     if not hard:  # a difference of two colour counts, never negative at the end (it can be on the way)
         c1, c2 = rng.sample(list(COLORS), 2)
         if sum(o["color"] == c1 for o in scene) < sum(o["color"] == c2 for o in scene):
             c1, c2 = c2, c1
-        lines, n = tally(scene, lambda o: (o["color"] == c1) - (o["color"] == c2), slip)
+        lines, n = tally(scene, lambda o: (o["color"] == c1) - (o["color"] == c2), slip, blind)
         return f"How many more {c1} shapes than {c2} shapes are there?", n, None, lines
     # hard: a shape count minus a colour count; the sets overlap and the result can be negative
     s, c = rng.choice(SHAPES), rng.choice(list(COLORS))
-    lines, n = tally(scene, lambda o: (o["shape"] == s) - (o["color"] == c), slip)
+    lines, n = tally(scene, lambda o: (o["shape"] == s) - (o["color"] == c), slip, blind)
     return f"What is the number of {s}s minus the number of {c} shapes?", n, None, lines
 
-def q_arithmetic(rng, scene, hard, slip):
+def q_arithmetic(rng, scene, hard, slip, blind=None):
     if not hard:
         c1, c2 = rng.sample(list(COLORS), 2)
         p = {c1: rng.randint(2, 3), c2: rng.randint(2, 3)}
         q = (f"Each {c1} shape is worth {p[c1]} points and each {c2} shape is worth {p[c2]} points. "
              f"Other shapes are worth nothing. What is the total?")
-        lines, n = tally(scene, lambda o: p.get(o["color"], 0), slip)
+        lines, n = tally(scene, lambda o: p.get(o["color"], 0), slip, blind)
         return q, n, None, lines
     p = {s: rng.randint(1, 3) for s in SHAPES}
     q = f"A circle is worth {p['circle']} points, a square {p['square']} and a triangle {p['triangle']}. What is the total?"
-    lines, n = tally(scene, lambda o: p[o["shape"]], slip)
+    lines, n = tally(scene, lambda o: p[o["shape"]], slip, blind)
     return q, n, None, lines
 
-def q_count_both(rng, scene, hard, slip):
+def q_count_both(rng, scene, hard, slip, blind=None):
     c, s = rng.choice(list(COLORS)), rng.choice(SHAPES)
     if not hard:
         if rng.random() < 0.8:  # mostly a kind that is there, or the answer would nearly always be 0
             o = rng.choice(scene)
             c, s = o["color"], o["shape"]
-        lines, n = tally(scene, lambda o: o["color"] == c and o["shape"] == s, slip)
+        lines, n = tally(scene, lambda o: o["color"] == c and o["shape"] == s, slip, blind)
         return f"How many {c} {s}s are there?", n, None, lines
-    lines, n = tally(scene, lambda o: o["color"] == c or o["shape"] == s, slip)
+    lines, n = tally(scene, lambda o: o["color"] == c or o["shape"] == s, slip, blind)
     return f"How many shapes are {c} or {s}s?", n, None, lines
 
-def q_position(rng, scene, hard, slip):
+def q_position(rng, scene, hard, slip, blind=None):
     if not hard:
         o = rng.choice(scene)
         r, c = o["row"], o["col"]
@@ -217,14 +219,17 @@ BUILDERS = dict(count_color=q_count_color, count_shape=q_count_shape, compare=q_
 
 # -----------------------------------------------------------------------------
 
-def make_sample(rng, domain, difficulty, p_wait=0.2, p_hmm=0.1):
+def make_sample(rng, domain, difficulty, p_wait=0.2, p_hmm=0.1, blind=None):
     """rng: random.Random. Returns dict(image, question, answer, options, solution, domain, difficulty, scene).
-    The question ends with an "<image>" placeholder: the image comes after the question in the prompt."""
+    The question ends with an "<image>" placeholder: the image comes after the question in the prompt.
+    blind: a colour (e.g. "yellow") the trace's author overlooks in counting questions: a systematically wrong
+    teacher, as distilled cold-start data can be. The answer is then the trace's (wrong) conclusion; the scene, the
+    question and the rng draws are the same as without it."""
     assert domain in BUILDERS and difficulty in DIFFICULTIES, (domain, difficulty)
     for _ in range(1000):
         scene = make_scene(rng, difficulty)
         slip = rng.random() < p_wait
-        out = BUILDERS[domain](rng, scene, difficulty == "hard", slip)
+        out = BUILDERS[domain](rng, scene, difficulty == "hard", slip, blind)
         if out is not None:
             break
     else:

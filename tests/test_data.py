@@ -144,6 +144,40 @@ def test_answers_are_right_for_the_image():
                     k = 4 * (int(m[1]) - 1) + int(m[2]) - 1 if m[1] else codes.index(m[4]) + (1 if m[3] == "One" else 4)
                     assert m[5] == codes[k], s["solution"]
 
+def test_blind_teacher():
+    # a teacher that overlooks yellow: same scene and question (same rng draws), a key with every yellow kind at 0,
+    # and the trace concludes what the scene would give without its yellow shapes
+    wrong = 0
+    for i in range(120):
+        domain, diff = DOMAINS[i % 6], DIFFICULTIES[i % 2]
+        a = make_sample(random.Random(i), domain, diff, p_wait=0.3)
+        b = make_sample(random.Random(i), domain, diff, p_wait=0.3, blind="yellow")
+        assert (a["question"], a["scene"], a["options"]) == (b["question"], b["scene"], b["options"])
+        if a["options"] is not None:  # position questions have no key: unchanged
+            assert a["solution"] == b["solution"]
+            continue
+        lines = b["solution"].split("\n")
+        key = dict(e.split("=") for e in lines[2][len("Key: "):].split(" "))
+        assert all(v == "0" for k, v in key.items() if k[0] == "y"), lines[2]
+        assert b["answer"] == solve(b["question"], [o for o in b["scene"] if o["color"] != "yellow"], None)
+        assert re.findall(r"\\boxed\{(.*?)\}", b["solution"]) == [b["answer"]]
+        wrong += a["answer"] != b["answer"]
+    assert wrong > 10  # the blind spot changes many answers
+
+def test_prepare_blind_teacher_only_changes_sft(prepared, tmp_path):
+    # the default's sft traces come from a teacher blind to yellow in 60% of them; without it only sft changes
+    out = str(tmp_path / "plain")
+    prepare(out=out, n_sft=90, n_rl=60, n_val=24, n_test=30, teacher_blind_frac=0.0)
+    for split in ("rl", "val", "test"):
+        with open(os.path.join(out, f"{split}.jsonl")) as f, open(os.path.join(prepared, f"{split}.jsonl")) as g:
+            assert f.read() == g.read(), split
+    a, b = (load_jsonl(os.path.join(d, "sft.jsonl"), require=("solution",)) for d in (out, prepared))
+    assert [r["question"] for r in a] == [r["question"] for r in b]
+    n_diff = sum(x["solution"] != y["solution"] for x, y in zip(a, b))
+    assert 5 < n_diff < 90 * 0.6 * 5 / 6 + 15, n_diff  # only counting traces whose scene holds a yellow kind change
+    with pytest.raises(ValueError, match="teacher_blind"):
+        prepare(out=str(tmp_path / "bad"), teacher_blind="purple", teacher_blind_frac=0.5)
+
 def test_wait_fraction():
     sols = lambda p: [make_sample(random.Random(i), DOMAINS[i % 6], DIFFICULTIES[i % 2], p_wait=p)["solution"] for i in range(300)]
     assert not any("Wait," in s for s in sols(0.0))
