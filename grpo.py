@@ -110,6 +110,7 @@ save_every = 20
 keep_last = 0  # 0 = keep every checkpoint (entropy.py ranks them)
 export = True
 seed = 1337
+debug_nan_step = 0  # tests only: > 0 makes the loss of that step NaN, to exercise the non-finite skip
 wandb_log = False
 wandb_project = "nanor1v"
 wandb_run_name = "grpo"
@@ -303,6 +304,8 @@ def update(samples):
                     loss = loss + kl_coef * agg_loss(kl_k3(logp, ref), tmask, loss_agg, norm_const, denom)
                 if ent_coef_now > 0:
                     loss = loss - ent_coef_now * agg_loss(ent, tmask, loss_agg, norm_const, denom)
+                if step + 1 == debug_nan_step:
+                    loss = loss * float("nan")
                 # FSDP averages gradients over ranks; the loss is already a global mean: scale back by world_size
                 (loss * weight * world_size).backward()
                 nt = int(tmask.sum()) * weight
@@ -314,7 +317,7 @@ def update(samples):
             gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
             loss_g, clip_g, kl_g, nt_g = all_reduce_sum(loss_sum, clip, kl, ntok_local)
             if not (torch.isfinite(torch.tensor(loss_g)) and torch.isfinite(torch.tensor(gnorm))):
-                print0(f"step {step}: non-finite loss {loss_g} or grad norm {gnorm}: update skipped")
+                print0(f"step {step + 1}: non-finite loss {loss_g} or grad norm {gnorm}: update skipped")
                 stats["skipped"] += 1
             else:
                 optimizer.step()
@@ -437,7 +440,7 @@ while step < max_steps:
         ustats = update(train)  # a rank with nothing to train on still joins (zero-weight passes)
     else:
         ustats = {"clip_frac": 0.0, "approx_kl": 0.0, "gnorm": 0.0, "loss": 0.0, "skipped": 1}
-        print0(f"step {step}: no informative samples on any rank: update skipped")
+        print0(f"step {step + 1}: no informative samples on any rank: update skipped")
     t_update = time.time() - t0
     step += 1
 

@@ -119,6 +119,22 @@ def test_grpo_every_option_runs(sft_model, tmp_path):
     run("grpo.py", base(synth, hf, str(tmp_path / "dr")) + ["--max_steps=1", "--loss_agg=seq_sum_const"])
 
 
+def test_grpo_nonfinite_step_is_skipped(sft_model, tmp_path):
+    # a NaN loss at step 2: the update is skipped and logged, the run goes on, weights and checkpoints stay finite
+    import torch
+    from safetensors.torch import load_file
+    synth, hf = sft_model
+    a = str(tmp_path / "a")
+    out = run("grpo.py", base(synth, hf, a) + ["--debug_nan_step=2"]).stdout
+    assert "step 2: non-finite loss" in out and "update skipped" in out
+    m = log(a)
+    assert [m[s]["skipped"] for s in (1, 2, 3, 4)] == [0, 1, 0, 0]
+    assert all(torch.isfinite(t).all() for t in load_file(os.path.join(a, "hf", "model.safetensors")).values())
+    shutil.rmtree(os.path.join(a, "ckpt_0000004"))  # resume from the checkpoint written right after the skip
+    run("grpo.py", base(synth, hf, a) + ["--init_from=resume"])
+    assert log(a)[4]["skipped"] == 0
+
+
 def test_grpo_bad_input(sft_model, tmp_path):
     synth, hf = sft_model
     empty = tmp_path / "empty.jsonl"
