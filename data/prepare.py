@@ -109,11 +109,11 @@ def prepare(out=DEFAULT_OUT, n_sft=8000, n_rl=4000, n_val=200, n_test=500, p_wai
     cold-start teacher, as distilled cold-start data can be: SFT learns its blind spot, RL with the verifiable
     answers of the rl split can unlearn it; README "The embedded default"); the rl, val and test splits are
     unchanged. teacher_blind_frac=0 gives correct traces only."""
-    if teacher_blind_frac > 0 and teacher_blind not in COLORS:
-        raise ValueError(f"teacher_blind must be one of {list(COLORS)}, got {teacher_blind!r}")
     config = dict(version=VERSION, n_sft=n_sft, n_rl=n_rl, n_val=n_val, n_test=n_test, p_wait=p_wait,
                   vocab_size=vocab_size, seeds=SEEDS)
     if teacher_blind_frac > 0:
+        if teacher_blind not in COLORS:
+            raise ValueError(f"teacher_blind must be one of {list(COLORS)}, got {teacher_blind!r}")
         config.update(teacher_blind=teacher_blind, teacher_blind_frac=teacher_blind_frac)
     meta_path = os.path.join(out, "meta.json")
     if os.path.isfile(meta_path):
@@ -129,8 +129,8 @@ def prepare(out=DEFAULT_OUT, n_sft=8000, n_rl=4000, n_val=200, n_test=500, p_wai
     sizes = dict(test=n_test, val=n_val, sft=n_sft, rl=n_rl)
     seen, stats, texts = set(), {}, []
     for split in SEEDS:
-        samples, dupes = render_split(split, sizes[split], SEEDS[split], p_wait, seen, out,
-                                      *((teacher_blind, teacher_blind_frac) if split == "sft" else ()))
+        frac = teacher_blind_frac if split == "sft" else 0.0  # only the cold-start traces come from the teacher
+        samples, dupes = render_split(split, sizes[split], SEEDS[split], p_wait, seen, out, teacher_blind, frac)
         stats[split] = dict(n=len(samples), duplicates_skipped=dupes,
                             with_wait=sum("Wait," in s["solution"] for s in samples))
         for s in samples:  # the tokenizer learns from prompts (no image tokens) and responses

@@ -23,8 +23,12 @@ acc() {  # acc CKPT OUT_DIR [eval args]: greedy test accuracy (%) of an HF check
     $PY eval.py --ckpt="$1" --out_dir="$2" "${@:3}" > "$2.log" 2>&1 || { cat "$2.log"; exit 1; }
     $PY -c "import json, sys; print(f'{sys.argv[2]}: {100 * json.load(open(sys.argv[1]))[\"accuracy\"]:.1f}%')" "$2/summary.json" "$2"
 }
+once() {  # once DIR CMD...: run CMD (logging to DIR.log) unless DIR already holds its exported model
+    local d=$1; shift
+    [ -f $d/hf/config.json ] || "$@" > $d.log 2>&1
+}
 grpo_default() {  # the shared default GRPO run of seed $1
-    [ -f $E/grpo_s$1/hf/config.json ] || $PY grpo.py --seed=$1 --out_dir=$E/grpo_s$1 > $E/grpo_s$1.log 2>&1
+    once $E/grpo_s$1 $PY grpo.py --seed=$1 --out_dir=$E/grpo_s$1
 }
 [ -f out/sft/hf/config.json ] || { echo "no out/sft/hf: run bash speedrun.sh first"; exit 1; }
 
@@ -36,16 +40,15 @@ rl_vs_sft)
     for s in $SEEDS; do
         grpo_default $s
         acc $E/grpo_s$s/hf $E/eval_grpo_s$s
-        [ -f $E/moresft_s$s/hf/config.json ] || $PY sft.py --init_from=out/sft/hf --out_dir=$E/moresft_s$s --seed=$s \
-            --max_steps=60 --lr=5e-5 --warmup_frac=0 --min_lr_frac=1.0 --val_data= > $E/moresft_s$s.log 2>&1
+        once $E/moresft_s$s $PY sft.py --init_from=out/sft/hf --out_dir=$E/moresft_s$s --seed=$s \
+            --max_steps=60 --lr=5e-5 --warmup_frac=0 --min_lr_frac=1.0 --val_data=
         acc $E/moresft_s$s/hf $E/eval_moresft_s$s
     done ;;
 connector_in_rl)
     for s in $SEEDS; do
         grpo_default $s
         acc $E/grpo_s$s/hf $E/eval_grpo_s$s
-        [ -f $E/grpo_noconn_s$s/hf/config.json ] || $PY grpo.py --seed=$s --train_connector=False \
-            --out_dir=$E/grpo_noconn_s$s > $E/grpo_noconn_s$s.log 2>&1
+        once $E/grpo_noconn_s$s $PY grpo.py --seed=$s --train_connector=False --out_dir=$E/grpo_noconn_s$s
         acc $E/grpo_noconn_s$s/hf $E/eval_grpo_noconn_s$s
     done ;;
 after_rl)
@@ -55,8 +58,8 @@ after_rl)
         for parts in connector:True:False:False connector_llm:True:True:False all:True:True:True; do
             IFS=: read name conn llm vit <<< "$parts"
             d=$E/ct_${name}_s$s
-            [ -f $d/hf/config.json ] || $PY connector_tune.py --init_from=$E/grpo_s$s/hf --out_dir=$d --seed=$s \
-                --train_connector=$conn --train_llm=$llm --train_vit=$vit > $d.log 2>&1
+            once $d $PY connector_tune.py --init_from=$E/grpo_s$s/hf --out_dir=$d --seed=$s \
+                --train_connector=$conn --train_llm=$llm --train_vit=$vit
             acc $d/hf $E/eval_ct_${name}_s$s
         done
     done ;;
@@ -69,10 +72,9 @@ curriculum)
     for s in $SEEDS; do
         grpo_default $s
         acc $E/grpo_s$s/hf $E/eval_grpo_s$s
-        [ -f $E/cur1_s$s/hf/config.json ] || $PY grpo.py --seed=$s --data=data/synth/rl_normal.jsonl --max_steps=30 \
-            --out_dir=$E/cur1_s$s > $E/cur1_s$s.log 2>&1
-        [ -f $E/cur2_s$s/hf/config.json ] || $PY grpo.py --seed=$s --init_from=$E/cur1_s$s/hf --data=data/synth/rl_hard.jsonl \
-            --max_steps=30 --out_dir=$E/cur2_s$s > $E/cur2_s$s.log 2>&1
+        once $E/cur1_s$s $PY grpo.py --seed=$s --data=data/synth/rl_normal.jsonl --max_steps=30 --out_dir=$E/cur1_s$s
+        once $E/cur2_s$s $PY grpo.py --seed=$s --init_from=$E/cur1_s$s/hf --data=data/synth/rl_hard.jsonl \
+            --max_steps=30 --out_dir=$E/cur2_s$s
         acc $E/cur2_s$s/hf $E/eval_curriculum_s$s
     done ;;
 entropy)
