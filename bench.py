@@ -27,6 +27,7 @@ import torch
 
 from configurator import configure
 from model import VLM, VLMConfig
+import kernels
 import sampler
 
 # ----------------------------------------------------------------------------- config
@@ -173,7 +174,7 @@ def cpu_bench():
           f"{new_tokens} new tokens, temperature 1, {torch.get_num_threads()} threads (both sides)")
     print(f"load average at start (1/5/15 min): {load_avg()}  -- the machine is shared; see the per-round ratios")
     # same weights? one greedy continuation must agree token for token (also the warm-up of both sides)
-    ours = sampler.generate(model, prompts[:1], max_new_tokens=8, temperature=0)[0].tokens
+    ours = sampler.generate(model, prompts[:1], max_new_tokens=8, temperature=0).response(0)
     with torch.no_grad():
         theirs = hf.generate(input_ids=ids[:1], pixel_values=pv[:1], do_sample=False, max_new_tokens=8,
                              pad_token_id=0)[0, prompt_len:].tolist()
@@ -192,7 +193,7 @@ def cpu_bench():
         t_us.append(time.perf_counter() - t)
         c_us.append(time.process_time() - c)
         splits.append(st)
-        assert sum(len(x.tokens) for x in res) == n_tok
+        assert int(res.lengths.sum()) == n_tok
         t, c = time.perf_counter(), time.process_time()
         hf_generate(hf, ids, pv, n_samples, new_tokens)
         t_hf.append(time.perf_counter() - t)
@@ -230,11 +231,11 @@ def cpu_bench():
             res = sampler.generate(model, prompts, n=n_samples, max_new_tokens=new_tokens, temperature=1.0, seed=r,
                                    eos_token_id=eos, compact=compact, sync_every=8)
             ts[compact].append(time.perf_counter() - t)
-        toks.append(sum(len(x.tokens) for x in res))
+        toks.append(int(res.lengths.sum()))
     rows = [[f"compact={c}", f"{statistics.median(ts[c]):.2f}",
              f"{statistics.median(k / s for k, s in zip(toks, ts[c])):.0f}"] for c in (False, True)]
     print(f"\nfinished rows ({len(eos)} EOS ids, ~1/{eos_every} of the mass; mean length "
-          f"{sum(toks) / len(toks) / len(res):.1f} of {new_tokens} over {repeats} seeds; sync_every=8):")
+          f"{sum(toks) / len(toks) / len(res.lengths):.1f} of {new_tokens} over {repeats} seeds; sync_every=8):")
     print_table(["policy", "time (s, median)", "tokens/s (median)"], rows)
     print(f"load average at end: {load_avg()}")
 
@@ -257,12 +258,11 @@ def profile_decode(model, prompts):
             acc[name] = acc.get(name, 0.0) + time.perf_counter() - t
             return out
         return f
-    saved = dict(linear=F.linear, step=sampler._decode_step, sample=sampler.sample_next,
-                 attn=sampler.prefix_attention, attend=sampler.DecodeCache.attend)
+    saved = dict(linear=F.linear, sample=sampler.sample_next, attn=sampler.prefix_attention,
+                 attend=sampler.DecodeCache.attend)
     runs = []
     try:
         F.linear = timed("linear", saved["linear"])  # nn.Linear.forward calls F.linear
-        sampler._decode_step = timed("step", saved["step"])
         sampler.sample_next = timed("sampling", saved["sample"])
         sampler.prefix_attention = timed("attention", saved["attn"])
         sampler.DecodeCache.attend = timed("attend", saved["attend"])  # a plain function: binds as a method
@@ -273,16 +273,15 @@ def profile_decode(model, prompts):
             n = st["decode_steps"]
             a = {k: v / n * 1e3 for k, v in acc.items()}  # ms per step
             wall = st["decode_s"] / n * 1e3  # the decode loop: steps + sampling + bookkeeping
-            runs.append({"linear layers (q/k/v/o, MLP, lm_head: F.linear)": a["linear"],
+            runs.append({"linear layers (q/k/v/o, MLP: F.linear)": a["linear"],
                          "attention (prompt K/V shared + own tokens)": a["attention"],
                          "cache write (k, v of the new token)": a["attend"] - a["attention"],
-                         "rest of the forward: embedding, norms, RoPE, residuals, Python":
-                             a["step"] - a["linear"] - a["attend"],
                          "sampling (log-softmax, entropy, inverse-cdf draw)": a["sampling"],
-                         "loop bookkeeping (outputs, EOS flags, rand)": wall - a["step"] - a["sampling"],
+                         "the rest: fp32 lm_head, embedding, norms, RoPE, residuals, loop bookkeeping":
+                             wall - a["linear"] - a["attend"] - a["sampling"],
                          "total": wall})
     finally:
-        F.linear, sampler._decode_step, sampler.sample_next = saved["linear"], saved["step"], saved["sample"]
+        F.linear, sampler.sample_next = saved["linear"], saved["sample"]
         sampler.prefix_attention, sampler.DecodeCache.attend = saved["attn"], saved["attend"]
     m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}  # per part (medians need not add up)
     print(f"\ndecode step profile: {m['total']:.2f} ms per step of {n_prompts * n_samples} rows (median of {repeats} "
@@ -380,14 +379,16 @@ def gpu_bench():
                     except torch.OutOfMemoryError:
                         continue
                     lens = torch.full((B,), L, device=dev)
-                    t_tr = timeit(lambda: sampler.decode_attention(q, kc, vc, lens, len_bound=L))
+                    t_tr = timeit(lambda: kernels.decode_attention(q, kc, vc, lens, len_bound=L))
                     t_sd = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(
                         q[:, :, None], kc, vc, enable_gqa=True))
                     nbytes = 2 * B * K * L * D * esize
                     # shared prefix: B // n prompts of L tokens, n = 8 rows each with 64 tokens of their own
                     n = min(B, 8)
                     pk, pv, gk, gv = kc[:B // n], vc[:B // n], kc[:, :, :64], vc[:, :, :64]
-                    t_sh = timeit(lambda: sampler.prefix_attention(q, pk, pv, L, gk, gv, min(64, L), n))
+                    plen, glen = torch.full((B // n,), L, device=dev), torch.full((B,), min(64, L), device=dev)
+                    t_sh = timeit(lambda: kernels.prefix_attention(q, pk, pv, plen, gk, gv, glen, n,
+                                                                   torch.arange(B, device=dev), gen_bound=64))
                     sh_bytes = 2 * (B // n * L + B * min(64, L)) * K * D * esize
                     attn_rows.append([shape, B, L, f"{t_tr * 1e6:.1f}", f"{nbytes / t_tr / 1e9:.0f}",
                                       f"{nbytes / t_tr / bw:.0%}", f"{t_sd * 1e6:.1f}", f"{t_sd / t_tr:.2f}x",

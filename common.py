@@ -4,15 +4,15 @@ without torchrun, the LR schedule, freezing towers by name, FSDP2 + activation c
 atomic, resumable, sharded checkpoints (torch.distributed.checkpoint, "DCP").
 
 Typical use in a training script:
-    ddp, rank, local_rank, world_size, device = compute_init(seed)
-    model = VLM(cfg)                                   # or on meta, then load
-    set_trainable(model, train_vit, train_connector, train_llm)   # before sharding: counts full params
-    if activation_checkpointing: apply_activation_checkpointing(model)  # before fully_shard
-    if ddp: apply_fsdp(model, param_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    ddp, rank, local_rank, world_size, device = compute_init(seed, dist_timeout_s, heartbeat_timeout_s)
+    model, n_params, n_train = build_model(init_from, tok, device, fsdp=ddp or device.type == "cuda",
+        train=(train_vit, train_connector, train_llm), activation_checkpointing=..., param_dtype=torch.bfloat16)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], ...)
     if init_from == "resume": step, state, _ = load_checkpoint(latest_checkpoint(out_dir), model, optimizer)
+    ... if agree(not finite): skip ...                    # every rank-local decision is agreed on by all ranks
     ... save_checkpoint(out_dir, step, model, optimizer, state, config, keep_last=K) ...
-    export_hf(model, out_dir + "/hf", tok); compute_cleanup()
+    export_hf(model, out_dir + "/hf", tok, dtype=torch.bfloat16); compute_cleanup()
+Under torchrun a watchdog stops every rank within seconds when one fails, on every node (see _Watchdog).
 Multi-node: out_dir must be on a filesystem every node sees (DCP writes one file per rank into it).
 """
 
@@ -21,7 +21,14 @@ import re
 import json
 import math
 import random
+import atexit
 import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
 import types
 import warnings
 import dataclasses
@@ -35,9 +42,10 @@ import torch.nn as nn
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict)
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 # single-process DCP (no_dist=True) is intended here; DCP warns about it on every save and load
@@ -53,8 +61,17 @@ def _dist_env():
     return False, 0, 0, 1
 
 
-def compute_init(seed=1337, timeout_s=1800):
-    """Init torch.distributed when launched by torchrun (NCCL on CUDA, gloo on CPU), pick the device, seed."""
+def compute_init(seed=1337, timeout_s=600, heartbeat_timeout_s=60):
+    """Init torch.distributed when launched by torchrun (NCCL on CUDA, gloo on CPU), pick the device, seed.
+    timeout_s (scripts: dist_timeout_s): the process-group timeout, i.e. the longest one rank may wait inside one
+      collective for the others before it fails. It only has to catch ranks that are alive but stuck (a deadlock, a
+      collective called on some ranks only): dead or failed ranks are caught by the watchdog. 600 s is above the
+      longest legitimate wait in these scripts: rank 0 alone writing an HF export or reading a safetensors unit of a
+      38B model from a network filesystem (~76 GB bf16 at ~0.5-1 GB/s: 1.5-3 min), a checkpoint write, the spread
+      of rollout times across ranks. Raise it if a rollout phase alone takes longer than ~10 minutes.
+    heartbeat_timeout_s (scripts: heartbeat_timeout_s): multi-process runs start a watchdog (see _Watchdog): an
+      uncaught exception or fail() on any rank stops every rank within ~2 s, on every node; a rank whose process
+      has gone silent (killed, machine lost) stops them after heartbeat_timeout_s. 0 turns the watchdog off."""
     ddp, rank, local_rank, world_size = _dist_env()
     if torch.cuda.is_available():
         # one GPU per process; set it before the process group so NCCL binds the right device
@@ -63,9 +80,18 @@ def compute_init(seed=1337, timeout_s=1800):
     else:
         device = torch.device("cpu")
     if ddp and not dist.is_initialized():
-        # the timeout covers the longest gap between collectives (checkpoint writes, rollouts, HF export)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
+        if world_size > 1 and heartbeat_timeout_s and _WATCHDOG is None:
+            _start_watchdog(rank, world_size, heartbeat_timeout_s, device)
+    elif device.type == "cuda" and not dist.is_initialized():
+        # one GPU without torchrun: a one-process group, so training runs FSDP2 all the same (bf16 compute, fp32
+        # masters, bf16 weights gathered for rollouts): one path for one GPU and for many
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                                timeout=timedelta(seconds=timeout_s), device_id=device)
     # same seed on every rank: identical model init; callers shard the data by rank
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -74,7 +100,12 @@ def compute_init(seed=1337, timeout_s=1800):
 
 
 def compute_cleanup():
-    """Tear down the process group if compute_init made one."""
+    """Mark this rank finished (so the watchdog of ranks still running does not take its silence for a failure),
+    stop its watchdog, and tear down the process group if compute_init made one."""
+    global _WATCHDOG
+    if _WATCHDOG is not None:
+        _WATCHDOG.close()
+        _WATCHDOG = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -83,6 +114,301 @@ def print0(*args, **kwargs):
     """print on rank 0 only."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **{"flush": True, **kwargs})  # flushed: logs piped to a file show up as they happen
+
+
+# Decisions. A rank that decides alone (skip this step, this cache does not fit, stop) leaves the others waiting in
+# their next collective. Every rank-local decision goes through one of these instead: every rank calls it, and
+# every rank gets the same answer.
+
+def _all_reduce_scalar(x, op):
+    if not dist.is_initialized():
+        return x
+    # NCCL reduces only CUDA tensors; float64 holds any int below 2**53 exactly
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    v = t.item()
+    return type(x)(v) if type(x) in (bool, int, float) else v
+
+
+def agree(flag):
+    """Collective: True on every rank if `flag` is true on any rank (all-reduce MAX); `flag` in one process."""
+    return bool(_all_reduce_scalar(1 if flag else 0, dist.ReduceOp.MAX))
+
+
+def agree_min(x):
+    """Collective: the smallest `x` over the ranks, on every rank (an int stays an int)."""
+    return _all_reduce_scalar(x, dist.ReduceOp.MIN)
+
+
+def agree_max(x):
+    """Collective: the largest `x` over the ranks, on every rank (an int stays an int)."""
+    return _all_reduce_scalar(x, dist.ReduceOp.MAX)
+
+
+def fail(msg):
+    """Stop the whole run from this rank with a clear message (no traceback): every rank stops within ~2 s, on
+    every node. Does not return. Under the watchdog this rank exits at once (os._exit(1): no finally blocks,
+    which could wait in a collective); the last complete checkpoint is on disk, a half-written .tmp_ckpt_* is
+    ignored. In one process (or without a watchdog): raises SystemExit(msg)."""
+    wd = _WATCHDOG
+    if wd is None or os.getpid() != wd.pid:
+        raise SystemExit(f"rank {_dist_env()[1]}: error: {msg}")
+    print(f"rank {wd.rank}: error: {msg}", file=sys.stderr, flush=True)
+    wd.report(msg)
+    _exit_now(1)
+
+
+# Disk. A run that fills the disk at its 5th checkpoint loses hours; say so before step 0.
+
+def checkpoint_bytes(n_params, n_trainable, param_bytes=4, n_optim_states=2, state_bytes=4):
+    """Bytes of one save_checkpoint directory (all shards together): every state-dict entry, frozen ones too, in
+    the master dtype (fp32), plus AdamW's exp_avg and exp_avg_sq (fp32) for every trainable parameter. Count before
+    sharding. n_params: sum(t.numel() for t in model.state_dict().values()) (works on meta; a tied lm_head counts
+    twice, as DCP writes it under both names); n_trainable: set_trainable's count. Not counted: ~1.5 KB of framing
+    per tensor, the DCP metadata, RNG and JSON files (KBs to a few MB for a real model)."""
+    return n_params * param_bytes + n_trainable * n_optim_states * state_bytes
+
+
+def check_disk(out_dir, bytes_per_checkpoint, n_checkpoints):
+    """Collective, before training: compare n_checkpoints x bytes_per_checkpoint with the free space of out_dir's
+    filesystem (the smallest over the ranks). Warns on rank 0 if they do not all fit; raises on every rank if not
+    even one does. n_checkpoints: keep_last + 1 (a save writes the new checkpoint before it prunes the oldest), or
+    every save of the run when nothing is pruned. Returns the free bytes."""
+    path = os.path.abspath(out_dir)
+    while not os.path.exists(path):  # out_dir may not exist yet: its filesystem is its nearest existing parent's
+        path = os.path.dirname(path)
+    free = agree_min(shutil.disk_usage(path).free)
+    gb = lambda b: f"{b / 1e9:.1f} GB"
+    need = bytes_per_checkpoint * n_checkpoints
+    if bytes_per_checkpoint > free:
+        raise RuntimeError(f"check_disk: one checkpoint needs {gb(bytes_per_checkpoint)} but {out_dir} has only "
+                           f"{gb(free)} free: free space, or point out_dir at a larger filesystem")
+    if need > free:
+        print0(f"check_disk: WARNING {n_checkpoints} checkpoints x {gb(bytes_per_checkpoint)} = {gb(need)}, but "
+               f"{out_dir} has {gb(free)} free: the run will stop at a save once the disk fills (lower keep_last, "
+               f"save less often, or free space)")
+    return free
+
+
+# The watchdog. torchrun's agent stops only its own node's workers when one fails; a worker on another node waits in
+# its collective until the process-group timeout (NCCL does not notice a dead peer; gloo notices a closed socket
+# but not a frozen machine). So every rank of a multi-process run has two daemon threads (_Watchdog: a pinger with
+# its own client of the TCPStore at MASTER_ADDR:MASTER_PORT, and a judge that never calls the store); every worker
+# already reaches that store (torchrun's agent on the first node hosts it; rank 0 does when
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 or without torchrun). Its keys live under a prefix that
+# rank 0 draws at random for this process group, so the keys of an earlier run or restart, in a store that
+# outlives them, cannot trip it:
+#   hb/<rank>  a counter the rank bumps every beat_s, "done" once compute_cleanup ran
+#   abort      {"by": rank, "why": text} of the first failure (compare_set: the first writer wins, so the root
+#              cause is kept)
+#   acks       how many ranks have seen abort (the failing rank waits for them briefly, so its own exit, which may
+#              take the store down with it, does not hide the message)
+# A rank stops (os._exit: its main thread may be blocked inside a collective) when abort is set by another rank,
+# when another rank's counter has not moved for heartbeat_timeout_s, or when the store has not answered it for
+# heartbeat_timeout_s. A heartbeat shows the process is alive, not that it progresses: a rank that is alive but
+# stuck is the process-group timeout's job.
+
+_WATCHDOG = None  # this process's watchdog, or None
+
+
+def _exit_now(code):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _where(tb):
+    """'file.py:123' of the innermost frame of a traceback, or ''."""
+    frames = traceback.extract_tb(tb) if tb is not None else []
+    return f" ({os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+
+
+def _excepthook(tp, value, tb):
+    _PREV_HOOKS[0](tp, value, tb)  # the usual traceback first
+    wd = _WATCHDOG
+    if wd is not None and os.getpid() == wd.pid:  # not in a forked child (DataLoader worker)
+        wd.report(f"{tp.__name__}: {value}{_where(tb)}")
+        # then Python exits as usual (exit code 1, atexit handlers run); should its teardown hang (a communicator
+        # whose peers are gone), the kernel ends the process in 60 s (SIGALRM's default action)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(60)
+
+
+def _thread_excepthook(args):
+    _PREV_HOOKS[1](args)
+    wd = _WATCHDOG
+    if wd is not None and os.getpid() == wd.pid and args.exc_type is not SystemExit:
+        # the main thread may wait forever on what this thread was to deliver: the whole run stops
+        name = args.thread.name if args.thread is not None else "?"
+        wd.report(f"{args.exc_type.__name__} in thread {name}: {args.exc_value}{_where(args.exc_traceback)}")
+        _exit_now(1)
+
+
+_PREV_HOOKS = [sys.excepthook, threading.excepthook]  # the hooks ours chain to (set when ours are installed)
+
+
+class _Watchdog:
+    def __init__(self, rank, world_size, timeout_s, prefix):
+        self.rank, self.world, self.timeout, self.prefix = rank, world_size, float(timeout_s), prefix
+        self.beat_s = min(5.0, self.timeout / 10)  # bump our counter, read everybody's
+        self.poll_s = min(1.0, self.beat_s)  # look for abort
+        self.store_timeout = timedelta(seconds=max(5.0, 2 * self.beat_s))
+        self.addr, self.port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        self.pid = os.getpid()
+        self.stop = threading.Event()
+        self.done = set()  # ranks that finished normally
+        self.keys = [f"hb/{r}" for r in range(world_size)]
+        self.store = self._connect()
+        self.store.set(self.keys[rank], "0")
+        self.t_ok, self.error = time.monotonic(), None  # when the store last answered a whole round; why not since
+        # the pinger does all the store traffic; the judge, which never calls the store, stops this rank if the
+        # pinger gets no answer for timeout_s: a store call whose host hangs (or whose machine is gone without a
+        # TCP reset) may never return, whatever the TCPStore timeout says (measured: get, add, multi_get,
+        # compare_set and connecting all block while the host is SIGSTOPped)
+        self.threads = [threading.Thread(target=f, name=f"nanor1v-watchdog-{f.__name__[1:]}", daemon=True)
+                        for f in (self._pinger, self._judge)]
+        for t in self.threads:
+            t.start()
+
+    def _connect(self):
+        # a plain socket first: TCPStore's client retries a refused connection until its timeout runs out
+        socket.create_connection((self.addr, self.port), timeout=self.store_timeout.total_seconds()).close()
+        # an extra client of the rendezvous store: no server started, no wait for other clients
+        s = dist.TCPStore(self.addr, self.port, is_master=False, timeout=self.store_timeout, wait_for_workers=False)
+        return dist.PrefixStore(self.prefix, s)
+
+    def _read_beats(self, store=None):
+        store = store or self.store
+        if store.check(self.keys):
+            return store.multi_get(self.keys)
+        return [store.get(k) if store.check([k]) else None for k in self.keys]  # still starting up
+
+    def _pinger(self):
+        now = time.monotonic()
+        last, seen = [None] * self.world, [now] * self.world  # a counter's value, when it last moved
+        beat, t_beat = 0, now  # our counter, when we last bumped it
+        while not self.stop.wait(self.poll_s):
+            now = time.monotonic()
+            try:
+                if self.store is None:
+                    self.store = self._connect()
+                if self.store.check(["abort"]):
+                    a = json.loads(self.store.get("abort"))
+                    if a["by"] != self.rank:  # our own failure: report() is handling it
+                        self.store.add("acks", 1)
+                        self._stop(a["why"])
+                if now - t_beat >= self.beat_s:
+                    if now - t_beat > 3 * self.beat_s + self.poll_s:  # this thread was stalled (process stopped,
+                        seen = [now] * self.world  # starved, slow store): our clock says nothing about the others
+                    beat, t_beat = beat + 1, now
+                    self.store.set(self.keys[self.rank], str(beat))
+                    for r, v in enumerate(self._read_beats()):
+                        if v == b"done":
+                            if r not in self.done:
+                                self.done.add(r)
+                                self.store.set(f"seen_done/{r}/{self.rank}", "1")  # for a store host's close()
+                        elif v != last[r]:
+                            last[r], seen[r] = v, now
+                    silent = [(now - seen[r], r) for r in range(self.world)
+                              if r != self.rank and r not in self.done and now - seen[r] > self.timeout]
+                    if silent:
+                        age, r = max(silent)
+                        why = (f"rank {r} stopped sending heartbeats {age:.0f} s ago "
+                               f"(heartbeat_timeout_s={self.timeout:g})")
+                        self.store.compare_set("abort", "", json.dumps({"by": self.rank, "why": why}))
+                        self._stop(why)
+                self.t_ok, self.error = time.monotonic(), None
+            except Exception as e:  # the store's host is gone (refused, reset) or timed out: retry, the judge decides
+                if self.stop.is_set() or self.done:  # the run is ending: a store hosted by a finished rank goes
+                    return  # away with it
+                self.store, self.error = None, e
+
+    def _judge(self):
+        t_last = time.monotonic()
+        while not self.stop.wait(self.poll_s):
+            now = time.monotonic()
+            if now - t_last > 3 * self.poll_s + 1:  # stalled ourselves: give the pinger a fresh chance
+                self.t_ok = now
+            t_last = now
+            if self.done:  # the run is ending (see _pinger)
+                return
+            if now - self.t_ok > self.timeout:
+                err = f"{type(self.error).__name__}: {str(self.error)[:200]}" if self.error else "no answer"
+                self._stop(f"lost the watchdog store {self.addr}:{self.port} {now - self.t_ok:.0f} s ago ({err}); "
+                           f"its host (torchrun's agent on the first node, or rank 0) is gone or hangs")
+
+    def _stop(self, why):
+        if self.stop.is_set():  # compute_cleanup is under way: this rank has finished
+            return
+        print(f"rank {self.rank}: stopping: {why}", file=sys.stderr, flush=True)
+        _exit_now(1)
+
+    def _bounded(self, fn, timeout):
+        """fn() on a helper thread, given up after `timeout` s (a store call may never return, see __init__)."""
+        t = threading.Thread(target=fn, name="nanor1v-watchdog-call", daemon=True)
+        t.start()
+        t.join(timeout)
+
+    def report(self, msg):
+        """Publish this rank's failure (unless another rank's came first) and give the others a moment to see it.
+        Uses its own connection (the pinger's may be blocked in a call) and gives up after a few seconds."""
+        def publish():
+            try:
+                s = self._connect()
+                why = f"rank {self.rank} failed: {msg[:2000]}"
+                s.compare_set("abort", "", json.dumps({"by": self.rank, "why": why}))
+                deadline = time.monotonic() + 2 * self.poll_s + 1
+                while time.monotonic() < deadline and s.add("acks", 0) < self.world - 1 - len(self.done):
+                    time.sleep(0.05)
+            except Exception as e:  # the store is gone too: the others stop when their own timeouts run out
+                print(f"rank {self.rank}: watchdog: could not publish the failure ({type(e).__name__}: {e})",
+                      file=sys.stderr, flush=True)
+        self._bounded(publish, 2 * self.poll_s + 2 + self.store_timeout.total_seconds())
+
+    def halt(self):
+        """Stop both threads (the pinger may be inside a store call: wait a little for it)."""
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=self.poll_s + 1)
+
+    def close(self):
+        """This rank finished normally: stop the threads, then mark it done. If this process hosts the store (rank 0
+        without torchrun's agent store), its exit takes the store down: first let the ranks still running see
+        'done' (at most one beat), or they would take the lost store for a failure."""
+        self.halt()
+
+        def mark_done():
+            try:
+                s = self._connect()
+                s.set(self.keys[self.rank], "done")
+                if self.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+                    deadline, waiting = time.monotonic() + self.beat_s + self.poll_s + 1, set(range(1, self.world))
+                    while waiting and time.monotonic() < deadline:
+                        time.sleep(0.1)
+                        beats = self._read_beats(s)
+                        waiting = {r for r in waiting if beats[r] != b"done" and not s.check([f"seen_done/0/{r}"])}
+            except Exception:
+                pass  # the store's host has already exited: nobody is left to misread our silence
+        self._bounded(mark_done, self.beat_s + self.poll_s + 2 + self.store_timeout.total_seconds())
+
+
+def _start_watchdog(rank, world_size, heartbeat_timeout_s, device):
+    """Collective (one broadcast): start this rank's watchdog and install the exception hooks."""
+    global _WATCHDOG
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        print(f"rank {rank}: compute_init: no MASTER_ADDR/MASTER_PORT: running without the watchdog", flush=True)
+        return
+    token = torch.zeros(1, dtype=torch.int64, device=device)
+    if rank == 0:
+        token.fill_(int.from_bytes(os.urandom(7), "little"))
+    dist.broadcast(token, src=0)
+    prefix = f"nanor1v/watchdog/{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}/{int(token.item()):x}/"
+    _WATCHDOG = _Watchdog(rank, world_size, heartbeat_timeout_s, prefix)
+    atexit.register(_WATCHDOG.halt)  # no store call may be in flight when the interpreter finalises (abort)
+    if sys.excepthook is not _excepthook:
+        _PREV_HOOKS[:] = [sys.excepthook, threading.excepthook]
+        sys.excepthook, threading.excepthook = _excepthook, _thread_excepthook
 
 
 def autocast_ctx(device):
@@ -156,11 +482,14 @@ def apply_activation_checkpointing(model):
     return model
 
 
-def apply_fsdp(model, param_dtype=None, reduce_dtype=torch.float32, reshard_after_forward=True):
+def apply_fsdp(model, param_dtype=None, reduce_dtype=torch.float32, reshard_after_forward=True, offload=False):
     """FSDP2 (torchtitan idiom): the ViT as one unit, each LLM block as a unit, then the root
     (connector, embeddings, final norm, lm_head; a tied lm_head.weight stays wte.weight).
     bf16 compute + fp32 gradient reduction when param_dtype=torch.bfloat16. Units may mix frozen and
-    trainable params (FSDP2 reduce-scatters only gradients that exist)."""
+    trainable params (FSDP2 reduce-scatters only gradients that exist). Works on a model built on the meta
+    device (then to_empty() and fill it, as build_model does). offload=True: CPUOffloadPolicy, the fp32 shards,
+    their gradients and the AdamW state live on the CPU (pinned on GPU machines); the GPU holds the unit being
+    gathered plus activations."""
     if not dist.is_initialized():
         raise RuntimeError("common.py apply_fsdp: torch.distributed is not initialised; "
                            "launch with torchrun and call compute_init() first")
@@ -169,6 +498,8 @@ def apply_fsdp(model, param_dtype=None, reduce_dtype=torch.float32, reshard_afte
     kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
     if param_dtype is not None:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    if offload:  # pinned host memory only exists with CUDA
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     # the ViT is small next to the LLM: one all-gather for the whole tower
     fully_shard(model.vit, **kw)
     for block in model.llm.blocks:
@@ -178,7 +509,7 @@ def apply_fsdp(model, param_dtype=None, reduce_dtype=torch.float32, reshard_afte
 
 # -----------------------------------------------------------------------------
 # checkpoints: out_dir/ckpt_{step:07d}/ = DCP shards (model + optimizer) + state.json + model_config.json
-# + rng_rank{r}.pt, written under .tmp_ckpt_{step:07d}/ and renamed into place only when complete.
+# + rank{r}.pt (that rank's RNG state and rank-local training state), written under .tmp_ckpt_{step:07d}/ and renamed into place only when complete.
 
 _CKPT_RE = re.compile(r"^ckpt_(\d{7,})$")
 
@@ -205,7 +536,7 @@ def _write_json(path, obj):
         os.fsync(f.fileno())
 
 
-def _list_checkpoints(out_dir):
+def list_checkpoints(out_dir):
     """Complete checkpoints in out_dir, oldest first (temporary .tmp_* dirs are never listed)."""
     if not os.path.isdir(out_dir):
         return []
@@ -216,13 +547,14 @@ def _list_checkpoints(out_dir):
 
 def latest_checkpoint(out_dir):
     """Path of the newest complete ckpt_* in out_dir, or None."""
-    ckpts = _list_checkpoints(out_dir)
+    ckpts = list_checkpoints(out_dir)
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(out_dir, step, model, optimizer, state, config, keep_last=None):
+def save_checkpoint(out_dir, step, model, optimizer, state, config, keep_last=None, rank_state=None):
     """Collective: every rank writes its own shards (nothing is gathered). Returns the checkpoint path.
-    state: JSON-serialisable training state (data position, ...); config: the run's config dict."""
+    state: JSON-serialisable training state (data position, ...); config: the run's config dict; rank_state:
+    this rank's own state (e.g. grpo.py's sample buffer), saved beside its RNG and read back as state["rank"]."""
     rank = _rank()
     final = os.path.join(out_dir, f"ckpt_{step:07d}")
     tmp = os.path.join(out_dir, f".tmp_ckpt_{step:07d}")
@@ -250,7 +582,7 @@ def save_checkpoint(out_dir, step, model, optimizer, state, config, keep_last=No
         msd, osd = get_state_dict(model, optimizer)
         sd = {"model": msd, "optim": osd}
     dcp.save(sd, checkpoint_id=tmp, no_dist=not dist.is_initialized())
-    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    torch.save({"rng": _rng_state(), "state": rank_state}, os.path.join(tmp, f"rank{rank}.pt"))
     if rank == 0:
         _write_json(os.path.join(tmp, "state.json"), meta)
         _write_json(os.path.join(tmp, "model_config.json"), model_cfg)
@@ -267,7 +599,7 @@ def save_checkpoint(out_dir, step, model, optimizer, state, config, keep_last=No
         else:
             os.replace(tmp, final)
         if keep_last is not None:
-            for path in _list_checkpoints(out_dir)[:-keep_last]:
+            for path in list_checkpoints(out_dir)[:-keep_last]:
                 shutil.rmtree(path)
     _barrier()  # nobody reads or prunes before the checkpoint is in place
     return final
@@ -275,7 +607,8 @@ def save_checkpoint(out_dir, step, model, optimizer, state, config, keep_last=No
 
 def load_checkpoint(path, model, optimizer=None):
     """Collective: restore model (and optimizer) from a checkpoint written by save_checkpoint, resharding
-    to the current layout, and this rank's RNG. Returns (step, state, config)."""
+    to the current layout, and this rank's RNG. Returns (step, state, config); state["rank"] is the rank_state this
+    rank saved, if it saved one."""
     state_path = os.path.join(path, "state.json")
     if not os.path.isfile(state_path):
         raise FileNotFoundError(f"common.py load_checkpoint: {state_path} missing: '{path}' is not a complete "
@@ -293,25 +626,75 @@ def load_checkpoint(path, model, optimizer=None):
     else:
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
-    rng_path = os.path.join(path, f"rng_rank{_rank()}.pt")
+    rng_path = os.path.join(path, f"rank{_rank()}.pt")
     if os.path.isfile(rng_path):
-        _set_rng_state(torch.load(rng_path, weights_only=False))  # our own file; numpy state needs pickle
+        saved = torch.load(rng_path, weights_only=False)  # our own file; numpy state needs pickle
+        _set_rng_state(saved["rng"])
+        if saved["state"] is not None:
+            meta["state"]["rank"] = saved["state"]
     else:  # resumed on more ranks than saved: weights and optimizer reshard, RNG streams cannot
         print(f"common.py load_checkpoint: WARNING rank {_rank()}: {rng_path} missing "
               f"(checkpoint saved with fewer ranks); this rank keeps its current RNG state")
     return meta["step"], meta["state"], meta["config"]
 
 
-def export_hf(model, out_dir, tok=None):
-    """Collective: gather the full state dict to rank 0's CPU and write the HF layout there
-    (model.save_pretrained(out_dir, state_dict=...)), plus the tokenizer if given."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if _rank() == 0:
-        model.save_pretrained(out_dir, state_dict=full)
-        if tok is not None:
-            tok.save_pretrained(out_dir)
-        print0(f"exported {out_dir}")
+def _full_tensor(p):
+    """A parameter's full value, on every rank: all-gathered when it is an FSDP2 shard (a DTensor)."""
+    if not isinstance(p, DTensor):
+        return p.detach()
+    local = p.to_local()
+    if local.device.type != p.device_mesh.device_type:  # a CPU-offloaded shard: gather on the mesh's device
+        p = DTensor.from_local(local.to(p.device_mesh.device_type), p.device_mesh, p.placements, shape=p.shape,
+                               stride=p.stride())
+    return p.full_tensor().detach()
+
+
+@torch.no_grad()
+def export_hf(model, out_dir, tok=None, dtype=None):
+    """Collective: write the transformers-native HF layout into out_dir on rank 0 (it loads in VLM.from_pretrained
+    and transformers' InternVLForConditionalGeneration), plus the tokenizer if given. Parameters are gathered one
+    at a time, never the whole model on one host, and cast to `dtype` (torch.bfloat16 for GPU runs; None: as
+    stored, i.e. the fp32 masters); rank 0 writes <= 5 GB safetensors shards as they fill. Peak memory: one shard
+    + one tensor on rank 0's host, the local shard + one full tensor on every device. A failure on rank 0 (disk
+    full, ...) still lets the other ranks finish the gathers, then raises on every rank."""
+    from model import write_hf_checkpoint
+    rank = _rank()
+
+    def gathered():  # the same collectives in the same order on every rank
+        for name, p in model.named_parameters():  # a tied lm_head is wte's parameter: listed once
+            t = _full_tensor(p)
+            yield name, (t.to("cpu", dtype or t.dtype) if rank == 0 else None)
+
+    stream, err = gathered(), None
+    if rank == 0:
+        try:
+            write_hf_checkpoint(out_dir, model.cfg, stream)
+            if tok is not None:
+                tok.save_pretrained(out_dir)
+        except Exception as e:  # finish the collectives so no rank is left waiting, then fail everywhere
+            err = e
+    for _ in stream:
+        pass
+    _raise_if_any_failed(err, f"export_hf({out_dir!r})")
+    print0(f"exported {out_dir}")
     _barrier()
+
+
+def _raise_if_any_failed(err, what):
+    """Collective when distributed: every rank's exception (or None) is all-gathered, so all ranks raise together
+    (with the failing rank's message) instead of the others waiting in the next collective for a rank that has
+    stopped."""
+    if not dist.is_initialized():
+        if err is not None:
+            raise err
+        return
+    msgs = [None] * dist.get_world_size()
+    dist.all_gather_object(msgs, None if err is None else f"{type(err).__name__}: {err}")
+    if err is not None:
+        raise err
+    failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
+    if failed:
+        raise RuntimeError(f"rank {_rank()}: {what} failed on rank {failed[0][0]}: {failed[0][1]}")
 
 # -----------------------------------------------------------------------------
 # model, tokenizer and data set-up shared by the training scripts
@@ -350,25 +733,118 @@ def load_tokenizer(tokenizer, init_from, resume_path=None):
     return AutoTokenizer.from_pretrained(path)
 
 
-def build_model(init_from, tok, device, resume_path=None, scratch=None, dtype=torch.float32):
-    """'scratch': a VLMConfig from `scratch` (+ the tokenizer's vocabulary and <IMG_CONTEXT> id), fresh init;
-    'resume': the architecture saved beside the checkpoint (its weights are loaded by load_checkpoint);
-    otherwise a local HF directory. Under torchrun every process reads the HF checkpoint once (one copy in
-    `dtype` on its CPU, sharded right after by apply_fsdp)."""
-    from model import VLM, VLMConfig, config_from_dict
-    if init_from == "resume":
-        with open(os.path.join(resume_path, "model_config.json")) as f:
-            cfg = config_from_dict(json.load(f))
-        return VLM(cfg).to(device=device, dtype=dtype)
-    if init_from == "scratch":
-        img_id = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
-        if img_id is None or img_id == tok.unk_token_id:
-            raise ValueError(f"tokenizer {tok.name_or_path} has no <IMG_CONTEXT> token")
-        cfg = VLMConfig(vocab_size=len(tok), image_token_id=img_id, **(scratch or {}))
-        return VLM(cfg).to(device=device, dtype=dtype)
-    if not os.path.isdir(init_from):
-        raise FileNotFoundError(f"init_from={init_from!r}: not 'scratch', 'resume' or a local model directory")
-    return VLM.from_pretrained(init_from, dtype=dtype, device=device)
+def build_model(init_from, tok, device, *, resume_path=None, scratch=None, fsdp=False, train=(True, True, True),
+                activation_checkpointing=False, param_dtype=None, offload=False):
+    """The policy, frozen/unfrozen (train = (vit, connector, llm)), activation-checkpointed and, with fsdp=True,
+    sharded. Returns (model, n_params, n_trainable), both counted on the full model before sharding.
+    init_from: 'scratch' (a VLMConfig from `scratch` + the tokenizer's vocabulary and <IMG_CONTEXT> id, fresh
+    init), 'resume' (the architecture saved beside resume_path; its weights come from load_checkpoint, which the
+    caller runs next) or a local HF directory (either layout; InternVL3 / Skywork-R1V3 / our own exports).
+    Without FSDP (one process): the model in fp32 on `device`, as VLM.from_pretrained loads it.
+    With FSDP, an HF directory is never held whole by any rank: the model is built on the meta device, frozen,
+    activation-checkpointed, sharded (apply_fsdp: param_dtype for compute, offload -> CPUOffloadPolicy) and
+    allocated (to_empty: fp32 masters, only this rank's shard); then rank 0 reads one FSDP unit at a time (the ViT,
+    each LLM block, the root) through the checked key map and set_model_state_dict broadcasts it into every rank's
+    shard. Peak host memory: rank 0 one unit in the checkpoint's dtype, every rank its shard; device: shard + one
+    tensor. A bad checkpoint (missing / unexpected / mis-shaped tensor) is found on rank 0 before anything is read
+    and raises on every rank, naming the tensor."""
+    from model import VLM, VLMConfig, config_from_dict, load_config
+    device = torch.device(device)
+    if offload and not fsdp:
+        raise ValueError("common.py build_model: offload=True needs fsdp=True (FSDP2's CPUOffloadPolicy)")
+
+    def config():
+        if init_from == "resume":
+            with open(os.path.join(resume_path, "model_config.json")) as f:
+                return config_from_dict(json.load(f)), None
+        if init_from == "scratch":
+            img_id = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+            if img_id is None or img_id == tok.unk_token_id:
+                raise ValueError(f"tokenizer {tok.name_or_path} has no <IMG_CONTEXT> token")
+            return VLMConfig(vocab_size=len(tok), image_token_id=img_id, **(scratch or {})), None
+        if not os.path.isdir(init_from):
+            raise FileNotFoundError(f"init_from={init_from!r}: not 'scratch', 'resume' or a local model directory")
+        return load_config(init_from)
+
+    if fsdp:  # every rank reads the config; one that cannot (a node without the directory) stops them all
+        cfg = layout = err = None
+        try:
+            cfg, layout = config()
+        except Exception as e:
+            err = e
+        _raise_if_any_failed(err, "build_model")
+    else:
+        cfg, layout = config()
+    hf = init_from not in ("scratch", "resume")
+    on_meta = fsdp and init_from != "scratch"
+    if on_meta and hf:  # rank 0 matches the checkpoint against the config before anything is allocated or read
+        from model import checkpoint_plan
+        plan = _on_rank0(lambda: checkpoint_plan(init_from, cfg, layout), f"loading {init_from}")
+
+    if not on_meta:  # one process, or a tiny from-scratch model: built whole, then sharded
+        if hf:
+            model = VLM.from_pretrained(init_from, device=device)
+        else:  # every rank draws the same init (same seed); a resumed one is overwritten by load_checkpoint
+            model = VLM(cfg).to(device)
+    else:
+        with torch.device("meta"):  # shapes only
+            model = VLM(cfg)
+    n_params = sum(p.numel() for p in model.parameters())  # a tied lm_head counts once
+    n_trainable = set_trainable(model, *train)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if not fsdp:
+        return model, n_params, n_trainable
+    apply_fsdp(model, param_dtype=param_dtype, offload=offload)
+    if on_meta:
+        model.to_empty(device="cpu" if offload else device)  # this rank's fp32 shards, uninitialised
+        model.llm.tie_weights()
+        if hf:
+            _load_hf_sharded(model, init_from, plan)
+        else:  # resume: defined values until load_checkpoint overwrites them
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.zero_()
+    return model, n_params, n_trainable
+
+
+def _fsdp_units(model):
+    """Parameter names grouped by FSDP unit, in module order: every fully_shard-ed module owns its parameters
+    except those of the units inside it (apply_fsdp: the ViT, each LLM block, then the root)."""
+    owners = [prefix for prefix, m in model.named_modules() if isinstance(m, FSDPModule)] or [""]
+    units = {}
+    for name, _ in model.named_parameters():  # a tied lm_head is wte's parameter: listed once
+        owner = max((o for o in owners if not o or name.startswith(o + ".")), key=len)
+        units.setdefault(owner, []).append(name)
+    return list(units.values())
+
+
+def _on_rank0(fn, what):
+    """Collective: fn() on rank 0 only (its result there, None elsewhere); if it raises, every rank raises."""
+    out, err = None, None
+    if _rank() == 0:
+        try:
+            out = fn()
+        except Exception as e:
+            err = e
+    _raise_if_any_failed(err, what)
+    return out
+
+
+def _load_hf_sharded(model, path, plan):
+    """Collective: fill the FSDP shards of `model` (allocated, not initialised) from the HF checkpoint `path`,
+    whose checkpoint_plan rank 0 holds (already checked: names and shapes). Rank 0 reads one unit at a time and
+    set_model_state_dict(full_state_dict, broadcast_from_rank0, strict=False) broadcasts it tensor by tensor; each
+    rank copies its slice into its shard, casting to the shard's dtype (fp32). The other ranks pass {}; strict=False
+    leaves the parameters outside the unit as they are. Any failure on rank 0 raises on every rank."""
+    from model import read_checkpoint_tensors
+    units = _fsdp_units(model)
+    assert sorted(n for u in units for n in u) == sorted(n for n, _ in model.named_parameters())
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    for names in units:  # read as stored (bf16 for real checkpoints): half the host memory and traffic of fp32
+        part = _on_rank0(lambda names=names: read_checkpoint_tensors(plan, names), f"loading {path}") or {}
+        set_model_state_dict(model, part, options=opts)
+        del part
 
 
 def load_inference_model(path, device, dtype=torch.float32, tokenizer=""):

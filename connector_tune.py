@@ -3,8 +3,9 @@ Connector-only tuning after RL: the last training stage of Skywork-R1V3 (section
 The ViT and the LLM are frozen (no gradients, no optimizer state); only the MLP connector trains, on multi-domain
 SFT data, with early stopping on validation loss. The report: MMMU 74.5 after RL -> 76.0 after connector tuning.
 
-This is sft.py run with other defaults (the globals below): one training loop for both stages. Every sft.py key
-can be set with --key=value or a config file (config files first, then flags; both beat the defaults below).
+One training loop for both stages: this file is both the command and a config file of sft.py. Run, it starts
+sft.py with itself as the first config file (the mechanism of `python sft.py config/x.py`), so every later config
+file and --key=value flag overrides the values below. Only sft.py config keys may appear at the top level here.
 
 CPU, the embedded default (starts from the checkpoint `python grpo.py` exported to out/grpo/hf):
     python connector_tune.py
@@ -23,10 +24,6 @@ Writes out_dir/log.jsonl (loss, val loss with the best so far; once: trainable p
 bytes), out_dir/ckpt_XXXXXXX/ and out_dir/hf/ = the weights of the step with the best val loss (step 0 = the
 starting weights, when tuning only made things worse).
 """
-import os
-import runpy
-import sys
-
 # -----------------------------------------------------------------------------
 # defaults for this stage (any other sft.py key keeps sft.py's default)
 init_from = "out/grpo/hf"  # the RL policy
@@ -56,11 +53,12 @@ save_every = 100
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    if {"-h", "--help"} & set(sys.argv[1:]):
+    import os as _os
+    import runpy as _runpy
+    import sys as _sys
+    if {"-h", "--help"} & set(_sys.argv[1:]):
         print(__doc__)
-        sys.exit(0)
-    from configurator import config_keys
-    defaults = {k: globals()[k] for k in config_keys(globals())}
-    # sft.py applies `_defaults` before config files and flags (sys.argv is passed through untouched)
-    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"),
-                   init_globals={"_defaults": defaults}, run_name="__main__")
+        _sys.exit(0)
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _sys.argv = [_os.path.join(_here, "sft.py"), _os.path.abspath(__file__)] + _sys.argv[1:]
+    _runpy.run_path(_sys.argv[0], run_name="__main__")

@@ -6,6 +6,7 @@ RECIPE.md section 5).
     python entropy.py --ckpts='out/grpo/ckpt_*' --limit=64 --k=2      # quicker: 64 items x 2 samples
     python entropy.py --ckpts='["out/sft/hf", "out/grpo/hf"]' --select=accuracy
     python entropy.py --ckpts='/ckpt/run1/ckpt_*' --data=/data/mmk12_val.jsonl --max_new_tokens=8192 --threshold=6.8
+    torchrun --nproc_per_node=8 entropy.py --ckpts='/ckpt/run1/ckpt_*' --tp=8   # tensor-parallel (tp.py)
 
 --ckpts: a glob, a comma-separated list, or a Python list of globs/paths; each entry an HF directory, a
 ckpt_XXXXXXX checkpoint or a training out_dir (common.load_inference_model). An entry that matches nothing is
@@ -33,16 +34,15 @@ import re
 import shutil
 import sys
 import time
+from statistics import NormalDist
 
 import torch
 from torch.distributed.checkpoint import CheckpointException
 
 from common import load_inference_model, print0
 from configurator import configure
-from data.common import CRITICAL_WORDS, encode_prompt, load_jsonl
-from eval import summarize
-from rewards import score_batch
-from sampler import generate
+from data.common import CRITICAL_WORDS, load_jsonl
+from eval import evaluate, summarize
 
 # -----------------------------------------------------------------------------
 ckpts = "out/grpo/ckpt_*"  # glob | "a,b" | '["a", "dir/ckpt_*"]'
@@ -65,6 +65,7 @@ export_hf = True  # a selected ckpt_* is also written as an HF directory, out_di
 skip_bad = False
 seed = 0
 device = "cuda" if torch.cuda.is_available() else "cpu"
+tp = 1  # > 1: under torchrun --nproc_per_node=tp, the ranks hold TP shards and decode together (tp.py)
 # -----------------------------------------------------------------------------
 SELECT_RULES = ("critical_entropy", "accuracy", "last")
 _STEP_RE = re.compile(r"^ckpt_(\d+)$")
@@ -125,23 +126,11 @@ def critical_positions(tok, token_ids, words=CRITICAL_WORDS):
 
 
 def decode(model, tok, items, k, temperature, max_new_tokens, seed=0, batch_prompts=64, think=True, system=None,
-           top_p=1.0):
-    """eval.evaluate's generation and scoring (same prompts, eos, seeds), keeping each response's tokens and
-    per-token entropies, which eval's rows do not carry. Returns eval-style rows plus 'tokens' and 'entropies'."""
-    eos = [i for i in {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} if i is not None]
-    prompts = [encode_prompt(tok, s, model.cfg, think, system) for s in items]
-    rows = []
-    for b in range(0, len(items), batch_prompts):
-        outs = generate(model, prompts[b:b + batch_prompts], n=k, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, eos_token_id=eos, seed=seed + b)
-        texts = [tok.decode(o.tokens, skip_special_tokens=True) for o in outs]
-        its = [items[b + i // k] for i in range(len(outs))]  # prompt-major: k samples of an item in a row
-        scores = score_batch(texts, [s["answer"] for s in its], [s.get("options") for s in its], think=think)
-        for i, (o, sc, s) in enumerate(zip(outs, scores, its)):
-            rows.append({"id": s["id"], "run": i % k, "correct": int(sc["accuracy"]), "format": int(sc["format"]),
-                         "n_tokens": len(o.tokens), "truncated": int(o.finish_reason == "length"),
-                         "timeout": bool(sc["timeout"]), "tokens": o.tokens, "entropies": o.entropies})
-    return rows
+           top_p=1.0, budget=None):
+    """eval.evaluate's generation and scoring (the same prompts, stop rule and seeds, so the accuracy is the one
+    eval.py would get); its rows carry each response's tokens and per-token entropies."""
+    return evaluate(model, tok, items, k, temperature, max_new_tokens, "think" if think else "nothink", seed,
+                    batch_prompts, system, top_p, log=lambda *a: None, budget=budget)
 
 
 def _mean(x):
@@ -199,6 +188,19 @@ def ranks(x):
     return r
 
 
+def pearson_ci(r, n, level=0.95, n_controlled=0):
+    """Fisher-z confidence interval of a Pearson r from n independent points -> [lo, hi], or None (r None, or too
+    few points). z = atanh(r) is about normal with sd 1 / sqrt(n - 3 - n_controlled) (n_controlled: variables
+    partialled out first, e.g. g - 1 for a correlation pooled over g groups after centring each group)."""
+    if r is None or n - 3 - n_controlled < 1:
+        return None
+    if abs(r) >= 1:
+        return [float(r), float(r)]
+    q = NormalDist().inv_cdf(0.5 + level / 2)
+    z, se = math.atanh(r), 1 / math.sqrt(n - 3 - n_controlled)
+    return [math.tanh(z - q * se), math.tanh(z + q * se)]
+
+
 def spearman(x, y):
     """Spearman rho: Pearson r of the average ranks; None where pearson() gives None."""
     if len(x) != len(y):
@@ -206,11 +208,27 @@ def spearman(x, y):
     return pearson(ranks(x), ranks(y))
 
 
-def correlations(rows, key="critical_entropy"):
-    """Correlation of rows[*][key] with rows[*]['accuracy'] over the checkpoints that have both."""
-    pts = [(r[key], r["accuracy"]) for r in rows if r.get(key) is not None and r.get("accuracy") is not None]
+def correlations(rows, key="critical_entropy", y_key="accuracy", level=0.95, n_controlled=0):
+    """Correlation of rows[*][key] with rows[*][y_key] over the checkpoints that have both; pearson_ci: its
+    Fisher-z interval (the checkpoints taken as independent points, which a run's successive ones are not quite)."""
+    pts = [(r[key], r[y_key]) for r in rows if r.get(key) is not None and r.get(y_key) is not None]
     x, y = [p[0] for p in pts], [p[1] for p in pts]
-    return {"n": len(pts), "pearson": pearson(x, y), "spearman": spearman(x, y)}
+    r = pearson(x, y)
+    return {"n": len(pts), "pearson": r, "pearson_ci": pearson_ci(r, len(pts), level, n_controlled),
+            "ci": f"{level:.0%} Fisher z", "spearman": spearman(x, y)}
+
+
+def accuracy_se(rows):
+    """Standard error of an accuracy estimate from one row per (item, run) with 'id' and 'correct': the items are
+    the sample (each item's mean over its runs, their sd / sqrt(n items)); with one run, the binomial SE (n - 1)."""
+    by_item = {}
+    for r in rows:
+        by_item.setdefault(r["id"], []).append(r["correct"])
+    p = [_mean(v) for v in by_item.values()]
+    if len(p) < 2:
+        return None
+    m = _mean(p)
+    return math.sqrt(math.fsum((x - m) ** 2 for x in p) / (len(p) - 1) / len(p))
 
 
 def _name(r):
@@ -305,17 +323,29 @@ def resolve_ckpts(spec):
 
 def measure(path, items, **kw):
     """Load one checkpoint, decode, score -> the checkpoint's row. kw: device, tokenizer, k, temperature, top_p,
-    max_new_tokens, seed, batch_prompts, think, system, words, threshold."""
+    max_new_tokens, seed, batch_prompts, think, system, words, threshold; group: a TP group (tp.py) whose ranks
+    load their shards of the checkpoint and decode together."""
     t0 = time.time()
+    group, budget = kw.get("group"), None
     try:
-        model, tok, resolved = load_inference_model(path, kw["device"], tokenizer=kw["tokenizer"])
+        dtype = torch.bfloat16 if kw["device"].startswith("cuda") else torch.float32
+        if group is not None:
+            from common import agree_min
+            from sampler import memory_budget
+            from tp import load_tp_inference_model
+            model, tok, resolved = load_tp_inference_model(path, group, torch.device(kw["device"]), dtype,
+                                                           kw["tokenizer"])
+            budget = agree_min(memory_budget(torch.device(kw["device"])))  # the same chunks on every rank
+        else:
+            model, tok, resolved = load_inference_model(path, kw["device"], dtype, tokenizer=kw["tokenizer"])
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         raise RuntimeError(f"entropy.py: cannot load checkpoint {path!r}: {type(e).__name__}: {e}") from e
     rows = decode(model, tok, items, kw["k"], kw["temperature"], kw["max_new_tokens"], kw["seed"],
-                  kw["batch_prompts"], kw["think"], kw["system"], kw["top_p"])
+                  kw["batch_prompts"], kw["think"], kw["system"], kw["top_p"], budget)
     s = summarize(rows, kw["k"])
-    row = {"ckpt": path, "path": resolved, "step": parse_step(resolved),
-           "accuracy": s["accuracy"], "accuracy_std": s["accuracy_std"], "format": s["format"],
+    row = {"ckpt": path, "path": resolved, "step": parse_step(resolved), "accuracy": s["accuracy"],
+           "accuracy_std": s["accuracy_std"], "accuracy_se": accuracy_se(rows), "n_items": s["n_items"],
+           "format": s["format"],
            "mean_tokens": s["mean_tokens"], "truncation_rate": s["truncation_rate"]}
     row.update(response_stats(rows, tok, kw["words"], kw["threshold"]))
     row["seconds"] = round(time.time() - t0, 1)
@@ -333,16 +363,19 @@ def _f(x, fmt="{:.3f}"):
 
 
 def markdown(rows, corr, sel, threshold, title):
-    lines = [f"# {title}", "", f"| checkpoint | step | accuracy | critical entropy | per response | occurrences "
-             f"| mean entropy | entropy > {threshold:g} |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"# {title}", "", f"| checkpoint | step | accuracy ± sd over runs | SE | critical entropy | per response "
+             f"| occurrences | mean entropy | entropy > {threshold:g} |", "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
         name = f"**{r['ckpt']}** (selected)" if i == sel["index"] else r["ckpt"]
+        se = r.get("accuracy_se")
         lines.append(f"| {name} | {_f(r['step'], '{}')} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f} "
-                     f"| {_f(r['critical_entropy'])} | {_f(r['critical_entropy_per_response'])} "
+                     f"| {_f(None if se is None else 100 * se, '{:.1f}')} | {_f(r['critical_entropy'])} | {_f(r['critical_entropy_per_response'])} "
                      f"| {r['critical_count']} | {_f(r['mean_entropy'])} | {_f(r['high_entropy_share'], '{:.1%}')} |")
     c = corr["critical_entropy"]
-    lines += ["", f"critical-token entropy vs accuracy over {c['n']} checkpoints: Pearson r = {_f(c['pearson'])}, "
-              f"Spearman rho = {_f(c['spearman'])} (None below 3 checkpoints or with a constant column)", "",
+    ci = "-" if c.get("pearson_ci") is None else "[{:.3f}, {:.3f}]".format(*c["pearson_ci"])
+    lines += ["", f"critical-token entropy vs accuracy over {c['n']} checkpoints: Pearson r = {_f(c['pearson'])} "
+              f"({c.get('ci', '95% Fisher z')} interval {ci}), Spearman rho = {_f(c['spearman'])} (None below 3 "
+              f"checkpoints or with a constant column; the interval needs 4)", "",
               f"selected ({sel['applied']}): {sel['ckpt']} — {sel['reason']}"]
     return "\n".join(lines) + "\n"
 
@@ -419,15 +452,25 @@ if __name__ == "__main__":
     items = items[:limit] if limit else items
     print0(f"entropy: {len(paths)} checkpoints, {len(items)} items x {k} samples, T={temperature}, "
            f"words {critical_words}")
+    group = None
+    if tp > 1:  # every rank decodes every checkpoint on its TP shard, together; then rank 0 alone goes on
+        from common import compute_cleanup
+        from tp import init_tp
+        group, rank, dev = init_tp(tp, seed)
+        device = str(dev)
     rows = []
     for path in paths:
         row = measure(path, items, device=device, tokenizer=tokenizer, k=k, temperature=temperature, top_p=top_p,
                       max_new_tokens=max_new_tokens, seed=seed, batch_prompts=batch_prompts, think=think,
-                      system=system_prompt or None, words=critical_words, threshold=threshold)
+                      system=system_prompt or None, words=critical_words, threshold=threshold, group=group)
         rows.append(row)
         print0(f"{_name(row)}: accuracy {row['accuracy']:.3f} | critical entropy {_f(row['critical_entropy'])} "
                f"over {row['critical_count']} | mean entropy {_f(row['mean_entropy'])} | "
                f"> {threshold:g}: {_f(row['high_entropy_share'], '{:.1%}')} | {row['seconds']} s")
+    if tp > 1:  # the selection, its export (one process, no collectives) and the files: rank 0
+        compute_cleanup()
+        if rank:
+            sys.exit(0)
     sel = select_checkpoint(rows, select, min_critical)
     if export_hf:
         sel["hf"] = export_selected(rows[sel["index"]]["path"], os.path.join(out_dir, "hf"), tokenizer)

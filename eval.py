@@ -7,6 +7,7 @@ RL reward uses: text after </think>, last \\boxed{}, Math-Verify / option letter
     python eval.py --ckpt=out/grpo --mode=nothink      # no forced "<think>\\n" (R1V3 Table 4)
     python eval.py --ckpt=out/grpo --mode=nowait       # ban "Wait" / "Alternatively" / "Hmm" via logits
     python eval.py --responses=out/eval/responses.jsonl   # re-score saved responses, no model needed
+    torchrun --nproc_per_node=8 eval.py --ckpt=DIR --tp=8   # tensor-parallel over 8 GPUs (tp.py); rank 0 writes
 
 --ckpt takes an HF directory, a ckpt_XXXXXXX checkpoint, or a training out_dir. --data takes our JSONL (format in
 data/common.py); MMMU / MathVista / MMK12 files convert to it with data/convert_bench.py. Writes to out_dir:
@@ -28,9 +29,9 @@ import torch
 
 from common import load_inference_model, print0
 from configurator import configure
-from data.common import critical_token_ids, encode_prompt, load_jsonl
+from data.common import load_jsonl, token_pieces
 from rewards import score_batch, to_letter
-from sampler import generate
+from rollout import rollout
 
 # -----------------------------------------------------------------------------
 ckpt = "out/sft/hf"
@@ -48,7 +49,9 @@ limit = 0  # evaluate the first `limit` items only (0 = all)
 system_prompt = ""
 skip_bad = False
 seed = 0
+save_tokens = True  # responses.jsonl also holds each response's tokens, pieces and entropies (for viewer.py)
 device = "cuda" if torch.cuda.is_available() else "cpu"
+tp = 1  # > 1: under torchrun --nproc_per_node=tp, the ranks hold TP shards and generate together (tp.py)
 # -----------------------------------------------------------------------------
 # (the functions below are also used by grpo.py and entropy.py; the script itself runs under __main__)
 
@@ -189,27 +192,30 @@ def rescore(rows, think=True):
 
 
 def evaluate(model, tok, items, k, temperature, max_new_tokens, mode, seed=0, batch_prompts=64, system=None,
-             top_p=1.0, log=print0):
-    """Generate k responses per item and score them. Returns the per-(item, run) rows."""
-    think = mode != "nothink"
-    ban = list(critical_token_ids(tok)) if mode == "nowait" else None
-    eos = [i for i in {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} if i is not None]
+             top_p=1.0, log=print0, tokens=True, budget=None):
+    """Generate k responses per item and score them (rollout.py: the same path as the RL reward). Returns one row
+    per (item, run); with tokens=True each row also holds the response's token pieces and their entropies (for
+    viewer.py and entropy.py). Item i's samples are seeded by (seed, i), whatever the batching. budget: the sampler's
+    memory budget (None: measured per call; a TP group passes one agreed value, so its ranks chunk alike)."""
     rows, t0 = [], time.time()
     for b in range(0, len(items), batch_prompts):
-        # encode one chunk at a time: a benchmark's images as tiles (up to 13 x 3 x 448 x 448 fp32 each) do not fit
-        # in memory all at once
-        chunk = [encode_prompt(tok, s, model.cfg, think, system) for s in items[b:b + batch_prompts]]
-        outs = generate(model, chunk, n=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                        eos_token_id=eos, seed=seed + b, ban_token_ids=ban)
-        texts = [tok.decode(o.tokens, skip_special_tokens=True) for o in outs]
-        its = [items[b + i // k] for i in range(len(outs))]
-        scores = score_batch(texts, [s["answer"] for s in its], [s.get("options") for s in its], think=think)
-        for i, (o, text, sc, s) in enumerate(zip(outs, texts, scores, its)):
-            rows.append({"id": s["id"], "run": i % k, "response": text, "pred": sc["pred"], "answer": s["answer"],
-                         "options": s.get("options"), "correct": int(sc["accuracy"]), "format": int(sc["format"]), "reward": sc["reward"],
-                         "n_tokens": len(o.tokens), "truncated": int(o.finish_reason == "length"),
-                         "timeout": bool(sc["timeout"]), "mean_entropy": sum(o.entropies) / max(1, len(o.entropies)),
-                         **{key: s.get(key) for key in BREAKDOWN}})
+        # a chunk at a time: a benchmark's images as tiles (up to 13 x 3 x 448 x 448 fp32 each) do not fit at once
+        chunk = items[b:b + batch_prompts]
+        out, texts, scores, _ = rollout(model, tok, chunk, k, max_new_tokens, [seed * 1_000_003 + b + i for i in
+                                        range(len(chunk))], think=mode != "nothink", system=system,
+                                        temperature=temperature, top_p=top_p, nowait=mode == "nowait",
+                                        budget=budget)
+        for r, (text, sc) in enumerate(zip(texts, scores)):
+            s, L = chunk[r // k], int(out.lengths[r])
+            row = {"id": s["id"], "run": r % k, "question": s["question"], "images": s.get("images", []),
+                   "options": s.get("options"), "response": text, "pred": sc["pred"], "answer": s["answer"],
+                   "correct": int(sc["accuracy"]), "format": int(sc["format"]), "reward": sc["reward"],
+                   "n_tokens": L, "truncated": int(out.truncated[r]), "timeout": bool(sc["timeout"]),
+                   "mean_entropy": float(out.entropies[r, :L].mean()), **{key: s.get(key) for key in BREAKDOWN}}
+            if tokens:
+                row.update(tokens=out.response(r), pieces=token_pieces(tok, out.response(r)),
+                           entropies=out.entropies[r, :L].tolist())
+            rows.append(row)
         log(f"eval: {min(b + batch_prompts, len(items))}/{len(items)} items, {time.time() - t0:.1f} s")
     return rows
 
@@ -230,9 +236,25 @@ if __name__ == "__main__":
             items = load_items(data, skip_bad, limit)
         except ValueError as e:
             sys.exit(f"eval.py: error: {e}")
-        model, tok, ckpt_path = load_inference_model(ckpt, device, tokenizer=tokenizer)
+        budget = None
+        if tp > 1:  # every rank loads its TP shard and generates every item with the others; rank 0 writes
+            from common import agree_min, compute_cleanup
+            from sampler import memory_budget
+            from tp import check_same, init_tp, load_tp_inference_model
+            group, rank, dev = init_tp(tp, seed)
+            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+            model, tok, ckpt_path = load_tp_inference_model(ckpt, group, dev, dtype, tokenizer)
+            budget = agree_min(memory_budget(dev))  # one value for the group: the same chunks on every rank
+        else:
+            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 weights and cache on a GPU
+            model, tok, ckpt_path = load_inference_model(ckpt, device, dtype, tokenizer=tokenizer)
         rows = evaluate(model, tok, items, k, temperature, max_new_tokens, mode, seed, batch_prompts,
-                        system_prompt or None, top_p)
+                        system_prompt or None, top_p, tokens=save_tokens, budget=budget)
+        if tp > 1:
+            check_same(group, [r["response"] for r in rows])
+            compute_cleanup()
+            if rank:
+                sys.exit(0)
         stem = os.path.splitext(os.path.basename(data))[0]
         out = out_dir or os.path.join(ckpt_path, f"eval_{stem}_{mode}")
         title = f"{ckpt_path} on {data} ({mode}, k={k}, T={temperature}, max_new_tokens={max_new_tokens})"

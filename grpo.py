@@ -4,32 +4,28 @@ GRPO with verifiable rewards: the RL stage of Skywork-R1V3 (section 3; RECIPE.md
 CPU, the embedded default (starts from the checkpoint `python sft.py` exported to out/sft/hf):
     python grpo.py
 One GPU, a real checkpoint:
-    python grpo.py --init_from=out/sft_1b/hf --data=/data/mmk12_rl.jsonl --max_new_tokens='[[0, 4096], [200, 8192]]'
-8 GPUs with FSDP2:
+    python grpo.py --init_from=out/sft_1b/hf --data=/data/mmk12_rl.jsonl --max_new_tokens='[[0, 4096]]'
+8 GPUs with FSDP2 (Skywork-R1V3-38B: add --tp=8 --offload=True, see the README):
     torchrun --standalone --nproc_per_node=8 grpo.py config/grpo_r1v3.py
+The memory plan of a configuration, without loading weights: add --plan=True (--plan_gpus, --plan_gpu_gb, ...).
 Resume: the same command with --init_from=resume (reads out_dir's latest checkpoint).
 
-What one step does (defaults reproduce R1V3):
-  1. rollout: `prompts_per_step` prompts x `group_size` samples at temperature 1.0 with the current policy (sampler.py;
-     the ViT and the prefill run once per prompt). Under FSDP the full weights are gathered once per
-     generate() call and the same parameters are used by the update (no second model, no weight sync).
-  2. score: reward = 0.8 * accuracy + 0.2 * format (rewards.py; Math-Verify in a process pool with hard timeouts).
-  3. advantages: per group of group_size, A = (r - mean) / std (GRPO), the same A on every token of the response.
-  4. log-probs: pi_old of every response token, recomputed by the training forward (it equals the sampler's
-     log-probs to 1e-5 in fp32, tests/test_sampler.py; in bf16 the recomputation keeps the first ratio at 1).
-  5. update: PPO clipped surrogate, eps 0.2 both sides, each response averaged over its own tokens then over
-     responses (R1V3 eq. 7); no KL term; ONE optimizer step per rollout batch (strictly on-policy).
-  6. log one line, dump a few rollouts, validate, checkpoint.
-Options, each off by default unless noted (each a short function in rl.py citing its paper, unit-tested there):
-  clip-higher eps_high (DAPO); loss_agg 'token_mean' (DAPO/OR1) or 'seq_sum_const' (Dr.GRPO); std_norm=False
-  (Dr.GRPO); kl_coef > 0 (k3 KL to the frozen initial policy); entropy_target > 0 (Skywork-OR1 adaptive entropy
-  control); drop_zero_adv (train only on groups with signal, OR1); dynamic_sampling (DAPO: re-sample until enough
-  informative groups, with a cap); buffer_frac > 0 (R1V2 Selective Sample Buffer); truncated_zero (OR1: truncated
-  responses get reward 0); ppo_epochs / mini_batches > 1 (off-policy PPO updates); train_vit / train_connector /
-  train_llm (R1V3 section 5.2: freezing the connector during RL collapses training); a response-length schedule.
-What it does not do: no value model / GAE, no LLM judge (rewards.score takes a `judge` hook), no sequence packing
-(micro-batches are length-sorted instead), no asynchronous rollouts, no tensor parallelism for rollouts (a 38B
-policy needs ~76 GB of gathered bf16 weights per GPU: too much for an 80 GB card; use >=8B models or add TP).
+One step, top to bottom in the loop below (the defaults reproduce R1V3):
+  1. rollout: prompts_per_step prompts x group_size samples at temperature 1 with the current policy (rollout.py ->
+     sampler.py; FSDP weights are gathered once for the phase), scored 0.8 accuracy + 0.2 format (rewards.py).
+  2. advantages: A = (r - mean) / std within each group, the same A on every token of a response.
+  3. update: PPO clipped surrogate, eps 0.2, each response averaged over its own tokens then over responses
+     (R1V3 eq. 7), no KL, ONE optimizer step per rollout batch. Strictly on-policy: pi_old is the update forward's
+     own log-probs, detached, so the ratio is exactly 1 (verl's and TRL's on-policy paths do the same).
+  4. log one line, dump a few groups for viewer.py, validate, checkpoint.
+Options, off by default (each a function in rl.py citing its paper, or a line in the loop): clip-higher eps_high
+(DAPO); dual-clip clip_ratio_c; loss_agg 'token_mean' (DAPO, OR1) or 'seq_sum_const' (Dr.GRPO, with std_norm=False);
+kl_coef (k3 KL to the initial policy); entropy_coef, entropy_target (OR1 adaptive entropy control); dynamic_sampling
+and drop_zero_adv (DAPO, OR1: groups filtered on accuracy); buffer_frac (R1V2 Selective Sample Buffer);
+truncated_zero (OR1); overlong_buffer (DAPO soft overlong punishment); ppo_epochs / mini_batches > 1 (off-policy:
+a separate pass computes pi_old); train_vit / train_connector / train_llm (R1V3 5.2); a response-length schedule.
+Simplifications: no value model, no LLM judge (rewards.score takes a `judge` hook), no sequence packing (micro-batches
+are length-sorted), no asynchronous rollouts.
 """
 import json
 import os
@@ -38,15 +34,16 @@ import time
 
 import torch
 
-from common import (apply_activation_checkpointing, apply_fsdp, autocast_ctx, build_model, compute_cleanup,
-                    compute_init, ensure_synth_data, export_hf, get_lr, latest_checkpoint, load_checkpoint,
-                    load_tokenizer, log_jsonl, print0, save_checkpoint, set_trainable)
+from common import (agree, agree_max, agree_min, autocast_ctx, build_model, check_disk, checkpoint_bytes,
+                    compute_cleanup, compute_init, ensure_synth_data, export_hf, get_lr, latest_checkpoint,
+                    load_checkpoint, load_tokenizer, log_jsonl, print0, save_checkpoint)
 from configurator import configure
-from data.common import critical_token_ids, encode_prompt, load_jsonl
-from rewards import score_batch
-from rl import (EntropyControl, SampleBuffer, agg_loss, group_advantages, informative_groups, kl_k3,
-                ppo_clip_loss, zero_truncated)
-from sampler import generate
+from data.common import critical_token_ids, encode_prompt, load_jsonl, prompt_length, token_pieces
+from rl import (EntropyControl, SampleBuffer, agg_loss, dynamic_sampling_rounds, group_advantages, informative_groups,
+                kl_k3, overlong_penalty, ppo_clip_loss, zero_truncated)
+from rollout import rollout
+from sampler import memory_budget, unsharded
+from tp import check_same, check_tp, tp_group, tp_rollout_model, tp_union
 
 # -----------------------------------------------------------------------------
 # config: every global below can be set by a config file or --key=value
@@ -61,30 +58,38 @@ think = True
 system_prompt = ""
 # rollout
 prompts_per_step = 16  # R1V3: 32 prompts x 32 samples = 1024 rollouts per step
-group_size = 8  # samples per prompt: the group of GRPO (n in the papers; --n would clash with torchrun flags)
+group_size = 8  # samples per prompt: GRPO's group (n in the papers; --n would clash with torchrun flags)
 temperature = 1.0  # OR1: 1.0 (0.6 stagnated)
 top_p = 1.0
-max_new_tokens = [[0, 160]]  # [[from_step, length], ...]: R1V3 grows 4096 -> 8192; the default's traces are <= 123 tokens
+max_new_tokens = [[0, 160]]  # [[from_step, length], ...]: R1V3 grows 4096 -> 8192; the default's traces are <= 123
 # reward (RECIPE.md section 3)
 acc_weight = 0.8
 fmt_weight = 0.2
 truncated_zero = False  # OR1: truncated responses get reward 0
+overlong_buffer = 0  # > 0: DAPO soft overlong punishment over the last this-many tokens of the budget
+overlong_penalty_max = 1.0
 verify_timeout = 5.0
 # advantages and loss (rl.py)
 std_norm = True  # False = Dr.GRPO
 eps_low = 0.2
 eps_high = 0.2  # DAPO clip-higher: 0.28 (OR1 found 0.25-0.265 helped, 0.28 hurt)
+clip_ratio_c = 3.0  # dual-clip (Ye et al. 2020) for A < 0: only bites off-policy (ratio far from 1)
 loss_agg = "seq_mean_token_mean"  # R1V3 eq. 7 | 'token_mean' (DAPO, OR1) | 'seq_sum_const' (Dr.GRPO)
+seq_sum_norm = 0  # Dr.GRPO's constant normaliser; 0 = the longest length of the max_new_tokens schedule
 kl_coef = 0.0  # > 0: k3 KL to the frozen initial policy
-entropy_target = 0.0  # > 0: OR1 adaptive entropy control (target 0.2 in the paper)
+entropy_coef = 0.0  # a constant entropy bonus
+entropy_target = 0.0  # > 0: OR1 adaptive entropy control instead (target 0.2 in the paper)
 entropy_delta = 1e-4
 entropy_cmax = 0.005
 # data-side options
-drop_zero_adv = False  # train only on groups whose rewards differ (they carry no gradient anyway)
-dynamic_sampling = False  # DAPO: keep sampling until prompts_per_step informative groups (cap: max_sample_rounds)
+group_filter = "accuracy"  # what makes a group informative for dynamic_sampling / drop_zero_adv: 'accuracy' | 'reward'
+drop_zero_adv = False  # train only on informative groups
+dynamic_sampling = False  # DAPO: more rounds until every rank has its prompts' worth of informative groups
 max_sample_rounds = 3
-buffer_frac = 0.0  # R1V2 SSB: this fraction of each update batch is drawn from the buffer of non-zero-|A| samples
+buffer_frac = 0.0  # R1V2 SSB: this share of the update batch comes from the buffer of earlier non-zero-A samples
 buffer_size = 1024
+buffer_max_uses = 2  # a buffered sample is trained on at most this many times...
+buffer_max_age = 4  # ... and at most this many steps after it was generated
 # optimisation
 lr = 5e-5  # the tiny default (2e-4 wrecked the grid reading, dev/LOG.md); R1V3 used 1e-5 at 38B (config/grpo_r1v3.py)
 warmup_steps = 0
@@ -100,134 +105,117 @@ train_vit = True
 train_connector = True
 train_llm = True
 activation_checkpointing = False
+offload = False  # FSDP2 CPU offload of the fp32 masters, gradients and AdamW state
+tp = 1  # > 1: tensor-parallel rollouts over groups of tp ranks (tp.py)
+cuda_graph = False  # capture the decode step in CUDA graphs (GPU)
 # logging, validation, checkpoints
 high_entropy = 2.0  # "high-entropy token" threshold in nats (R1V3 uses 6.8 for Qwen's 152k vocab)
 critical_words = ["Wait", "Alternatively", "Hmm"]
 log_every = 1
-dump_every = 10  # JSONL dump of a few rollouts
+dump_every = 10  # rollouts.jsonl: dump_groups groups every dump_every steps, for viewer.py
+dump_groups = 2
 eval_every = 20
 save_every = 20
 keep_last = 0  # 0 = keep every checkpoint (entropy.py ranks them)
 export = True
 seed = 1337
-debug_nan_step = 0  # tests only: > 0 makes the loss of that step NaN, to exercise the non-finite skip
+dist_timeout_s = 600  # a collective that waits longer than this stops the run (common.compute_init)
+heartbeat_timeout_s = 60  # a rank silent this long (killed, machine lost) stops every rank (0: no watchdog)
+plan = False  # print the memory plan for plan_gpus GPUs and exit
+plan_gpus = 8
+plan_gpus_per_node = 8
+plan_gpu_gb = 80.0
 wandb_log = False
 wandb_project = "nanor1v"
 wandb_run_name = "grpo"
 config = configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
 
-ddp, rank, local_rank, world_size, device = compute_init(seed)
+if plan:
+    from plan import print_plan
+    print_plan("grpo", config)
+    sys.exit(0)
+ddp, rank, local_rank, world_size, device = compute_init(seed, dist_timeout_s, heartbeat_timeout_s)
 print0(json.dumps(config, indent=1))
 if data.startswith("data/synth/") or val_data.startswith("data/synth/"):
     ensure_synth_data()
 assert loss_agg in ("seq_mean_token_mean", "token_mean", "seq_sum_const"), loss_agg
+assert group_filter in ("accuracy", "reward") and 0 <= buffer_frac < 1, (group_filter, buffer_frac)
 if prompts_per_step % world_size:
     raise ValueError(f"prompts_per_step={prompts_per_step} must be a multiple of the {world_size} processes")
 
 resume_path = latest_checkpoint(out_dir) if init_from == "resume" else None
 if init_from == "resume" and resume_path is None:
     raise FileNotFoundError(f"init_from='resume' but {out_dir} has no complete checkpoint (ckpt_*)")
-if init_from not in ("resume",) and not os.path.isdir(init_from):
+if init_from != "resume" and not os.path.isdir(init_from):
     raise FileNotFoundError(f"init_from={init_from!r} not found: run `python sft.py` first (it exports out/sft/hf)")
-tok = load_tokenizer(tokenizer, init_from, resume_path)
-model = build_model(init_from, tok, device, resume_path=resume_path)
-cfg = model.cfg
-# the run's starting point: a resumed run reads it from its checkpoint (the KL reference is the initial policy)
-init_path = init_from
+init_path = init_from  # the run's starting point; a resumed run reads it from its checkpoint (the KL reference)
 if resume_path:
     with open(os.path.join(resume_path, "state.json")) as f:
         init_path = json.load(f)["state"]["init_from"]
-ref_model = None
-if kl_coef > 0:  # frozen initial policy for the k3 KL term
-    ref_model = build_model(init_path, tok, device).eval().requires_grad_(False)
-n_train = set_trainable(model, train_vit, train_connector, train_llm)
-print0(f"model: {sum(p.numel() for p in model.parameters()):,} params, {n_train:,} trainable "
-       f"(vit={train_vit}, connector={train_connector}, llm={train_llm})")
-if activation_checkpointing:
-    apply_activation_checkpointing(model)
-if ddp:
-    apply_fsdp(model, param_dtype=torch.bfloat16 if device.type == "cuda" else None)
-    if ref_model is not None:
-        apply_fsdp(ref_model, param_dtype=torch.bfloat16 if device.type == "cuda" else None)
+tok = load_tokenizer(tokenizer, init_from, resume_path)
+# FSDP2 on several processes and on any GPU (one-process group): bf16 compute, fp32 masters; fp32 on one CPU process
+fsdp = dict(fsdp=ddp or device.type == "cuda", param_dtype=torch.bfloat16 if device.type == "cuda" else None,
+            offload=offload)
+model, n_params, n_train = build_model(init_from, tok, device, resume_path=resume_path,
+                                       train=(train_vit, train_connector, train_llm),
+                                       activation_checkpointing=activation_checkpointing, **fsdp)
+cfg = model.cfg
+ref_model = build_model(init_path, tok, device, train=(False, False, False), **fsdp)[0].eval() if kl_coef > 0 else None
+if tp > 1:  # tensor-parallel rollouts: groups of tp consecutive ranks, each rank holding 1/tp of every LLM block
+    check_tp(cfg, tp, world_size)
+    tp_pg = tp_group(tp)
+print0(f"model: {n_params:,} params, {n_train:,} trainable (vit={train_vit}, connector={train_connector}, "
+       f"llm={train_llm})")
 
-# prompts: validated once (missing images, bad lines -> file:line errors), encoded once
+# prompts: every line validated and measured now (bad lines and images fail here, as file:line); the images are
+# decoded per rollout, for this rank's prompts only
 items = load_jsonl(data, skip_bad=skip_bad)
-if not items:
-    raise ValueError(f"{data}: no samples")
-prompts = [encode_prompt(tok, s, cfg, think, system_prompt or None) for s in items]
 longest = max(length for _, length in max_new_tokens)
-too_long = [s["src"] for s, (ids, _) in zip(items, prompts) if len(ids) + longest > cfg.max_position_embeddings]
-if too_long:
-    raise ValueError(f"{too_long[0]}: prompt + {longest} new tokens exceeds the model's context "
-                     f"({cfg.max_position_embeddings}); {len(too_long)} such samples (use shorter prompts/lengths)")
+for s in items:
+    if prompt_length(tok, s, cfg, think, system_prompt or None) + longest > cfg.max_position_embeddings:
+        raise ValueError(f"{s['src']}: prompt + {longest} new tokens exceeds the model's context "
+                         f"({cfg.max_position_embeddings}); use shorter prompts or lengths")
 val_items = load_jsonl(val_data, skip_bad=skip_bad)[:val_n] if val_data else []
-eos = sorted({i for i in (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if i is not None})
-pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
 critical_ids = torch.tensor(sorted(critical_token_ids(tok, critical_words)), dtype=torch.long)
+norm_const = seq_sum_norm or longest  # Dr.GRPO: one constant for the whole run, whatever the schedule does
+score_kw = dict(timeout=verify_timeout, acc_weight=acc_weight, fmt_weight=fmt_weight)
+on_policy = ppo_epochs == 1 and mini_batches == 1 and buffer_frac == 0
+step_prompts = {}  # this step's encoded (input_ids, pixel_values) by item index: images decoded once a step
 print0(f"data: {len(items)} RL prompts, {len(val_items)} val; critical tokens "
        f"{[tok.decode([i]) for i in critical_ids.tolist()]}")
 
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, beta2), eps=1e-8, weight_decay=weight_decay)
 ent_ctl = EntropyControl(entropy_target, entropy_delta, entropy_cmax)
-buffer = SampleBuffer(buffer_size)
+buffer = SampleBuffer(buffer_size, buffer_max_uses, buffer_max_age)
 step, epoch, pos = 0, 0, 0
 if resume_path:
     step, state, _ = load_checkpoint(resume_path, model, optimizer)
     epoch, pos = state["epoch"], state["pos"]
     ent_ctl.load_state_dict(state["entropy_control"])
-    buffer.load_state_dict(state["buffer"])
+    if "rank" in state:  # each rank's own buffer (a run resumed on more ranks starts the new ranks' empty)
+        buffer.load_state_dict(state["rank"]["buffer"])
     print0(f"resumed from {resume_path} at step {step}")
+tied = cfg.vocab_size * cfg.n_embd if cfg.tie_embeddings else 0  # DCP writes a tied lm_head under both names
+check_disk(out_dir, checkpoint_bytes(n_params + tied, n_train),
+           keep_last + 1 if keep_last else max_steps // save_every + 1)
 
 
 def next_prompts():
-    """prompts_per_step prompt indices; one permutation per epoch from (seed, epoch) -> resumable by (epoch, pos)."""
+    """This rank's share of the next prompts_per_step prompts, with one seed per prompt. One permutation per epoch
+    from (seed, epoch): resumable by (epoch, pos), and a prompt's seed names its draw, not its rank."""
     global epoch, pos
     if pos + prompts_per_step > len(items):
         epoch, pos = epoch + 1, 0
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    idx = torch.randperm(len(items), generator=g)[pos:pos + prompts_per_step].tolist()
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    draws = list(range(pos, pos + prompts_per_step))[rank::world_size]
     pos += prompts_per_step
-    return idx
+    return [order[d] for d in draws], [seed * 1_000_003 + epoch * len(items) + d for d in draws]
 
 
 def length_at(step):
     return [length for start, length in sorted(max_new_tokens) if step >= start][-1]
-
-
-def rollout(idx, step, round_idx=0):
-    """Generate group_size samples for each prompt index and score them. Returns a list of per-sample dicts."""
-    # under FSDP, generate() gathers the full weights once for the whole call (sampler.unsharded)
-    outs = generate(model, [prompts[i] for i in idx], n=group_size, max_new_tokens=length_at(step),
-                    temperature=temperature, top_p=top_p, eos_token_id=eos,
-                    seed=seed + 7919 * step + 104729 * round_idx + 15485863 * rank)
-    texts = [tok.decode(o.tokens, skip_special_tokens=True) for o in outs]
-    its = [items[i] for i in idx for _ in range(group_size)]
-    scores = score_batch(texts, [s["answer"] for s in its], [s.get("options") for s in its], timeout=verify_timeout,
-                         think=think, acc_weight=acc_weight, fmt_weight=fmt_weight)
-    return [dict(prompt=i, tokens=o.tokens, old_logp=o.logprobs, entropies=o.entropies, text=t, reward=sc["reward"],
-                 accuracy=sc["accuracy"], format=sc["format"], timeout=sc["timeout"],
-                 truncated=o.finish_reason == "length")
-            for i, o, t, sc in zip([i for i in idx for _ in range(group_size)], outs, texts, scores)]
-
-
-dummy = {"prompt": 0, "tokens": [pad_id], "old_logp_t": torch.zeros(1), "adv": 0.0, "ref_logp": torch.zeros(1)}
-
-
-def make_batch(samples):
-    """Prompt + response sequences, right-padded. tmask[b, t] = 1 where position t predicts a response token."""
-    T = max(len(prompts[s["prompt"]][0]) + len(s["tokens"]) for s in samples)
-    B = len(samples)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    tmask = torch.zeros(B, T)
-    for b, s in enumerate(samples):
-        p = prompts[s["prompt"]][0]
-        ids[b, :len(p) + len(s["tokens"])] = torch.tensor(p + s["tokens"])
-        tmask[b, len(p) - 1:len(p) - 1 + len(s["tokens"])] = 1
-    pix = [prompts[s["prompt"]][1] for s in samples if prompts[s["prompt"]][1] is not None]
-    return ids.to(device), torch.roll(ids, -1, 1).to(device), tmask.to(device), \
-        (torch.cat(pix).to(device) if pix else None)
 
 
 def all_reduce_sum(*xs):
@@ -237,246 +225,314 @@ def all_reduce_sum(*xs):
     return t.tolist()
 
 
-def micro_batches(samples):
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i]["tokens"]))  # length-sorted: less padding
-    return [[samples[i] for i in order[k:k + micro_batch]] for k in range(0, len(order), micro_batch)]
+def take(d, rows):
+    """Rows of a batch dict: tensors indexed, lists picked."""
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    return {k: v[rows] if torch.is_tensor(v) else [v[i] for i in rows.tolist()] for k, v in d.items()}
+
+
+def cat(ds):
+    return {k: torch.cat([d[k] for d in ds]) if torch.is_tensor(ds[0][k]) else sum((d[k] for d in ds), [])
+            for k in ds[0]}
+
+
+def rollout_round(policy, idx, seeds, max_new, budget):
+    """group_size samples of each prompt, scored. Returns the round as a batch dict, one row per sample: prompt
+    index, tokens (R, max_new), sampler logp / entropy (R, max_new), lengths, truncated, reward, accuracy, format
+    (R,) and the texts / preds for the dumps. tp > 1: the TP group generates the union of its ranks' prompts
+    together (only indices and seeds travel; each rank encodes the union's images) and this rank keeps its rows."""
+    mine = slice(0, len(idx))
+    if tp > 1:
+        idx, seeds, mine = tp_union(tp_pg, idx, seeds)
+    out, texts, scores, prompts = rollout(policy, tok, [items[i] for i in idx], group_size, max_new, seeds,
+                                          think=think, system=system_prompt or None, temperature=temperature,
+                                          top_p=top_p, budget=budget, score_kw=score_kw)
+    if tp > 1:
+        check_same(tp_pg, out.tokens)  # every rank of the group drew the same tokens
+    step_prompts.update(zip(idx[mine], prompts[mine]))
+    f = lambda key: torch.tensor([float(s[key]) for s in scores])  # noqa: E731
+    d = dict(prompt=torch.tensor(idx).repeat_interleave(group_size), tokens=out.tokens, logp=out.logprobs,
+             ent=out.entropies, length=out.lengths, truncated=out.truncated, reward=f("reward"),
+             accuracy=f("accuracy"), format=f("format"), timeout=f("timeout"), text=texts,
+             pred=[s["pred"] for s in scores])
+    return d if tp == 1 else take(d, range(mine.start * group_size, mine.stop * group_size))
+
+
+def mix_in_buffer(train, step):
+    """R1V2 SSB: draw buffer_frac of the update batch from EARLIER steps' non-zero-A samples (|A|-weighted, capped
+    uses and age: rl.SampleBuffer), then remember this step's. Buffered rows get row -1 (not in this step's logs)."""
+    old = buffer.draw(round(buffer_frac / (1 - buffer_frac) * len(train["prompt"])), step,
+                      torch.Generator().manual_seed(seed + 31 * step + rank))
+    buffer.add([dict(prompt=int(train["prompt"][r]), length=int(L), adv=float(train["adv"][r]),
+                     tokens=train["tokens"][r, :L].tolist(), logp=train["logp"][r, :L].tolist())
+                for r, L in enumerate(train["length"].tolist()) if train["adv"][r] != 0], step)
+    if not old:
+        return train
+    W = max(train["tokens"].shape[1], max(len(s["tokens"]) for s in old))
+    rows = dict(prompt=torch.tensor([s["prompt"] for s in old]), length=torch.tensor([s["length"] for s in old]),
+                adv=torch.tensor([s["adv"] for s in old]), row=torch.full((len(old),), -1),
+                tokens=torch.zeros(len(old), W, dtype=torch.long), logp=torch.zeros(len(old), W))
+    for b, s in enumerate(old):
+        L = s["length"]
+        rows["tokens"][b, :L], rows["logp"][b, :L] = torch.tensor(s["tokens"]), torch.tensor(s["logp"])
+    pad = lambda t: torch.nn.functional.pad(t, (0, W - t.shape[1]))  # noqa: E731
+    return cat([dict(train, tokens=pad(train["tokens"]), logp=pad(train["logp"])), rows])
+
+
+def prompt_of(i):  # this step's (input_ids, pixel_values) of item i (a buffered sample's prompt is encoded again)
+    if i not in step_prompts:
+        step_prompts[i] = encode_prompt(tok, items[i], cfg, think, system_prompt or None)
+    return step_prompts[i]
+
+
+def make_batch(prompt, tokens, logp, length):
+    """Training sequences = prompt + response, right-padded: ids (N, T); mask (N, T) = 1 where position t predicts a
+    response token; old (N, T) the sampler's log-prob of that token at the same position."""
+    ids_p = [prompt_of(i)[0] for i in prompt.tolist()]
+    T = max(len(p) + int(L) for p, L in zip(ids_p, length))
+    N = len(ids_p)
+    ids, mask, old = torch.zeros(N, T, dtype=torch.long), torch.zeros(N, T), torch.zeros(N, T)
+    for b, (p, L) in enumerate(zip(ids_p, length.tolist())):
+        ids[b, :len(p)], ids[b, len(p):len(p) + L] = torch.tensor(p), tokens[b, :L]
+        mask[b, len(p) - 1:len(p) - 1 + L], old[b, len(p) - 1:len(p) - 1 + L] = 1, logp[b, :L]
+    return ids, mask, old
+
+
+def micro_batches(batch, rows):
+    """Rows sorted by length (less padding), micro_batch at a time; every rank runs the same number of forwards
+    (FSDP): a rank with fewer gets None, a one-token pass with zero weight."""
+    rows = sorted(rows, key=lambda r: int(batch["mask"][r].sum()))
+    mbs = [rows[k:k + micro_batch] for k in range(0, len(rows), micro_batch)]
+    return mbs + [None] * (agree_max(len(mbs)) - len(mbs))
+
+
+def forward(m, batch, rows):
+    """(logp, entropy, mask) of the rows' response tokens under m: (b, T) each, T trimmed to the longest row."""
+    if rows is None:
+        ids, mask, pix = torch.zeros(1, 1, dtype=torch.long, device=device), torch.zeros(1, 1, device=device), None
+    else:
+        T = int(max(batch["mask"][r].nonzero().max() for r in rows)) + 2
+        ids, mask = batch["ids"][rows, :T].to(device), batch["mask"][rows, :T].to(device)
+        pix = [prompt_of(i)[1] for i in batch["prompt"][rows].tolist()]
+        pix = torch.cat([p for p in pix if p is not None]).to(device) if any(p is not None for p in pix) else None
+    with autocast_ctx(device):  # lm_head only at the response positions
+        logp, ent = m(ids, pix, targets=torch.roll(ids, -1, 1), target_mask=mask, dummy_vision=ddp)
+    return logp, ent, mask
 
 
 @torch.no_grad()
-def policy_logprobs(m, samples):
-    """Training-forward log-probs of each response token (old policy, or the KL reference), in the order of
-    `samples`. Ranks with fewer micro-batches run extra passes on a one-sample batch (FSDP needs equal counts)."""
-    mbs = micro_batches(samples)
-    out = {}
-    for r in range(max_over_ranks(len(mbs))):
-        mb = mbs[r] if r < len(mbs) else [dummy]
-        ids, tgt, tmask, pix = make_batch(mb)
-        with autocast_ctx(device):
-            logp, _ = m(ids, pix, targets=tgt, dummy_vision=ddp)
-        if r < len(mbs):
-            for b, s in enumerate(mb):
-                out[id(s)] = logp[b][tmask[b].bool()].float().cpu()
-    return [out[id(s)] for s in samples]
+def policy_logp(m, batch):
+    """Log-probs of every batch row's response tokens under m (the off-policy pi_old, or the KL reference)."""
+    out = torch.zeros_like(batch["mask"])
+    for mb in micro_batches(batch, list(range(len(batch["prompt"])))):
+        logp, _, _ = forward(m, batch, mb)
+        if mb is not None:
+            out[mb, :logp.shape[1]] = logp.float().cpu()
+    return out
 
 
-def max_over_ranks(k):  # every rank must run the same number of FSDP forwards/backwards
-    if not ddp:
-        return k
-    t = torch.tensor([k], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())
-
-
-def update(samples):
-    """PPO-clip policy update on one rollout batch (ppo_epochs x mini_batches optimizer steps). Returns stats."""
-    stats = {"clip_frac": 0.0, "approx_kl": 0.0, "gnorm": 0.0, "loss": 0.0, "skipped": 0}
-    n_opt = 0
-    g = torch.Generator().manual_seed(seed + step)
-    for _ in range(ppo_epochs):
-        perm = torch.randperm(len(samples), generator=g).tolist() if mini_batches > 1 else range(len(samples))
-        shuffled = [samples[i] for i in perm]
-        for k in range(mini_batches):
-            mini = shuffled[k::mini_batches]
-            # the normaliser of the WHOLE mini-batch over all ranks, so micro-batches and ranks add up exactly
-            n_tok, n_seq = all_reduce_sum(sum(len(s["tokens"]) for s in mini), len(mini))
-            if n_seq == 0:
-                continue
-            denom = n_tok if loss_agg == "token_mean" else n_seq
-            norm_const = max_len_now if loss_agg == "seq_sum_const" else None
-            mbs = micro_batches(mini)
-            loss_sum, clip, kl, ntok_local = 0.0, 0.0, 0.0, 0
-            for r in range(max_over_ranks(len(mbs))):
-                # a rank with fewer micro-batches (or none) runs zero-weight passes so FSDP collectives match
-                mb = mbs[r] if r < len(mbs) else [dummy]
-                weight = 1.0 if r < len(mbs) else 0.0
-                ids, tgt, tmask, pix = make_batch(mb)
-                old = torch.zeros_like(tmask)
-                for b, s in enumerate(mb):
-                    old[b][tmask[b].bool()] = s["old_logp_t"].to(device)
-                adv = torch.tensor([s["adv"] for s in mb], device=device)
-                with autocast_ctx(device):
-                    logp, ent = model(ids, pix, targets=tgt, dummy_vision=ddp)
-                loss, st = ppo_clip_loss(logp, old, adv, tmask, eps_low, eps_high, loss_agg, norm_const, denom)
-                if kl_coef > 0:
-                    ref = torch.zeros_like(tmask)
-                    for b, s in enumerate(mb):
-                        ref[b][tmask[b].bool()] = s["ref_logp"].to(device)
-                    loss = loss + kl_coef * agg_loss(kl_k3(logp, ref), tmask, loss_agg, norm_const, denom)
-                if ent_coef_now > 0:
-                    loss = loss - ent_coef_now * agg_loss(ent, tmask, loss_agg, norm_const, denom)
-                if step + 1 == debug_nan_step:
-                    loss = loss * float("nan")
-                # FSDP averages gradients over ranks; the loss is already a global mean: scale back by world_size
-                (loss * weight * world_size).backward()
-                nt = int(tmask.sum()) * weight
-                loss_sum += loss.item() * weight
-                clip += st["clip_frac"].item() * nt
-                kl += st["approx_kl"].item() * nt
-                ntok_local += nt
-            gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-            loss_g, clip_g, kl_g, nt_g = all_reduce_sum(loss_sum, clip, kl, ntok_local)
-            if not (torch.isfinite(torch.tensor(loss_g)) and torch.isfinite(torch.tensor(gnorm))):
-                print0(f"step {step + 1}: non-finite loss {loss_g} or grad norm {gnorm}: update skipped")
-                stats["skipped"] += 1
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            n_opt += 1
-            stats["loss"] += loss_g  # each rank's loss is its share of the global mean
-            stats["clip_frac"] += clip_g / max(nt_g, 1)
-            stats["approx_kl"] += kl_g / max(nt_g, 1)
-            stats["gnorm"] += gnorm
-    return {k: (v / max(n_opt, 1) if k != "skipped" else v) for k, v in stats.items()}
-
-
-@torch.no_grad()
 def validate():
-    """Greedy accuracy on the first val_n validation items; each rank takes its share."""
+    """Greedy accuracy on the first val_n validation items: each TP group (each rank at tp=1) takes a share; its
+    ranks generate it together, and the group's first rank counts it."""
     from eval import evaluate
-    mine = val_items[rank::world_size]
-    rows = evaluate(model, tok, mine, 1, 0.0, length_at(step), "think" if think else "nothink",
-                    batch_prompts=64, system=system_prompt or None, log=lambda *a: None) if mine else []
+    share = val_items[rank // tp::world_size // tp]
+    with (tp_rollout_model(model, tp_pg) if tp > 1 else unsharded(model)) as policy:  # collective, even with no items
+        budget = agree_min(memory_budget(device))
+        rows = evaluate(policy, tok, share, 1, 0.0, length_at(step), "think" if think else "nothink",
+                        system=system_prompt or None, log=lambda *a: None, tokens=False,
+                        budget=budget) if share else []
+    rows = rows if rank % tp == 0 else []
     correct, total = all_reduce_sum(sum(r["correct"] for r in rows), len(rows))
     return correct / max(total, 1)
 
 
+def dump(seen, adv_seen, train_logp):
+    """The first dump_groups groups of this step's rollouts, for viewer.py (the format: viewer.py's docstring);
+    train_logp: {row of seen: the trainer's log-probs of its tokens}."""
+    with open(os.path.join(out_dir, "rollouts.jsonl"), "a") as f:
+        for g in range(min(dump_groups, len(seen["prompt"]) // group_size)):
+            it, samples = items[int(seen["prompt"][g * group_size])], []
+            for r in range(g * group_size, (g + 1) * group_size):
+                L = int(seen["length"][r])
+                ids = seen["tokens"][r, :L].tolist()
+                crit = torch.isin(seen["tokens"][r, :L], critical_ids).nonzero()[:, 0].tolist()
+                samples.append(dict(response=seen["text"][r], pieces=token_pieces(tok, ids), tokens=ids,
+                                    logp=seen["logp"][r, :L].tolist(), entropy=seen["ent"][r, :L].tolist(),
+                                    train_logp=train_logp.get(r), advantage=float(adv_seen[r]),
+                                    reward=float(seen["reward"][r]), accuracy=int(seen["accuracy"][r]),
+                                    format=int(seen["format"][r]), pred=seen["pred"][r], n_tokens=L,
+                                    finish_reason="length" if seen["truncated"][r] else "eos", critical=crit))
+            f.write(json.dumps(dict(step=step, prompt_index=int(seen["prompt"][g * group_size]), id=it["id"],
+                                    question=it["question"], images=it["images"], answer=it["answer"],
+                                    options=it.get("options"), domain=it.get("domain"),
+                                    difficulty=it.get("difficulty"), samples=samples)) + "\n")
+
+
 def save():
     state = {"epoch": epoch, "pos": pos, "tokenizer": tok.name_or_path, "init_from": init_path,
-             "entropy_control": ent_ctl.state_dict(),
-             "buffer": buffer.state_dict()}
-    save_checkpoint(out_dir, step, model, optimizer, state, config, keep_last=keep_last or None)
+             "entropy_control": ent_ctl.state_dict()}
+    save_checkpoint(out_dir, step, model, optimizer, state, config, keep_last=keep_last or None,
+                    rank_state={"buffer": buffer.state_dict()})  # each rank's own buffer
 
 
 if wandb_log and rank == 0:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-
 if step == 0 and val_items and eval_every > 0:
-    acc0 = validate()
-    print0(f"step 0: val accuracy {acc0:.4f}")
-    log_jsonl(out_dir, {"step": 0, "val_accuracy": acc0})
+    log_jsonl(out_dir, {"step": 0, "val_accuracy": validate()})
 
 while step < max_steps:
     t_step = time.time()
     lr_now = get_lr(step, max_steps, lr, warmup_steps, lr * min_lr_frac)
     for grp in optimizer.param_groups:
         grp["lr"] = lr_now
-    max_len_now = length_at(step)
-    my_prompts = next_prompts()[rank::world_size]
+    max_len = length_at(step)
+    step_prompts.clear()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
-    # 1-2. rollout + score (DAPO dynamic sampling: more rounds until enough informative groups)
+    # 1. rollout + score, on weights gathered once for the phase (tp > 1: the TP shards made from them, tp.py). DAPO
+    # dynamic sampling: more rounds until every rank holds its share of informative groups
     t0 = time.time()
-    samples, seen, n_rounds = [], [], 0  # samples: the groups trained on; seen: every rollout (for the logs)
-    want = len(my_prompts)
-    pending = my_prompts
-    while True:
-        new = rollout(pending, step, n_rounds)
-        seen += new
-        n_rounds += 1
-        r = torch.tensor([s["reward"] for s in new])
-        if truncated_zero:
-            r = zero_truncated(r, torch.tensor([s["truncated"] for s in new]))
-            for s, v in zip(new, r.tolist()):
-                s["reward"] = v
-        if not dynamic_sampling:
-            samples = new
-            break
-        keep = informative_groups(r, group_size)
-        samples += [s for g, k in enumerate(keep.tolist()) if k for s in new[g * group_size:(g + 1) * group_size]]
-        (have,) = all_reduce_sum(len(samples) // group_size)
-        if have >= want * world_size or n_rounds >= max_sample_rounds:
-            samples = samples[:want * group_size]
-            break
-        pending = next_prompts()[rank::world_size]
+    rounds, want = [], prompts_per_step // world_size
+    with (tp_rollout_model(model, tp_pg) if tp > 1 else unsharded(model)) as policy:
+        budget = agree_min(memory_budget(device))  # measured after the gather; the smallest rank's, for all
+
+        def draw(r):
+            d = rollout_round(policy, *next_prompts(), max_len, budget)
+            d["row"] = torch.arange(len(d["prompt"])) + sum(len(x["prompt"]) for x in rounds)  # its row in `seen`
+            if truncated_zero:  # OR1: a truncated response gets reward 0
+                d["reward"] = zero_truncated(d["reward"], d["truncated"])
+            if overlong_buffer > 0:  # DAPO: a soft length penalty over the last overlong_buffer tokens of the budget
+                d["reward"] = d["reward"] + overlong_penalty(d["length"], max_len, overlong_buffer,
+                                                             overlong_penalty_max)
+            rounds.append(d)
+            return informative_groups(d[group_filter], group_size)
+
+        if dynamic_sampling:
+            kept, n_rounds = dynamic_sampling_rounds(draw, want, max_sample_rounds, agree_min)
+        else:
+            draw(0)
+            kept, n_rounds = [(0, g) for g in range(want)], 1
+    seen = cat(rounds)  # every rollout of the step, for the logs
+    fresh = cat([take(rounds[r], range(g * group_size, (g + 1) * group_size)) for r, g in kept])
     t_rollout = time.time() - t0
 
-    # 3. advantages per group (groups never straddle ranks: each rank rolls out whole groups)
-    rewards = torch.tensor([s["reward"] for s in samples])
-    adv = group_advantages(rewards, group_size, std_norm=std_norm) if samples else torch.zeros(0)
-    for s, a in zip(samples, adv.tolist()):
-        s["adv"] = a
-    info = informative_groups(rewards, group_size) if samples else torch.zeros(0, dtype=torch.bool)
-    grp_acc = torch.tensor([s["accuracy"] for s in seen], dtype=torch.float).view(-1, group_size)
-    all_correct, all_wrong = int((grp_acc.min(1).values == 1).sum()), int((grp_acc.max(1).values == 0).sum())
-    train = samples
-    if drop_zero_adv:
-        train = [s for g, k in enumerate(info.tolist()) if k for s in samples[g * group_size:(g + 1) * group_size]]
-    if buffer_frac > 0:  # R1V2 SSB: remember informative samples, mix some back into this batch
-        buffer.add([{k: s[k] for k in ("prompt", "tokens", "old_logp")} for s in samples if s["adv"] != 0],
-                   [s["adv"] for s in samples if s["adv"] != 0])
-        k_buf = int(buffer_frac * len(samples))
-        old_s, old_a = buffer.sample(k_buf, torch.Generator().manual_seed(seed + 31 * step + rank))
-        train = train + [dict(s, adv=a, from_buffer=True) for s, a in zip(old_s, old_a)]
+    # 2. advantages per group (groups never straddle ranks: each rank rolls out whole groups), then the data options
+    fresh["adv"] = group_advantages(fresh["reward"], group_size, std_norm=std_norm)
+    adv_seen = torch.cat([group_advantages(d["reward"], group_size, std_norm=std_norm) for d in rounds])
+    if drop_zero_adv:  # OR1: only groups whose accuracy (or reward) varies carry a useful gradient
+        fresh = take(fresh, informative_groups(fresh[group_filter], group_size).repeat_interleave(group_size)
+                     .nonzero()[:, 0])
+    train = {k: fresh[k] for k in ("prompt", "tokens", "logp", "length", "adv", "row")}
+    if buffer_frac > 0:  # R1V2 Selective Sample Buffer
+        train = mix_in_buffer(train, step)
+    from_buffer = train["row"] < 0
+    ids, mask, sampler_logp = make_batch(train["prompt"], train["tokens"], train["logp"], train["length"])
+    batch = dict(prompt=train["prompt"], ids=ids, mask=mask, adv=train["adv"].float())
 
-    # 4. old log-probs by the training forward (and the reference's, for the KL option)
+    # 3. pi_old: on-policy, the update's own forward (below); off-policy, a pass before any optimizer step (buffered
+    # samples keep the log-probs of the policy that generated them). The KL reference: the initial policy's pass.
     t0 = time.time()
-    old_lp = policy_logprobs(model, train)
-    mismatch = 0.0
-    for s, lp in zip(train, old_lp):
-        s["old_logp_t"] = lp
-        if not s.get("from_buffer"):
-            mismatch = max(mismatch, (lp - torch.tensor(s["old_logp"])).abs().max().item() if len(lp) else 0.0)
-        else:  # buffered samples are off-policy: their ratio is against the policy that generated them
-            s["old_logp_t"] = torch.tensor(s["old_logp"])
-    if kl_coef > 0:
-        for s, lp in zip(train, policy_logprobs(ref_model, train)):
-            s["ref_logp"] = lp
+    old_logp = None if on_policy else torch.where(from_buffer[:, None], sampler_logp, policy_logp(model, batch))
+    ref_logp = policy_logp(ref_model, batch) if kl_coef > 0 else None
+    mean_ent = seen["ent"][torch.arange(seen["ent"].shape[1])[None] < seen["length"][:, None]]
+    ent_sum, ent_n, hi_n = all_reduce_sum(mean_ent.sum(), mean_ent.numel(), (mean_ent > high_entropy).sum())
+    mean_ent = ent_sum / max(ent_n, 1)
+    ent_coef = ent_ctl.update(mean_ent) if entropy_target > 0 else entropy_coef  # OR1 adaptive, or constant
     t_logp = time.time() - t0
 
-    # entropy statistics from the sampler (the distribution each token was drawn from)
-    ents = torch.tensor([e for s in seen for e in s["entropies"]])
-    toks = torch.tensor([t for s in seen for t in s["tokens"]], dtype=torch.long)
-    crit = torch.isin(toks, critical_ids)
-    ent_sum, ent_n, hi_n, crit_sum, crit_n = all_reduce_sum(ents.sum(), ents.numel(), (ents > high_entropy).sum(),
-                                                            ents[crit].sum(), crit.sum())
-    mean_ent = ent_sum / max(ent_n, 1)
-    ent_coef_now = ent_ctl.update(mean_ent) if entropy_target > 0 else 0.0
-
-    # 5. policy update (every rank takes part even with nothing to train on, to keep FSDP collectives in step)
+    # 4. PPO update: ppo_epochs x mini_batches optimizer steps (1 x 1 = on-policy), each over the micro-batches
     t0 = time.time()
-    (n_train_g,) = all_reduce_sum(len(train))
-    if n_train_g > 0:
-        ustats = update(train)  # a rank with nothing to train on still joins (zero-weight passes)
-    else:
-        ustats = {"clip_frac": 0.0, "approx_kl": 0.0, "gnorm": 0.0, "loss": 0.0, "skipped": 1}
-        print0(f"step {step + 1}: no informative samples on any rank: update skipped")
+    n_rows, stats, skipped, n_opt = len(batch["prompt"]), dict(loss=0.0, clip=0.0, kl=0.0, gnorm=0.0), 0, 0
+    train_logp = torch.zeros_like(mask)  # the trainer's log-probs in the first pass: mismatch, dumps
+    for epoch_i in range(ppo_epochs):
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + step * 100 + epoch_i)).tolist() \
+            if mini_batches > 1 else list(range(n_rows))
+        for k in range(mini_batches):
+            mini = perm[k::mini_batches]
+            # the normaliser of the WHOLE mini-batch over all ranks, so micro-batches and ranks add up exactly
+            n_tok, n_seq = all_reduce_sum(batch["mask"][mini].sum(), len(mini))
+            denom = n_tok if loss_agg == "token_mean" else n_seq
+            loss_sum, clip, kl, nt = 0.0, 0.0, 0.0, 0.0
+            for mb in micro_batches(batch, mini):
+                logp, ent, m = forward(model, batch, mb)
+                old = logp.detach() if on_policy else old_logp[mb, :logp.shape[1]].to(device) if mb else logp.detach()
+                adv = batch["adv"][mb].to(device) if mb else torch.zeros(1, device=device)
+                loss, st = ppo_clip_loss(logp, old, adv, m, eps_low, eps_high, loss_agg, norm_const, denom,
+                                         clip_ratio_c)
+                if kl_coef > 0:  # k3 KL to the initial policy (GRPO, DeepSeekMath eq. 4)
+                    ref = ref_logp[mb, :logp.shape[1]].to(device) if mb else logp.detach()
+                    loss = loss + kl_coef * agg_loss(kl_k3(logp, ref), m, loss_agg, norm_const, denom)
+                if ent_coef > 0:  # entropy bonus: minus, so the step raises the entropy
+                    loss = loss - ent_coef * agg_loss(ent, m, loss_agg, norm_const, denom)
+                # FSDP averages gradients over ranks; the loss is already the global mean: scale back by world_size
+                (loss * (world_size if mb else 0.0)).backward()
+                if mb:
+                    w = float(m.sum())
+                    loss_sum, clip, kl, nt = loss_sum + loss.item(), clip + st["clip_frac"].item() * w, \
+                        kl + st["approx_kl"].item() * w, nt + w
+                    if n_opt == 0:
+                        train_logp[mb, :logp.shape[1]] = logp.detach().float().cpu()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+            loss_g, clip_g, kl_g, nt_g = all_reduce_sum(loss_sum, clip, kl, nt)
+            if agree(not (torch.isfinite(torch.tensor([loss_g, gnorm])).all())):  # every rank skips, or none
+                print0(f"step {step + 1}: non-finite loss {loss_g} or grad norm {gnorm}: update skipped")
+                skipped += 1
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            n_opt += 1
+            for key, v in (("loss", loss_g), ("clip", clip_g / max(nt_g, 1)), ("kl", kl_g / max(nt_g, 1)),
+                           ("gnorm", gnorm)):
+                stats[key] += v / (ppo_epochs * mini_batches)
     t_update = time.time() - t0
     step += 1
+    diff = (train_logp - sampler_logp).abs()[mask.bool() & ~from_buffer[:, None]]  # trainer vs sampler, fresh rows
 
-    # 6. logging
-    tot = all_reduce_sum(len(seen), sum(s["reward"] for s in seen), sum(s["accuracy"] for s in seen),
-                         sum(s["format"] for s in seen), sum(len(s["tokens"]) for s in seen),
-                         sum(s["truncated"] for s in seen), sum(s["timeout"] for s in seen),
-                         all_correct, all_wrong, len(seen) // group_size, n_rounds, len(samples) // group_size)
-    N, R, A, F, L, TR, TO, AC, AW, G, NR, GK = tot  # N rollouts in G groups, GK groups kept for training
-    dt = time.time() - t_step
-    m = {"step": step, "reward": R / N, "accuracy": A / N, "format": F / N, "all_correct": AC / G,
-         "all_wrong": AW / G, "resp_len": L / N, "truncated": TR / N,
-         "loss": ustats["loss"], "clip_frac": ustats["clip_frac"],
-         "approx_kl": ustats["approx_kl"], "gnorm": ustats["gnorm"], "entropy": mean_ent,
-         "high_entropy_share": hi_n / max(ent_n, 1), "critical_entropy": crit_sum / crit_n if crit_n else None,
-         "critical_count": int(crit_n), "entropy_coef": ent_coef_now, "verifier_timeouts": int(TO),
-         "logp_mismatch": mismatch, "lr": lr_now, "sample_rounds": NR / world_size, "groups_kept": GK / G, "skipped": ustats["skipped"],
-         "t_rollout": t_rollout, "t_logp": t_logp, "t_update": t_update, "t_step": dt,
-         "rollout_tok_per_s": L / max(t_rollout, 1e-9)}
-    log_jsonl(out_dir, m)
+    # 5. log, dump, validate, checkpoint
+    generated = torch.arange(seen["tokens"].shape[1])[None] < seen["length"][:, None]
+    crit = torch.isin(seen["tokens"], critical_ids) & generated
+    acc_g = seen["accuracy"].view(-1, group_size)
+    sums = dict(n=len(seen["prompt"]), reward=seen["reward"].sum(), accuracy=seen["accuracy"].sum(),
+                format=seen["format"].sum(), resp_len=seen["length"].sum(), truncated=seen["truncated"].sum(),
+                timeouts=seen["timeout"].sum(), all_correct=(acc_g.min(1).values == 1).sum(),
+                all_wrong=(acc_g.max(1).values == 0).sum(), kept=len(kept), train_rows=len(batch["prompt"]),
+                buffer_rows=from_buffer.sum(), crit_sum=seen["ent"][crit].sum(), crit_n=crit.sum(),
+                mis_sum=diff.sum(), mis_n=diff.numel())
+    t = dict(zip(sums, all_reduce_sum(*sums.values())))  # over all ranks
+    G = t["n"] / group_size
+    if dynamic_sampling and t["kept"] < prompts_per_step:
+        print0(f"step {step}: only {t['kept']:.0f} of {prompts_per_step} informative groups after {n_rounds} rounds")
+    mx = {"step": step, **{k: t[k] / t["n"] for k in ("reward", "accuracy", "format", "resp_len", "truncated")},
+          "all_correct": t["all_correct"] / G, "all_wrong": t["all_wrong"] / G, "loss": stats["loss"], "lr": lr_now,
+          "clip_frac": stats["clip"], "approx_kl": stats["kl"], "gnorm": stats["gnorm"], "entropy": mean_ent,
+          "high_entropy_share": hi_n / max(ent_n, 1),
+          "critical_entropy": t["crit_sum"] / t["crit_n"] if t["crit_n"] else None, "critical_count": int(t["crit_n"]),
+          "entropy_coef": ent_coef, "verifier_timeouts": int(t["timeouts"]),
+          "logp_mismatch": agree_max(float(diff.max()) if diff.numel() else 0.0),
+          "logp_mismatch_mean": t["mis_sum"] / max(t["mis_n"], 1), "sample_rounds": n_rounds,
+          "groups_kept": t["kept"] / G, "groups_trained": int(t["kept"]), "train_rows": int(t["train_rows"]),
+          "buffer_rows": int(t["buffer_rows"]), "skipped": skipped, "t_rollout": t_rollout, "t_logp": t_logp,
+          "t_update": t_update, "t_step": time.time() - t_step,
+          "rollout_tok_per_s": t["resp_len"] / max(t_rollout, 1e-9)}
+    if device.type == "cuda":  # this step's peak, rollout and update together
+        mx["mem_peak_gb"] = agree_max(torch.cuda.max_memory_allocated(device)) / 2**30  # GB = 2^30, as plan.py
+    log_jsonl(out_dir, mx)
     if step % log_every == 0:
-        ce = f"{m['critical_entropy']:.3f}" if m["critical_entropy"] is not None else "-"
-        print0(f"step {step}/{max_steps} | reward {m['reward']:.3f} acc {m['accuracy']:.3f} fmt {m['format']:.3f} | "
-               f"all-correct {m['all_correct']:.2f} all-wrong {m['all_wrong']:.2f} | len {m['resp_len']:.0f} "
-               f"trunc {m['truncated']:.2f} | clip {m['clip_frac']:.3f} kl {m['approx_kl']:.4f} gnorm "
-               f"{m['gnorm']:.2f} | ent {mean_ent:.3f} crit-ent {ce} | rollout {t_rollout:.1f}s "
-               f"({m['rollout_tok_per_s']:,.0f} tok/s) logp {t_logp:.1f}s update {t_update:.1f}s")
+        ce = f"{mx['critical_entropy']:.3f}" if mx["critical_entropy"] is not None else "-"
+        print0(f"step {step}/{max_steps} | reward {mx['reward']:.3f} acc {mx['accuracy']:.3f} fmt {mx['format']:.3f} "
+               f"| loss {mx['loss']:.4f} lr {lr_now:.1e} | all-correct {mx['all_correct']:.2f} all-wrong "
+               f"{mx['all_wrong']:.2f} | len {mx['resp_len']:.0f} trunc {mx['truncated']:.2f} | clip "
+               f"{mx['clip_frac']:.3f} kl {mx['approx_kl']:.4f} gnorm {mx['gnorm']:.2f} | ent {mean_ent:.3f} "
+               f"crit-ent {ce} | rollout {t_rollout:.1f}s ({mx['rollout_tok_per_s']:,.0f} tok/s) logp {t_logp:.1f}s "
+               f"update {t_update:.1f}s")
     if wandb_log and rank == 0:
-        wandb.log({k: v for k, v in m.items() if v is not None}, step=step)
+        wandb.log({k: v for k, v in mx.items() if v is not None}, step=step)
     if dump_every and step % dump_every == 0 and rank == 0:
-        with open(os.path.join(out_dir, "rollouts.jsonl"), "a") as f:
-            for s in seen[:2 * group_size:group_size // 2 or 1]:
-                it = items[s["prompt"]]
-                f.write(json.dumps({"step": step, "id": it["id"], "question": it["question"],
-                                    "images": it["images"], "answer": it["answer"], "response": s["text"],
-                                    "reward": s["reward"], "advantage": s.get("adv")}) + "\n")
+        at = {r: i for i, r in enumerate(train["row"].tolist()) if 0 <= r < dump_groups * group_size}
+        dump(seen, adv_seen, {r: train_logp[i][mask[i].bool()].tolist() for r, i in at.items()})
     if val_items and eval_every > 0 and (step % eval_every == 0 or step == max_steps):
         acc = validate()
         print0(f"step {step}: val accuracy {acc:.4f}")
@@ -485,5 +541,5 @@ while step < max_steps:
         save()
 
 if export:
-    export_hf(model, os.path.join(out_dir, "hf"), tok)
+    export_hf(model, os.path.join(out_dir, "hf"), tok, dtype=torch.bfloat16 if device.type == "cuda" else None)
 compute_cleanup()

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -311,8 +311,10 @@ class LLM(nn.Module):
 
 
 def _chunk_logp_entropy(h, w, tgt, temperature, with_entropy):
-    # h (N,C) w (V,C) tgt (N,). Matmul in the model dtype, softmax math in fp32.
-    logits = (h @ w.t()).float()  # (N,V) fp32, only this chunk
+    # h (N,C) w (V,C) fp32, tgt (N,). An fp32 lm_head (autocast off: it would round the logits to bf16), the same
+    # computation as the sampler's, so the GRPO ratio starts at 1 up to float noise even when the model runs in bf16
+    with torch.autocast(h.device.type, enabled=False):
+        logits = h.float() @ w.t()  # (N,V) fp32, only this chunk
     if temperature != 1.0:
         logits = logits / temperature
     logq = torch.log_softmax(logits, dim=-1)  # (N,V), one fused kernel forward and backward
@@ -331,9 +333,10 @@ def _chunk_logp_entropy(h, w, tgt, temperature, with_entropy):
 # Entropy is computed WITH gradient (same recomputation, cheap next to the matmul) so the entropy bonus can use it.
 # hidden[:, t] predicts targets[:, t]: shift before calling, and slice to the response positions (prompt tokens
 # need no log-probs). targets must be valid ids (put a real id, e.g. pad, on masked positions).
-# Peak extra memory: a few (chunk x V) fp32 tensors plus, in backward, one transient (V x C) weight-grad per
-# chunk, independent of B*T (bench_logprob.py measures it). temperature: divide the logits as the sampler did.
-# Returns logp (B,T) fp32 and entropy (B,T) fp32 (None when with_entropy=False).
+# Peak extra memory: the fp32 copy of the (V x C) weight (a no-op for fp32 weights), a few (chunk x V) fp32 tensors
+# plus, in backward, one transient (V x C) weight-grad per chunk, independent of B*T (bench_logprob.py measures it).
+# temperature: divide the logits as the sampler did. Returns logp (B,T) and entropy (B,T) fp32 (None when
+# with_entropy=False).
 def token_logprobs(hidden, weight, targets, chunk=1024, with_entropy=True, temperature=1.0):
     B, T, C = hidden.shape
     V = weight.shape[0]
@@ -347,11 +350,11 @@ def token_logprobs(hidden, weight, targets, chunk=1024, with_entropy=True, tempe
     if B * T == 0:
         z = hidden.new_zeros(B, T, dtype=torch.float32)
         return z, (z if with_entropy else None)
-    h, tgt = hidden.reshape(B * T, C), targets.reshape(B * T)
+    h, tgt, w32 = hidden.reshape(B * T, C), targets.reshape(B * T), weight.float()  # the cast once, not per chunk
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     outs = []
     for i in range(0, B * T, chunk):
-        args = (h[i:i + chunk], weight, tgt[i:i + chunk], temperature, with_entropy)
+        args = (h[i:i + chunk], w32, tgt[i:i + chunk], temperature, with_entropy)
         outs.append(torch.utils.checkpoint.checkpoint(_chunk_logp_entropy, *args, use_reentrant=False)
                     if grad else _chunk_logp_entropy(*args))
     logp = torch.cat([o[0] for o in outs]).view(B, T)
@@ -393,14 +396,15 @@ class VLM(nn.Module):
         return x.reshape(-1, x.shape[-1])
 
     def forward(self, input_ids, pixel_values=None, *, image_embeds=None, cache=None, pos=None,
-                return_hidden=False, targets=None, dummy_vision=False):
+                return_hidden=False, targets=None, target_mask=None, dummy_vision=False):
         """
         input_ids (B, T) with the <IMG_CONTEXT> tokens already expanded; pixel_values (N_tiles, 3, H, W) or None
         (or precomputed image_embeds (N_tiles * tokens_per_tile, n_embd)). The tile features overwrite the
         image-token embeddings in row-major order over the batch. cache: a KVCache (see below); the caller
         advances cache.lens afterwards. Returns logits (B, T, vocab); or the final hidden states (B, T, n_embd)
         when return_hidden; or, given targets (B, T) (the token each position predicts), (logp, entropy) of
-        shape (B, T) each, computed in chunks so the full fp32 logits never exist (see token_logprobs).
+        shape (B, T) each, computed in chunks so the full fp32 logits never exist (see token_logprobs); with
+        target_mask (B, T) only at its positions (0 elsewhere: a prompt's positions need no lm_head).
         dummy_vision: with no images, still run the vision tower on one blank tile and add 0 x its output, so
         every FSDP rank runs the same collectives whether or not its batch has images.
         """
@@ -431,8 +435,13 @@ class VLM(nn.Module):
         x = self.llm.norm(x)
         if return_hidden:
             return x
-        if targets is not None:
+        if targets is not None and target_mask is None:
             return token_logprobs(x, self.llm.lm_head.weight, targets)
+        if targets is not None:
+            sel = target_mask.bool()
+            logp, ent = token_logprobs(x[sel][None], self.llm.lm_head.weight, targets[sel][None])
+            zeros = x.new_zeros(B, T, dtype=torch.float32)
+            return zeros.masked_scatter(sel, logp[0]), zeros.masked_scatter(sel, ent[0])
         return self.llm.lm_head(x)
 
     # --- Hugging Face checkpoints -------------------------------------------------------------------
@@ -493,7 +502,8 @@ class VLM(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Static KV cache (reference implementation; sampler.py subclasses it with Triton kernels)
+# A plain static KV cache (one row per sequence): the model's own, for cached-vs-uncached tests and simple decoding.
+# The sampler has its own cache with each prompt's K/V stored once for its n samples (sampler.DecodeCache).
 
 
 class KVCache:
@@ -589,13 +599,19 @@ def hf_names(name, cfg, layout):
 
 
 def load_config(path, image_token_id=None):
-    """config.json of either layout -> (VLMConfig, layout)."""
+    """config.json of either layout -> (VLMConfig, layout). The original layout also covers Skywork's R1V releases
+    (architectures ["SkyworkR1VChatModel"], model_type "skywork_chat"): their modeling code (vLLM's skyworkr1v.py,
+    adapted from Skywork's modeling_skywork_chat.py) has the same modules as InternVLChatModel (vision_model = an
+    InternVisionModel, mlp1 = Sequential(LayerNorm, Linear, GELU, Linear), language_model = Qwen2ForCausalLM) and
+    loads the checkpoint's names onto them unchanged, so ORIGINAL_RULES map both."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: no config.json (expected a local Hugging Face model directory)")
     with open(cfg_path) as f:
         c = json.load(f)
-    original = c.get("model_type") == "internvl_chat" or "InternVLChatModel" in c.get("architectures", [])
+    archs = c.get("architectures") or []
+    original = (c.get("model_type") in ("internvl_chat", "skywork_chat")
+                or any(a in ("InternVLChatModel", "SkyworkR1VChatModel") for a in archs))
     if original:
         v, t = c["vision_config"], c["llm_config"]
         image_size = c.get("force_image_size") or v["image_size"]
@@ -610,7 +626,7 @@ def load_config(path, image_token_id=None):
     else:
         if c.get("model_type") != "internvl":
             raise ValueError(f"{cfg_path}: model_type {c.get('model_type')!r} is neither 'internvl' "
-                             "(transformers-native) nor 'internvl_chat' (original InternVL)")
+                             "(transformers-native) nor 'internvl_chat' / 'skywork_chat' (original InternVL layout)")
         v, t = c["vision_config"], c["text_config"]
         size = lambda s: s[0] if isinstance(s, (list, tuple)) else s  # noqa: E731
         tie = c.get("tie_word_embeddings", t.get("tie_word_embeddings", False))
@@ -628,7 +644,12 @@ def load_config(path, image_token_id=None):
     if v.get("hidden_act", "gelu") != "gelu" or t.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{cfg_path}: unsupported activations {v.get('hidden_act')}/{t.get('hidden_act')}")
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    # InternVL3 ships rope_scaling {"type": "dynamic", "factor": 2.0} (dynamic NTK). transformers computes its
+    # inv_freq with seq_len = max_position_embeddings, where the NTK base factor is (factor - (factor - 1))^... = 1,
+    # and recomputes it only for sequences longer than that: up to max_position_embeddings it IS the default RoPE,
+    # which is what model.py implements. Longer sequences would differ (generation stays far below 32768).
+    if rope_type not in ("default", "dynamic"):
         raise ValueError(f"{cfg_path}: rope scaling {rope} is not supported")
     if image_token_id is None:
         raise ValueError(f"{path}: cannot find the <IMG_CONTEXT> token id; pass image_token_id=")
@@ -689,52 +710,10 @@ def _open_checkpoint(path, layout):
 def hf_state_dict(path, cfg, layout, dtype=torch.float32):
     """Read a checkpoint into a state dict with OUR names (CPU, in `dtype`), through the key map. Any missing,
     unexpected or mis-shaped tensor is an error that names it: a silent partial load is the worst bug this repo
-    can have. Fused tensors (the ViT's qkv in the native layout) are concatenated here."""
-    from safetensors import safe_open
-
-    files = _open_checkpoint(path, layout)
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        shapes = {n: p.shape for n, p in VLM(cfg).named_parameters()}  # a tied lm_head appears once (wte)
-    wanted = {}  # checkpoint name -> (our name, part index, number of parts)
-    for name in shapes:
-        hf = hf_names(name, cfg, layout)
-        for i, n in enumerate(hf):
-            wanted[n] = (name, i, len(hf))
-    head = hf_names("llm.lm_head.weight", cfg, layout)[0]
-    extra_head = cfg.tie_embeddings and head in files  # tied, but the checkpoint stores lm_head too
-    missing = sorted(set(wanted) - set(files))
-    unexpected = sorted(files[n][1] for n in set(files) - set(wanted) - ({head} if extra_head else set()))
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the model config: {len(missing)} missing "
-                         f"{missing[:8]}, {len(unexpected)} unexpected {unexpected[:8]}")
-    by_file, parts, sd = {}, {}, {}
-    for n, (fn, stored) in files.items():
-        by_file.setdefault(fn, []).append((n, stored))
-    for fn, names in by_file.items():
-        with safe_open(fn, "pt") as f:
-            for n, stored in names:
-                t = f.get_tensor(stored).to(dtype)
-                if n == head and extra_head:
-                    parts["__head__"] = (fn, stored, t)
-                    continue
-                name, i, k = wanted[n]
-                full = shapes[name]
-                expect = (full[0] // k,) + tuple(full[1:])
-                if tuple(t.shape) != expect:
-                    raise ValueError(f"{fn}: tensor {stored} has shape {tuple(t.shape)}, the model expects "
-                                     f"{expect} for {name}")
-                if k == 1:
-                    sd[name] = t
-                else:
-                    parts.setdefault(name, [None] * k)[i] = t
-                    if all(p is not None for p in parts[name]):
-                        sd[name] = torch.cat(parts.pop(name), dim=0)
-    if "__head__" in parts:
-        fn, stored, t = parts.pop("__head__")
-        if not torch.equal(t, sd["llm.wte.weight"]):
-            raise ValueError(f"{fn}: {stored} differs from the embedding but the config ties them "
-                             "(set tie_word_embeddings=false in config.json)")
-    assert not parts and set(sd) == set(shapes)
+    can have. Fused tensors (the ViT's qkv in the native layout) are concatenated here. Single-process loading;
+    FSDP loading reads the same plan one unit at a time (common.build_model)."""
+    plan = checkpoint_plan(path, cfg, layout)  # every check that needs no tensor data, before reading any
+    sd = read_checkpoint_tensors(plan, [n for n in plan if n != "__head__"], dtype)
     if cfg.tie_embeddings:
         sd["llm.lm_head.weight"] = sd["llm.wte.weight"]
     return sd
@@ -761,13 +740,138 @@ def hf_config(cfg, dtype="float32"):
                 nanor1v=dict(max_tiles=cfg.max_tiles, use_thumbnail=cfg.use_thumbnail))
 
 
-def config_to_dict(cfg):
-    return asdict(cfg)
-
-
 def config_from_dict(d):
     known = {f.name for f in fields(VLMConfig)}
     unknown = set(d) - known
     if unknown:
         raise ValueError(f"unknown model config keys {sorted(unknown)}")
     return VLMConfig(**d)
+
+
+# --- loading and saving one piece at a time (FSDP: common.build_model / common.export_hf) ---------------------------
+
+
+def checkpoint_plan(path, cfg, layout):
+    """Match a checkpoint against the model config without reading any tensor data (names and shapes come from the
+    safetensors headers): every parameter has its tensor(s), nothing is left over, every shape matches; errors name
+    the tensor. Returns {our name: [(file, stored name), ...]} (three parts for the native ViT's q, k, v, in that
+    order) plus, when the config ties lm_head but the checkpoint stores it too, "__head__": [(file, stored name)],
+    which read_checkpoint_tensors compares with the embedding."""
+    from safetensors import safe_open
+
+    files = _open_checkpoint(path, layout)
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        shapes = {n: p.shape for n, p in VLM(cfg).named_parameters()}  # a tied lm_head appears once (wte)
+    wanted = {}  # checkpoint name -> (our name, part index, number of parts)
+    for name in shapes:
+        hf = hf_names(name, cfg, layout)
+        for i, n in enumerate(hf):
+            wanted[n] = (name, i, len(hf))
+    head = hf_names("llm.lm_head.weight", cfg, layout)[0]
+    extra_head = cfg.tie_embeddings and head in files  # tied, but the checkpoint stores lm_head too
+    missing = sorted(set(wanted) - set(files))
+    unexpected = sorted(files[n][1] for n in set(files) - set(wanted) - ({head} if extra_head else set()))
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the model config: {len(missing)} missing "
+                         f"{missing[:8]}, {len(unexpected)} unexpected {unexpected[:8]}")
+    plan = {name: [None] * len(hf_names(name, cfg, layout)) for name in shapes}
+    by_file = {}
+    for n, (fn, stored) in files.items():
+        by_file.setdefault(fn, []).append((n, stored))
+    for fn, names in by_file.items():
+        with safe_open(fn, "pt") as f:
+            for n, stored in names:
+                got = tuple(f.get_slice(stored).get_shape())
+                if n == head and extra_head:
+                    expect, plan["__head__"] = tuple(shapes["llm.wte.weight"]), [(fn, stored)]
+                else:
+                    name, i, k = wanted[n]
+                    expect = (shapes[name][0] // k,) + tuple(shapes[name][1:])
+                    plan[name][i] = (fn, stored)
+                if got != expect:
+                    raise ValueError(f"{fn}: tensor {stored} has shape {got}, the model expects {expect} for "
+                                     f"{'the tied lm_head' if n == head and extra_head else name}")
+    return plan
+
+
+def read_checkpoint_tensors(plan, names, dtype=None):
+    """Read the tensors of our parameters `names` (all of them, or one FSDP unit) through a checkpoint_plan ->
+    {name: CPU tensor} in `dtype` (None: as stored). The files are opened for this call only, so their pages leave
+    this process's memory map when it returns. A tied config whose checkpoint also stores lm_head: that tensor must
+    equal the embedding (checked when "llm.wte.weight" is read)."""
+    from safetensors import safe_open
+
+    jobs = {}  # file -> [(our name, part index, stored name)]
+    for name in names:
+        for i, (fn, stored) in enumerate(plan[name]):
+            jobs.setdefault(fn, []).append((name, i, stored))
+    check_head = "__head__" in plan and "llm.wte.weight" in names
+    if check_head:
+        fn, stored = plan["__head__"][0]
+        jobs.setdefault(fn, []).append(("__head__", 0, stored))
+    parts = {name: [None] * len(plan[name]) for name in list(names) + (["__head__"] if check_head else [])}
+    for fn, items in jobs.items():
+        with safe_open(fn, "pt") as f:
+            for name, i, stored in items:
+                parts[name][i] = f.get_tensor(stored)
+    if check_head and not torch.equal(parts.pop("__head__")[0], parts["llm.wte.weight"][0]):
+        fn, stored = plan["__head__"][0]
+        raise ValueError(f"{fn}: {stored} differs from the embedding but the config ties them "
+                         "(set tie_word_embeddings=false in config.json)")
+    out = {}
+    for name in names:
+        t = parts.pop(name)
+        t = t[0] if len(t) == 1 else torch.cat(t, dim=0)  # the native ViT's q, k, v -> our fused qkv
+        out[name] = t if dtype is None else t.to(dtype)
+    return out
+
+
+def hf_export_tensors(cfg, name, t):
+    """One of our parameters -> [(name, tensor)] in the transformers-native layout (save_pretrained's names): the
+    fused ViT qkv is split into q, k, v; a tied lm_head is not stored (transformers re-ties it)."""
+    if cfg.tie_embeddings and name == "llm.lm_head.weight":
+        return []
+    hf = hf_names(name, cfg, "native")
+    parts = t.chunk(len(hf), dim=0) if len(hf) > 1 else [t]
+    return [(n, p.contiguous()) for n, p in zip(hf, parts)]
+
+
+def write_hf_checkpoint(path, cfg, tensors, max_shard_bytes=5 * 2**30):
+    """Stream (our name, CPU tensor) pairs into a transformers-native directory: safetensors shards of at most
+    max_shard_bytes, written as they fill (memory: one shard + one tensor), then the index and config.json. The
+    same files as VLM.save_pretrained. Stale model*.safetensors from an earlier save are removed first."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    for f in os.listdir(path):  # stale shards of an earlier save would be picked up by loaders
+        if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".safetensors.index.json")):
+            os.remove(os.path.join(path, f))
+    shard, size, files, weight_map, total, dtype = {}, 0, [], {}, 0, None
+
+    def flush():
+        fname = f"model-tmp-{len(files) + 1:05d}.safetensors"
+        save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+        files.append(fname)
+        weight_map.update({n: fname for n in shard})
+        shard.clear()
+
+    for name, t in tensors:
+        for n, p in hf_export_tensors(cfg, name, t):
+            nbytes = p.numel() * p.element_size()
+            if shard and size + nbytes > max_shard_bytes:
+                flush()
+                size = 0
+            shard[n], size, total, dtype = p, size + nbytes, total + nbytes, dtype or p.dtype
+    if shard or not files:
+        flush()
+    if len(files) == 1:
+        os.replace(os.path.join(path, files[0]), os.path.join(path, "model.safetensors"))
+    else:  # final names once the count is known, as transformers names them
+        final = {f: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, f in enumerate(files)}
+        for f in files:
+            os.replace(os.path.join(path, f), os.path.join(path, final[f]))
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total},
+                       "weight_map": {n: final[fn] for n, fn in weight_map.items()}}, f, indent=2)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config(cfg, str(dtype).replace("torch.", "")), f, indent=2)

@@ -1,23 +1,31 @@
 """
 Verifiable rewards for GRPO and evaluation (RECIPE.md sections 3, 6, 7).
 
-    from rewards import score, score_batch, close
-    score(response, answer)                    # -> {"accuracy", "format", "reward", "pred", "timeout"}
+    from rewards import decode_response, score, score_batch, close
+    text = decode_response(tok, token_ids)     # the one way to turn a sampled response into text for scoring
+    score(text, answer)                        # -> {"accuracy", "format", "reward", "pred", "timeout"}
     score_batch(responses, answers, options_list=None, timeout=5.0, workers=2)
 
 R1V3: R = 0.8 * accuracy + 0.2 * format.
 - accuracy: only the text after the LAST </think> counts; the final answer is the last \\boxed{} / \\fbox{}
   (else an <answer> tag, else an "answer is X" / "Answer: X" line). Several different boxed answers
-  (hedging) score 0. Multiple choice compares option letters; everything else is a normalised string
+  (hedging) score 0. Multiple choice compares option letters (a box naming two options, "(B) or (C)", is a
+  hedge and scores 0); a value instead of a letter ("0.5" for the option "1/2") is Math-Verified against every
+  option text: right iff it equals the gold option's and no other. Everything else is a normalised string
   compare, then Math-Verify with the gold wrapped in \\boxed{} (R1V3 / OR1).
 - format: exactly one </think>, then an extractable answer after it.
+- special tokens: responses are decoded with them kept (decode_response), since a tokenizer that marks
+  </think> as special would lose it otherwise. Trailing stop tokens are dropped; a stop token or <|im_start|>
+  left inside the text means the response ran past its turn: it scores 0 (not one answer).
 - optional LLM judge: accuracy = rule check OR judge(question, answer_part, answer) (R1V3 used one).
 
 Never raises on model output, never hangs: cheap in-process checks decide most items (length caps,
 power towers, exact and integer matches, letters); only the rest go to Math-Verify in a process pool
 with a hard per-item timeout. Math-Verify's own timeout uses SIGALRM, which works only in a main
 thread (a pool worker runs tasks in its main thread) and cannot interrupt C code (9^{9^{9^9}} is one
-big-int power), so a worker past the hard timeout is killed and the pool restarted. The pool is created
+big-int power), so a worker past the hard timeout is killed and the pool restarted. A worker that crashes
+(segfault, OOM kill) breaks the whole pool: the items that were running are re-run one at a time, so the
+crash is charged to the item that crashes alone and to no other. The pool is created
 lazily on first need (Math-Verify is imported and warmed in the parent first, ~1-3 s once, so forked workers
 start warm) and shut down by close(), also registered with atexit.
 """
@@ -38,7 +46,37 @@ MAX_PRED_CHARS = 500         # an extracted final answer longer than this is not
 MAX_BRACE_DEPTH = 24         # deeper nesting in a final answer is adversarial, not maths
 MAX_POWER_DIGITS = 100000    # a^b with more digits than this is not evaluated
 START_METHOD = 'fork'        # 'spawn' re-runs a flat script's top level in every worker; fork does not
-SPECIAL_TOKENS = ('<|im_end|>', '<|endoftext|>')  # a sampler may leave the stop token in the text
+SPECIAL_TOKENS = ('<|im_end|>', '<|endoftext|>')  # stop tokens a sampler leaves at the end: dropped there
+TURN_TOKENS = SPECIAL_TOKENS + ('<|im_start|>',)   # any of these inside a response: it ran past its turn
+THINK_TOKENS = ('<think>', '</think>')             # never stripped: the format and the answer split need them
+
+# -----------------------------------------------------------------------------
+# decoding (callers decode a response only through here)
+
+def strip_stops(text, stops=SPECIAL_TOKENS):
+    """Drop stop tokens, and the whitespace between and before them, from the end of text only; text that does
+    not end in a stop token is returned as it is."""
+    cut, found = len(text.rstrip()), False
+    while True:  # moves an index and copies nothing: a padded row may end in thousands of pad tokens
+        s = next((s for s in stops if s and text.endswith(s, 0, cut)), None)
+        if s is None:
+            return text[:cut] if found else text
+        cut, found = cut - len(s), True
+        while cut and text[cut - 1].isspace():
+            cut -= 1
+
+
+def decode_response(tok, token_ids):
+    """Response token ids -> text for score(): special tokens kept (skip_special_tokens=True would delete a
+    special </think> and every reward would be 0), then the trailing end-of-turn / eos / pad tokens dropped.
+    tok: a transformers or `tokenizers` tokenizer; token_ids: a list or 1-D tensor of ints."""
+    text = tok.decode([int(t) for t in token_ids], skip_special_tokens=False)
+    stops = list(SPECIAL_TOKENS)
+    for name in ('eos_token', 'pad_token'):  # a transformers tokenizer's own; a bare `tokenizers` one has none
+        s = getattr(tok, name, None)
+        if isinstance(s, str) and s and s not in stops and s not in THINK_TOKENS:
+            stops.append(s)
+    return strip_stops(text, tuple(stops))
 
 # -----------------------------------------------------------------------------
 # answer extraction (RECIPE.md section 6: strip everything before </think>, take the last \boxed{})
@@ -138,22 +176,62 @@ def norm_str(s):
     return s.rstrip('.')
 
 
-def to_letter(text, options=None):
-    """Option letter for "B", "(B)", "B.", "B) blue", "Option B", or the option text itself; else None."""
+# a standalone capital (B, (B), B), "B,"), the way an answer names an option; \Delta, \S, AB, B2 are not
+_LETTER_REF = re.compile(r'(?<![A-Za-z0-9\\])[A-Z](?![A-Za-z0-9])')
+
+
+def _mc_text(text):
+    # a multiple-choice answer without markup and without an "Option(s)" / "Choice(s)" prefix
     t = _TEXT_CMD.sub(r'\1', text).replace('**', '').strip().strip('$').strip()
-    t = re.sub(r'^(?:option|choice)\s*', '', t, flags=re.IGNORECASE)
+    return re.sub(r'^(?:options?|choices?)\s*', '', t, flags=re.IGNORECASE)
+
+
+def _option_index(t, options):
+    # index of the option whose text t is (normalised), else None
+    for k, o in enumerate(options or ()):
+        if norm_str(str(o)) == norm_str(t):
+            return k
+    return None
+
+
+def _names_other(letter, rest, options):
+    # "B) ..." names a second option in rest: another letter ("(B) or (C)"), or another option's text, whole
+    # words ("B) green", "B) blue or green"); options contained in B's own text ("blue" in "light blue") do not
+    # count. rest that is B's own text is fine, capitals and all ("B) 5 N" for the option "5 N")
+    own = str(options[ord(letter) - ord('A')]) if options and ord(letter) - ord('A') < len(options) else None
+    if own is not None and norm_str(rest) == norm_str(own):
+        return False
+    if set(_LETTER_REF.findall(rest)) - {letter}:
+        return True
+    if own is None:
+        return False
+    low, own_low = ' '.join(rest.lower().split()), ' '.join(own.lower().split())
+    return any(re.search(r'(?<!\w)' + re.escape(o) + r'(?!\w)', low)
+               for o in (' '.join(str(x).lower().split()) for x in options) if o and o not in own_low)
+
+
+def to_letter(text, options=None):
+    """Option letter for "B", "(B)", "B.", "B) blue", "Option B", or the option text itself; else None.
+    A text naming two options ("(B) or (C)", "B, C", "B/C", "B) green" where green is C) is a hedge: None."""
+    t = _mc_text(text)
     n = len(options) if options else 26
-    if options:
-        for k, o in enumerate(options):
-            if norm_str(str(o)) == norm_str(t):
-                return chr(ord('A') + k)
+    k = _option_index(t, options)
+    if k is not None:
+        return chr(ord('A') + k)
     m = re.fullmatch(r'\(?([A-Za-z])\)?\.?', t)  # alone: B, (B), B., b
     if m is None:
-        m = re.match(r'\(?([A-Z])\s*[.):]\s*\S', t) or re.match(r'\(([A-Z])\)\s*\S', t)  # B) blue, (B) blue
-    if m is None:
-        return None
+        m = re.match(r'\(?([A-Z])\s*[.):]\s*(?=\S)', t) or re.match(r'\(([A-Z])\)\s*(?=\S)', t)  # B) blue, (B) blue
+        if m is None or _names_other(m.group(1), t[m.end():], options):
+            return None
     letter = m.group(1).upper()
     return letter if ord(letter) - ord('A') < n else None
+
+
+def mc_value(pred):
+    """True if a multiple-choice pred is a value ("\\frac{1}{2}", "0.5"), not an attempt at a letter: it has a
+    digit or a LaTeX command and no standalone capital. Such a pred is Math-Verified against the option texts."""
+    t = _mc_text(pred)
+    return bool(re.search(r'[\d\\]', t)) and not _LETTER_REF.search(t)
 
 
 _INT = re.compile(r'[+-]?\d{1,30}')
@@ -194,12 +272,16 @@ def too_hard(pred):
 
 
 def rule_check(pred, gold, options=None):
-    """-> 1, 0, or None (undecided: ask Math-Verify). Cheap, in-process, never raises."""
-    # multiple choice (options given, or a bare letter gold): compare letters only
+    """-> 1, 0, or None (undecided: ask Math-Verify; with options, against the option texts). Cheap,
+    in-process, never raises."""
+    # multiple choice (options given, or a bare letter gold): compare letters (an option text counts as its letter)
     gold_letter = to_letter(gold, options) if options else (
         gold.strip().strip('()').upper() if re.fullmatch(r'\(?[A-Z]\)?', gold.strip()) else None)
     if options or gold_letter:
-        return int(gold_letter is not None and to_letter(pred, options) == gold_letter)
+        letter = to_letter(pred, options)
+        if letter is None and options and mc_value(pred):
+            return None  # a value, not a letter: only Math-Verify can say which option it equals
+        return int(gold_letter is not None and letter == gold_letter)
     if norm_str(pred) == norm_str(gold):
         return 1
     p, g = _num(pred.strip().strip('$')), _num(gold.strip())
@@ -219,6 +301,12 @@ _pool_workers = 0
 def _worker_init():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     logging.getLogger('math_verify').setLevel(logging.CRITICAL)  # timeouts are counted, not printed
+    try:  # Linux: die with the parent. A rank killed by torchrun or by the watchdog (os._exit) runs no cleanup,
+        # and orphaned workers would keep its stdout/stderr open and its memory held
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _verify_worker(pred, gold, t_in):
@@ -296,51 +384,62 @@ def close(kill=False):
 atexit.register(close)
 
 
+def _keep_done(futs, results):
+    # results of the items that finished before the pool goes (a killed pool cancels the rest)
+    for j, f in futs.items():
+        if results[j] is None and f.done() and not f.cancelled() and f.exception() is None:
+            results[j] = f.result()
+
+
 def verify_many(pairs, timeout=5.0, workers=2):
     """Math-Verify each (pred, gold) in the pool. -> list of (correct, timed_out).
     Items are dispatched in order, so when we start waiting for item i every earlier item is done and i is
     running (or next): the wait is a per-item bound. A timeout kills the pool; unfinished items are resubmitted.
-    A crashed worker (BrokenProcessPool) gives the item one retry in a fresh pool."""
+    A crashed worker (BrokenProcessPool) fails every pending future, whichever item caused it: the culprit is
+    among the first unfinished items (the running ones), so those are re-run one at a time in a fresh pool and
+    an item whose worker dies while it runs alone is the one that fails, as (False, True); finished items keep
+    their result, the rest go back to the pool together."""
     t_in = max(1, int(timeout / 3))  # Math-Verify's own (soft) limit for each of its three calls
     results = [None] * len(pairs)
-    tries = [0] * len(pairs)
     todo = list(range(len(pairs)))
+    alone = 0  # after a crash: how many of the next items run one at a time
     while todo:
         pool = _get_pool(workers)
-        futs = {i: pool.submit(_verify_worker, pairs[i][0], pairs[i][1], t_in) for i in todo}
-        nxt = []
-        for k, i in enumerate(todo):
+        batch = todo[:1] if alone else todo
+        alone = max(0, alone - 1)
+        futs = {i: pool.submit(_verify_worker, pairs[i][0], pairs[i][1], t_in) for i in batch}
+        for i in batch:
             try:
                 results[i] = futs[i].result(timeout=timeout)
                 continue
             except cf.TimeoutError:
                 results[i] = (False, True)
             except Exception:  # BrokenProcessPool: some worker died (OOM killer, segfault)
-                tries[i] += 1
-                if tries[i] >= 2:
-                    results[i] = (False, True)
-            rest = todo[k + 1:]
-            for j in rest:  # keep what already finished before the pool goes
-                f = futs[j]
-                if f.done() and not f.cancelled() and f.exception() is None:
-                    results[j] = f.result()
-            nxt = [j for j in todo[k:] if results[j] is None]
+                if len(batch) == 1:
+                    results[i] = (False, True)  # it ran alone: it is the one that crashed
+                else:
+                    # running ones come first (dispatch is in order); 2x the workers covers results lost in
+                    # flight. A culprit outside these crashes the next batch again and is caught then.
+                    alone = 2 * _pool_workers
+            _keep_done(futs, results)
             close(kill=True)
             break
-        todo = nxt
+        todo = [i for i in todo if results[i] is None]
     return results
 
 # -----------------------------------------------------------------------------
 # public API
 
 def _prepare(response, answer, options, think):
-    """In-process part of scoring one item. -> (result dict, (pred, gold) to verify or None)."""
+    """In-process part of scoring one item. -> (result dict, (pred, gold text, other option texts) to verify
+    or None, final answer part or None)."""
     out = {'accuracy': 0, 'format': 0, 'reward': 0.0, 'pred': None, 'timeout': False}
     text = response if isinstance(response, str) else ''
     if len(text) > MAX_RESPONSE_CHARS:
         return out, None, None
-    for t in SPECIAL_TOKENS:
-        text = text.replace(t, '')
+    text = strip_stops(text)
+    if any(t in text for t in TURN_TOKENS):
+        return out, None, None  # an end of turn with more text after it: not one answer (and nothing to judge)
     final, fmt_ok = split_think(text, think)
     if final is None:
         return out, None, None
@@ -351,9 +450,27 @@ def _prepare(response, answer, options, think):
         return out, None, (None if hedged else final)  # no judge for a hedged answer
     acc = rule_check(pred, answer, options)
     if acc is None:
-        return out, (pred, answer), final
+        if not options:
+            return out, (pred, answer, []), final
+        k = ord(to_letter(answer, options)) - ord('A')  # a value for a multiple-choice question
+        return out, (pred, str(options[k]), [str(o) for j, o in enumerate(options) if j != k]), final
     out['accuracy'] = acc
     return out, None, final
+
+
+def _verify_todo(outs, todo, timeout, workers):
+    # todo: [(i, (pred, gold, others))]. Round 1: each pred against its gold. Round 2, only for a multiple-choice
+    # value that matched its gold option: against the other option texts; equal to one of them too (or timed out
+    # there, so unknown) is ambiguous -> 0. Two rounds keep a wrong value at one pool item, not one per option.
+    first = verify_many([(p, g) for _, (p, g, _) in todo], timeout, workers)
+    for (i, _), (ok, timed_out) in zip(todo, first):
+        outs[i]['accuracy'], outs[i]['timeout'] = int(ok), timed_out
+    again = [(i, (p, o)) for i, (p, _, others) in todo if outs[i]['accuracy'] for o in others]
+    if again:
+        for (i, _), (ok, timed_out) in zip(again, verify_many([x for _, x in again], timeout, workers)):
+            if ok or timed_out:
+                outs[i]['accuracy'] = 0
+            outs[i]['timeout'] = outs[i]['timeout'] or timed_out
 
 
 def _check_gold(answer, options, i):
@@ -370,7 +487,8 @@ def _check_gold(answer, options, i):
 def score_batch(responses, answers, options_list=None, timeout=5.0, workers=2, think=True, judge=None,
                 questions=None, acc_weight=ACC_WEIGHT, fmt_weight=FMT_WEIGHT):
     """Score a batch. -> list of {"accuracy": 0|1, "format": 0|1, "reward": float, "pred": str|None,
-    "timeout": bool}. timeout: hard seconds per Math-Verify item; count timeouts with sum(d["timeout"]).
+    "timeout": bool}. timeout: hard seconds per Math-Verify item; d["timeout"] is True where the verifier gave
+    up (hard timeout, or its worker crashed): count them with sum(d["timeout"]).
     judge(question, answer_part, answer) -> bool is asked only where the rule check says 0 (R1V3: rule OR judge),
     with the text after the last </think>; it is user code, so its exceptions propagate.
     Bad gold data (empty answer, MC answer not among the options, length mismatch) raises ValueError."""
@@ -384,14 +502,13 @@ def score_batch(responses, answers, options_list=None, timeout=5.0, workers=2, t
     outs, finals, todo = [], [], []
     for i in range(n):
         gold = _check_gold(answers[i], options_list[i], i)
-        out, pair, final = _prepare(responses[i], gold, options_list[i], think)
+        out, check, final = _prepare(responses[i], gold, options_list[i], think)
         outs.append(out)
         finals.append(final)
-        if pair is not None:
-            todo.append((i, pair))
+        if check is not None:
+            todo.append((i, check))
     if todo:
-        for (i, _), (ok, timed_out) in zip(todo, verify_many([p for _, p in todo], timeout, workers)):
-            outs[i]['accuracy'], outs[i]['timeout'] = int(ok), timed_out
+        _verify_todo(outs, todo, timeout, workers)
     for i, out in enumerate(outs):
         # rule OR judge: only for a response that reached a final answer part and did not hedge
         if judge is not None and out['accuracy'] == 0 and finals[i] is not None:

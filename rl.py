@@ -6,18 +6,19 @@ response tokens and 0 on prompt/padding. `advantages` are per response (B,), bro
 
   group_advantages      GRPO / Dr.GRPO outcome advantages per group of n samples
   agg_loss              per-token loss -> scalar: R1V3 eq. 7 (default), DAPO token mean, Dr.GRPO constant
-  ppo_clip_loss         PPO clipped surrogate with clip-higher (DAPO), plus clip/KL stats
+  ppo_clip_loss         PPO clipped surrogate with clip-higher (DAPO) and dual-clip, plus clip/KL stats
   kl_k3                 Schulman's k3 KL estimator (optional KL to a frozen reference; off by default in R1V3)
   EntropyControl        Skywork-OR1 adaptive entropy coefficient
   informative_groups    groups whose rewards are not all equal (OR1 rejection sampling, R1V2 SSB motivation)
-  dynamic_sampling      DAPO dynamic sampling: accumulate informative groups across rounds, with a cap
-  SampleBuffer          R1V2 Selective Sample Buffer (non-zero |A| samples, FIFO, drawn in proportion to |A|)
+  dynamic_sampling_rounds  DAPO dynamic sampling: rounds of groups until every rank has enough informative ones
   zero_truncated        Skywork-OR1: truncated responses get reward 0
+  overlong_penalty      DAPO soft overlong punishment
+  SampleBuffer          R1V2 Selective Sample Buffer (earlier steps' non-zero |A| samples, drawn by |A|, capped)
 (log-probs and entropies come from model.py: model(ids, pix, targets=...) -> token_logprobs, in chunks)
 
 How grpo.py puts the loss together (on each micro-batch, with the FULL batch's normaliser `denom`):
     logp, ent = model(input_ids, pixel_values, targets=targets)   # model.token_logprobs, chunked
-    loss, stats = ppo_clip_loss(logp, old_logp, advantages, mask, eps_low, eps_high, agg, norm_const, denom)
+    loss, stats = ppo_clip_loss(logp, old_logp, advantages, mask, eps_low, eps_high, agg, norm_const, denom, c)
     if kl_coef > 0:   loss = loss + kl_coef * agg_loss(kl_k3(logp, ref_logp), mask, agg, norm_const, denom)
     if ent_coef > 0:  loss = loss - ent_coef * agg_loss(ent, mask, agg, norm_const, denom)
 """
@@ -88,41 +89,46 @@ def _masked_mean(x, m):
     return torch.where(m, x, torch.zeros_like(x)).sum() / m.sum().clamp(min=1)
 
 
+LOG_RATIO_MAX = 20.0  # verl's clamp: exp(20) ~ 5e8 is finite, so a masked or far off-policy token cannot give inf
+
+
 # PPO clipped surrogate (Schulman et al. 2017, eq. 7) as used by GRPO, with the ratio against the OLD (rollout)
 # policy (R1V3 eq. 7; its pi_ref is a typo) and decoupled clip range [1-eps_low, 1+eps_high] (DAPO sec. 3.1,
-# "clip-higher"; R1V3 default symmetric 0.2). Per token: -min(r*A, clip(r)*A).
-# Returns (loss, stats); stats are detached 0-dim tensors over this call's response tokens:
-#   clip_frac_low / clip_frac_high: share of tokens whose gradient the clip zeroes (r < 1-eps_low with A < 0,
-#   r > 1+eps_high with A > 0); clip_frac their sum; approx_kl: k3 estimate of KL(old || new) (samples are
-#   from old); ratio_mean / ratio_max.
+# "clip-higher"; R1V3 default symmetric 0.2). Per token: -min(r*A, clip(r)*A). Dual-clip (Ye et al. 2020,
+# "Mastering complex control in MOBA games", eq. 5; verl's clip_ratio_c): for A < 0 the loss is also capped at
+# -c*A, so a ratio far above 1 (an off-policy sample the policy now likes much more) cannot make it unbounded;
+# the log-ratio is clamped to +-20 first (verl). On-policy (ratio 1) neither bites.
+# Returns (loss, stats); stats are detached 0-dim tensors over this call's response tokens: clip_frac, the share
+# of tokens whose gradient a clip zeroes (r < 1-eps_low with A < 0, r > 1+eps_high with A > 0, or the dual clip),
+# and approx_kl, the k3 estimate of KL(old || new) (the samples are from old).
 def ppo_clip_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2, agg="seq_mean_token_mean",
-                  norm_const=None, denom=None):
+                  norm_const=None, denom=None, clip_ratio_c=3.0):
     if logp.shape != old_logp.shape or logp.shape != mask.shape or advantages.shape != logp.shape[:1]:
         raise ValueError(f"rl.py ppo_clip_loss: need logp, old_logp, mask (B,T) and advantages (B,); got "
                          f"{tuple(logp.shape)}, {tuple(old_logp.shape)}, {tuple(mask.shape)}, "
                          f"{tuple(advantages.shape)}")
     m = mask.bool()
-    log_ratio = torch.where(m, logp - old_logp, torch.zeros_like(logp))  # 0 on padding: exp never overflows there
-    ratio = torch.exp(log_ratio)  # (B,T)
+    log_ratio = torch.where(m, logp - old_logp, torch.zeros_like(logp)).clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
+    ratio = torch.exp(log_ratio)  # (B,T); 1 on padding
     A = advantages.to(logp.dtype)[:, None]  # (B,1)
     per_token = torch.maximum(-ratio * A, -ratio.clamp(1 - eps_low, 1 + eps_high) * A)  # (B,T)
+    dual = (A < 0) & (per_token > -clip_ratio_c * A)
+    per_token = torch.where(dual, -clip_ratio_c * A, per_token)
     loss = agg_loss(per_token, mask, agg, norm_const, denom)
     with torch.no_grad():
-        low = _masked_mean(((ratio < 1 - eps_low) & (A < 0)).float(), m)
-        high = _masked_mean(((ratio > 1 + eps_high) & (A > 0)).float(), m)
-        stats = dict(clip_frac=low + high, clip_frac_low=low, clip_frac_high=high,
-                     approx_kl=_masked_mean(kl_k3(old_logp, logp), m),
-                     ratio_mean=_masked_mean(ratio, m),
-                     ratio_max=torch.where(m, ratio, torch.zeros_like(ratio)).max())
+        clipped = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0)) | dual
+        stats = dict(clip_frac=_masked_mean(clipped.float(), m), approx_kl=_masked_mean(kl_k3(old_logp, logp), m))
     return loss, stats
 
 
 # Schulman's k3 estimator ("Approximating KL divergence", 2020), per token, of KL(pi || ref) from samples of pi:
 # with d = ref_logp - logp, k3 = exp(d) - d - 1 >= 0, unbiased, low variance. GRPO (DeepSeekMath eq. 4) adds
 # it to the loss as + kl_coef * agg_loss(kl_k3(logp, ref_logp), mask, agg) (R1V3 and OR1: kl_coef = 0).
+# NaN-safe as verl's low_var_kl: d is clamped to +-20 and k3 to [0, 10]. Without the clamp a very negative log-prob
+# at a masked position (logp < -88 in fp32) makes exp(d) inf there, and the masked 0 * inf is NaN in backward.
 def kl_k3(logp, ref_logp):
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
+    d = (ref_logp - logp).clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
+    return (torch.exp(d) - d - 1).clamp(max=10.0)
 
 
 # -----------------------------------------------------------------------------
@@ -165,19 +171,21 @@ def informative_groups(rewards, n):
     return r.amax(dim=1) > r.amin(dim=1)  # (G,) bool
 
 
-# DAPO (arXiv 2503.14476) sec. 3.2, dynamic sampling: keep sampling rounds of groups and keep only the
-# informative ones until `target` groups are collected, at most `max_rounds` rounds (0-based round_idx).
-# groups: list of G per-group payloads (anything; e.g. dicts with the n responses), rewards (G*n,) for this
-# round, acc: list of groups kept so far. Returns (acc, done); done when acc holds `target` groups (extra ones
-# are dropped) or the last round was used, in which case acc may hold fewer than target: the caller logs it.
-def dynamic_sampling(groups, rewards, n, acc, target, round_idx, max_rounds):
-    keep = informative_groups(rewards, n)
-    if len(groups) != keep.numel():
-        raise ValueError(f"rl.py dynamic_sampling: {len(groups)} groups but {rewards.numel()} rewards for n={n}")
-    acc = acc + [g for g, k in zip(groups, keep.tolist()) if k]
-    if len(acc) >= target:
-        return acc[:target], True
-    return acc, round_idx + 1 >= max_rounds
+# DAPO (arXiv 2503.14476) sec. 3.2, dynamic sampling: keep drawing rounds of groups, keeping only the informative
+# ones, until `target` are collected, at most max_rounds rounds. draw(round) runs one round and returns its groups'
+# informative flags (G,) bool. With several ranks every rank must run the same rounds (rollouts may hold
+# collectives, the next round's prompts come from one shared order): the loop stops when the FEWEST kept on any
+# rank reaches target (min_over_ranks: the minimum of a count over ranks). Returns the (round, group) pairs kept
+# (the first `target`, in order; fewer if the cap was hit) and the number of rounds drawn.
+def dynamic_sampling_rounds(draw, target, max_rounds, min_over_ranks=lambda x: x):
+    kept, r = [], 0
+    while r < max_rounds:
+        informative = draw(r)
+        kept += [(r, g) for g in informative.nonzero()[:, 0].tolist()]
+        r += 1
+        if min_over_ranks(len(kept)) >= target:
+            break
+    return kept[:target], r
 
 
 # Skywork-OR1 sec. 3 (MAGIC, "no advantage mask for truncated responses"): a response cut at the length limit
@@ -187,43 +195,56 @@ def zero_truncated(rewards, truncated):
     return torch.where(truncated.bool(), torch.zeros_like(rewards), rewards)
 
 
+# DAPO sec. 3.4, soft overlong punishment, added to the reward: 0 up to max_len - buffer tokens, then falling
+# linearly to -penalty at max_len (DAPO: ((L_max - L_cache) - |y|) / L_cache, and -1 beyond L_max, which a
+# response capped at max_len never reaches). lengths (N,) -> (N,) float.
+def overlong_penalty(lengths, max_len, buffer, penalty=1.0):
+    over = (lengths.float() - (max_len - buffer)).clamp(min=0)
+    return -penalty * (over / buffer).clamp(max=1.0)
+
+
 class SampleBuffer:
     """R1V2 (arXiv 2504.16656), Selective Sample Buffer (SSB): zero-advantage samples carry no signal and
     their share grows in training, so keep samples with non-zero advantage and mix them into later batches,
-    drawn in proportion to |A|. Bounded (max_size), oldest evicted first. A sample is any picklable object
-    (JSON-serialisable too if state_dict must go to JSON); its advantage is stored beside it."""
+    drawn in proportion to |A|. A step draws from EARLIER steps only (its own samples would be duplicates), then
+    adds its own. Each sample is trained on at most max_uses times and dropped max_age steps after it was made
+    (its log-probs grow stale); bounded (max_size, oldest evicted first). A sample is a JSON-serialisable dict
+    with an "adv" key."""
 
-    def __init__(self, max_size=1024):
-        self.max_size, self.items = max_size, []  # items: list of {"sample": s, "adv": float}, oldest first
+    def __init__(self, max_size=1024, max_uses=2, max_age=4):
+        self.max_size, self.max_uses, self.max_age = max_size, max_uses, max_age
+        self.items = []  # {"sample": s, "step": made at, "uses": n}, oldest first
 
     def __len__(self):
         return len(self.items)
 
-    def add(self, samples, advantages):
-        # samples: list of N, advantages: (N,) tensor or list; returns how many were kept
-        advs = torch.as_tensor(advantages, dtype=torch.float32).view(-1).tolist()
-        if len(samples) != len(advs):
-            raise ValueError(f"rl.py SampleBuffer.add: {len(samples)} samples but {len(advs)} advantages")
-        new = [dict(sample=s, adv=a) for s, a in zip(samples, advs) if a != 0.0]
+    def add(self, samples, step):
+        # returns how many were kept (those with A != 0)
+        new = [dict(sample=s, step=step, uses=0) for s in samples if float(s["adv"]) != 0.0]
         self.items = (self.items + new)[-self.max_size:]  # FIFO eviction
         return len(new)
 
-    def sample(self, k, generator=None, remove=False):
-        # draws min(k, len) distinct samples, P(item) proportional to |A| (torch.multinomial without
-        # replacement); remove=True takes them out of the buffer. Returns (samples list, advantages (k,)).
-        k = min(k, len(self.items))
+    def draw(self, k, step, generator=None):
+        """min(k, available) distinct samples made before `step` and younger than max_age steps, P(item) in
+        proportion to |A| (multinomial without replacement); each drawn sample's use count goes up, and samples
+        past either cap leave the buffer."""
+        self.items = [it for it in self.items if step - it["step"] <= self.max_age]
+        ok = [i for i, it in enumerate(self.items) if it["step"] < step]
+        k = min(k, len(ok))
         if k == 0:
-            return [], torch.zeros(0)
-        w = torch.tensor([abs(it["adv"]) for it in self.items])
-        idx = torch.multinomial(w, k, replacement=False, generator=generator).tolist()
-        picked = [self.items[i] for i in idx]
-        if remove:
-            drop = set(idx)
-            self.items = [it for i, it in enumerate(self.items) if i not in drop]
-        return [it["sample"] for it in picked], torch.tensor([it["adv"] for it in picked])
+            return []
+        w = torch.tensor([abs(float(self.items[i]["sample"]["adv"])) for i in ok])
+        picked = [ok[j] for j in torch.multinomial(w, k, replacement=False, generator=generator).tolist()]
+        for i in picked:
+            self.items[i]["uses"] += 1
+        out = [self.items[i]["sample"] for i in picked]
+        self.items = [it for it in self.items if it["uses"] < self.max_uses]
+        return out
 
     def state_dict(self):
-        return dict(max_size=self.max_size, items=[dict(it) for it in self.items])
+        return dict(max_size=self.max_size, max_uses=self.max_uses, max_age=self.max_age,
+                    items=[dict(it) for it in self.items])
 
     def load_state_dict(self, sd):
-        self.max_size, self.items = sd["max_size"], [dict(it) for it in sd["items"]]
+        self.max_size, self.max_uses, self.max_age = sd["max_size"], sd["max_uses"], sd["max_age"]
+        self.items = [dict(it) for it in sd["items"]]

@@ -14,8 +14,8 @@ Resume an interrupted run exactly where it stopped:
 Writes out_dir/ckpt_XXXXXXX/ (sharded, resumable) every save_every steps and at the end, and out_dir/hf/
 (transformers-native layout + tokenizer) at the end, which grpo.py / eval.py take as --init_from.
 
-connector_tune.py (R1V3 section 4) is this file run with other defaults (connector only, early stopping): a caller
-passes them in `_defaults` (runpy init_globals); config files and --key=value flags still override them.
+connector_tune.py (R1V3 section 4) is this file run with connector_tune.py itself as the first config file (connector
+only, early stopping); later config files and --key=value flags override it.
 Early stopping (early_stop_patience > 0): val loss at step 0 and every eval_every steps; stop after `patience`
 evaluations without a new best; out_dir/hf gets the BEST weights (a copy of the trainable params is kept in memory;
 out_dir/best_XXXXXXX/ holds it beside checkpoint XXXXXXX when that checkpoint's own weights are not the best).
@@ -29,10 +29,10 @@ import time
 import torch
 import torch.distributed.checkpoint as dcp
 
-from common import (apply_activation_checkpointing, apply_fsdp, autocast_ctx, compute_cleanup, compute_init,
-                    export_hf, get_lr, latest_checkpoint, load_checkpoint, print0, save_checkpoint, set_trainable,
-                    build_model, load_tokenizer, ensure_synth_data, log_jsonl, _list_checkpoints)
-from configurator import check_type, config_keys, configure
+from common import (autocast_ctx, build_model, check_disk, checkpoint_bytes, compute_cleanup, compute_init,
+                    ensure_synth_data, export_hf, get_lr, latest_checkpoint, list_checkpoints, load_checkpoint,
+                    load_tokenizer, log_jsonl, print0, save_checkpoint)
+from configurator import configure
 from data.common import collate, load_jsonl, load_sft_data
 
 # -----------------------------------------------------------------------------
@@ -63,6 +63,7 @@ train_vit = True
 train_connector = True
 train_llm = True
 activation_checkpointing = False
+offload = False  # FSDP2 CPU offload of the fp32 masters, gradients and AdamW state
 # tiny VLM (init_from='scratch' only)
 image_size = 64
 patch_size = 8
@@ -82,18 +83,23 @@ save_every = 200
 keep_last = 2
 export = True  # write out_dir/hf at the end
 seed = 1337
+dist_timeout_s = 600  # a collective that waits longer than this stops the run (common.compute_init)
+heartbeat_timeout_s = 60  # a rank silent this long (killed, machine lost) stops every rank (0: no watchdog)
+plan = False  # print the memory plan for plan_gpus GPUs (plan.py) and exit, without loading weights
+plan_gpus = 8
+plan_gpus_per_node = 8
+plan_gpu_gb = 80.0
 wandb_log = False
 wandb_project = "nanor1v"
 wandb_run_name = "sft"
-# a caller script (connector_tune.py) runs this file with its own defaults; they are checked like a config file's
-for _k, _v in globals().get("_defaults", {}).items():
-    if _k not in config_keys(globals()):
-        raise ValueError(f"sft.py: the caller's defaults set unknown config key '{_k}'")
-    globals()[_k] = check_type(_k, _v, globals()[_k], "the caller's defaults")
 config = configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
 
-ddp, rank, local_rank, world_size, device = compute_init(seed)
+if plan:
+    from plan import print_plan
+    print_plan("connector_tune" if not (train_vit or train_llm) else "sft", config)
+    sys.exit(0)
+ddp, rank, local_rank, world_size, device = compute_init(seed, dist_timeout_s, heartbeat_timeout_s)
 print0(json.dumps(config, indent=1))
 if data.startswith("data/synth/") or val_data.startswith("data/synth/"):
     ensure_synth_data()  # the embedded default renders itself on first use (rank 0; the others wait)
@@ -108,19 +114,19 @@ if init_from not in ("scratch", "resume") and not os.path.isdir(init_from):
 if early_stop_patience > 0 and not val_data:
     raise ValueError("early_stop_patience > 0 needs a validation set (val_data)")
 tok = load_tokenizer(tokenizer, init_from, resume_path)
-model = build_model(init_from, tok, device, resume_path=resume_path, scratch=dict(
+# FSDP2 on several processes (and on any GPU): bf16 compute with fp32 masters and gradient reduction; fp32 on CPU
+model, n_params, n_train = build_model(init_from, tok, device, resume_path=resume_path, scratch=dict(
     image_size=image_size, patch_size=patch_size, vit_hidden=vit_hidden, vit_layers=vit_layers, vit_heads=vit_heads,
     vit_mlp=4 * vit_hidden, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
-    mlp_hidden=3 * n_embd, rope_theta=rope_theta, max_tiles=1, use_thumbnail=False))
+    mlp_hidden=3 * n_embd, rope_theta=rope_theta, max_tiles=1, use_thumbnail=False),
+    fsdp=ddp or device.type == "cuda", train=(train_vit, train_connector, train_llm),
+    activation_checkpointing=activation_checkpointing,
+    param_dtype=torch.bfloat16 if device.type == "cuda" else None, offload=offload)
 cfg = model.cfg
-n_train = set_trainable(model, train_vit, train_connector, train_llm)
-n_params = sum(p.numel() for p in model.parameters())
 print0(f"model: {n_params:,} params, {n_train:,} trainable "
        f"(vit={train_vit}, connector={train_connector}, llm={train_llm})")
-if activation_checkpointing:
-    apply_activation_checkpointing(model)
-if ddp:  # FSDP2: bf16 params with fp32 gradient reduction on GPU; fp32 on CPU (gloo)
-    apply_fsdp(model, param_dtype=torch.bfloat16 if device.type == "cuda" else None)
+tied = cfg.vocab_size * cfg.n_embd if cfg.tie_embeddings else 0  # DCP writes a tied lm_head under both names
+check_disk(out_dir, checkpoint_bytes(n_params + tied, n_train), keep_last + 1)
 
 
 def pick_domains(items, path, balance, train=True):
@@ -269,7 +275,7 @@ def save():
                 os.replace(tmp, best_path(step))
     save_checkpoint(out_dir, step, model, optimizer, state, config, keep_last=keep_last)
     if rank == 0 and early_stop_patience > 0:  # drop best_* whose checkpoint keep_last pruned
-        kept = {os.path.basename(c)[len("ckpt_"):] for c in _list_checkpoints(out_dir)}
+        kept = {os.path.basename(c)[len("ckpt_"):] for c in list_checkpoints(out_dir)}
         for d in os.listdir(out_dir):
             if d.startswith("best_") and d[len("best_"):] not in kept:
                 shutil.rmtree(os.path.join(out_dir, d))
@@ -365,5 +371,5 @@ if early_stop_patience > 0 and best_weights is not None:
             if n in best_weights:
                 p.copy_(best_weights[n])
 if export:
-    export_hf(model, os.path.join(out_dir, "hf"), tok)
+    export_hf(model, os.path.join(out_dir, "hf"), tok, dtype=torch.bfloat16 if device.type == "cuda" else None)
 compute_cleanup()

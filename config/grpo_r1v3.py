@@ -2,7 +2,8 @@
 #   torchrun --standalone --nproc_per_node=8 grpo.py config/grpo_r1v3.py --init_from=out/sft_8b/hf
 # 1024 rollouts per step = 32 prompts x 32 samples; one optimizer step per rollout batch (on-policy);
 # clip eps 0.2, no KL, reward 0.8 acc + 0.2 format, lr 1e-5 (1e-6 is the safe alternative), all modules trained,
-# response length 4096 then 8192. Rollouts run on gathered FSDP weights: fits models up to ~8-14B on 80 GB GPUs.
+# response length 4096 then 8192. Rollouts run on gathered FSDP weights (tp=1). `--plan=True` with InternVL3-8B on
+# 8x80 GB: fits (peak ~78 GB, the rollout split into 2 chunks of 3 prompts per GPU). 38B: config/grpo_r1v3_38b.py.
 init_from = "out/sft_8b/hf"
 data = "/data/mmk12_rl.jsonl"  # question + answer (+ images, options); R1V3 used 15K K12 maths problems
 val_data = "/data/mmk12_val.jsonl"
@@ -24,3 +25,4 @@ max_steps = 400
 high_entropy = 6.8  # R1V3's threshold for Qwen's 152k vocabulary
 eval_every = 20
 save_every = 10
+keep_last = 3  # entropy.py ranks the kept checkpoints; each is ~95 GB at 8B (fp32 params + 2 AdamW states)

@@ -295,3 +295,60 @@ def critical_token_ids(tok, words=CRITICAL_WORDS):
                 if len(first) >= min(3, len(v)) and v.startswith(first):  # not a 1-2 letter fragment like "w"
                     out.setdefault(ids[0], w)
     return out
+
+# -----------------------------------------------------------------------------
+# Token ids the generation code needs (written once, used by the sampler CLI, grpo.py, eval.py, entropy.py)
+
+
+def _ids(tok, tokens):
+    ids = {tok.convert_tokens_to_ids(t) for t in tokens}
+    return sorted(i for i in ids if i is not None and (i != tok.unk_token_id or tok.unk_token in tokens))
+
+
+def stop_token_ids(tok):
+    """The ids that end a response (the one stop rule): the chat template's <|im_end|>, <|endoftext|>, and the
+    tokenizer's own eos token."""
+    return _ids(tok, [IM_END, "<|endoftext|>"] + ([tok.eos_token] if tok.eos_token else []))
+
+
+def vision_token_ids(tok):
+    """<img>, </img> and <IMG_CONTEXT>: rollouts never sample them (a sampled <IMG_CONTEXT> has no image features,
+    and the training forward would refuse the sequence)."""
+    return _ids(tok, [IMG_START, IMG_END, IMG_CONTEXT])
+
+
+def token_pieces(tok, ids):
+    """The text each token adds to the decoded response (special tokens kept), for the viewer: the pieces
+    concatenate to the text. A token that ends inside a multi-byte character adds '' and the one completing it
+    adds the character. Decodes a short window per token (not the whole prefix), so long responses stay cheap."""
+    pieces, start, prev = [], 0, ""
+    for i in range(len(ids)):
+        if i - start > 8:  # slide the window; the text before it is already in pieces
+            start, prev = i - 4, tok.decode(ids[i - 4:i], skip_special_tokens=False)
+        text = tok.decode(ids[start:i + 1], skip_special_tokens=False)
+        if text.endswith("\ufffd") or not text.startswith(prev):
+            pieces.append("")
+            continue
+        pieces.append(text[len(prev):])
+        prev = text
+    return pieces
+
+
+def prompt_length(tok, sample, cfg, think=True, system=None):
+    """The prompt's token count without decoding its images (their sizes come from the file headers): grpo.py checks
+    every RL prompt against the context length at start-up without holding any pixels."""
+    n_tiles = []
+    for p in sample.get("images", []):
+        with Image.open(p) as im:
+            w, h = im.size
+        n_tiles.append(count_tiles(w, h, cfg.max_tiles, cfg.image_size, cfg.use_thumbnail))
+    text = build_prompt_text(sample["question"], n_tiles, cfg.tokens_per_tile, think, system, sample.get("options"))
+    return len(tok.encode(text, add_special_tokens=False))
+
+
+def count_tiles(w, h, max_tiles, image_size, use_thumbnail):
+    """The number of tiles dynamic_preprocess makes of a w x h image."""
+    ratios = sorted({(i, j) for n in range(1, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                     if 1 <= i * j <= max_tiles}, key=lambda x: x[0] * x[1])
+    cols, rows = find_closest_aspect_ratio(w / h, ratios, w, h, image_size)
+    return cols * rows + (1 if use_thumbnail and cols * rows != 1 else 0)

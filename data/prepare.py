@@ -4,14 +4,20 @@ Renders the embedded synthetic task (data/synth.py) and trains its tiny tokenize
     python data/prepare.py                      # defaults below, into data/synth/
     python data/prepare.py --out=/tmp/synth --n_sft=500 --n_rl=500 --n_val=50 --n_test=100
     python data/prepare.py --teacher_blind_frac=0     # cold-start traces all correct (see below)
+    python data/prepare.py --n_val_big=1000           # + val_big.jsonl, a larger validation split (below)
 
 Writes (data/synth/ is gitignored; re-running with the same settings does nothing):
     {out}/{sft,rl,val,test}.jsonl       format in data/common.py; rl has no "solution"
     {out}/images/{split}/{id}.png       64x64 RGB
     {out}/tokenizer/                    byte-level BPE, loads with AutoTokenizer.from_pretrained(dir)
     {out}/meta.json                     the settings used, plus a few statistics
+    {out}/val_big.jsonl                 with --n_val_big=N > 0 only: N more validation items (entropy.py's checkpoint
+                                        ranking needs more than val's 200 to see accuracy differences of a point)
 Each split has its own seed, and samples are de-duplicated by (image bytes, question) across all
-splits, test and val first, so the evaluation splits do not change when sft/rl sizes do.
+splits, test and val first, so the evaluation splits do not change when sft/rl sizes do. val_big has its own
+seed too and is rendered after all of them (de-duplicated against every one) and kept out of the tokenizer's
+texts, so sft/rl/val/test and the tokenizer are byte-identical with or without it; asking for it on an up-to-date
+directory renders only val_big.
 The default cold-start teacher is imperfect on purpose: 60% of the sft traces overlook yellow shapes and conclude
 a wrong answer when one matters (README "The embedded default"); rl, val and test are the same either way.
 Timing (defaults): about 5-7 s wall on 2 cores. The tokenizer ends up with ~660 entries (added tokens included),
@@ -33,6 +39,7 @@ from data.synth import ALL_CODES, COLORS, DIFFICULTIES, DOMAINS, KEY_VALUES, mak
 
 VERSION = 9  # bump when synth.py or the tokenizer recipe changes, so old outputs are rebuilt
 SEEDS = dict(test=1001, val=1002, sft=1003, rl=1004)  # splits are rendered in this order
+VAL_BIG_SEED = 1005  # the optional val_big split, rendered after them (not in SEEDS: the default's config keeps)
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "synth")
 
 def render_split(split, n, seed, p_wait, seen, out, blind="", blind_frac=0.0):
@@ -103,12 +110,14 @@ def train_tokenizer(texts, vocab_size, out_dir):
     return hf
 
 def prepare(out=DEFAULT_OUT, n_sft=8000, n_rl=4000, n_val=200, n_test=500, p_wait=0.2, vocab_size=1024,
-            teacher_blind="yellow", teacher_blind_frac=0.6):
+            teacher_blind="yellow", teacher_blind_frac=0.6, n_val_big=0):
     """Renders all splits and the tokenizer into out; skips if out/meta.json matches. Returns meta.
     teacher_blind_frac > 0: that share of the sft traces overlook the colour teacher_blind (a systematically wrong
     cold-start teacher, as distilled cold-start data can be: SFT learns its blind spot, RL with the verifiable
     answers of the rl split can unlearn it; README "The embedded default"); the rl, val and test splits are
-    unchanged. teacher_blind_frac=0 gives correct traces only."""
+    unchanged. teacher_blind_frac=0 gives correct traces only.
+    n_val_big > 0: also val_big.jsonl (render_val_big), recorded in meta['val_big'], not in meta['config'], so the
+    default's up-to-date check and files do not depend on it."""
     config = dict(version=VERSION, n_sft=n_sft, n_rl=n_rl, n_val=n_val, n_test=n_test, p_wait=p_wait,
                   vocab_size=vocab_size, seeds=SEEDS)
     if teacher_blind_frac > 0:
@@ -120,12 +129,17 @@ def prepare(out=DEFAULT_OUT, n_sft=8000, n_rl=4000, n_val=200, n_test=500, p_wai
         with open(meta_path) as f:
             meta = json.load(f)
         if meta.get("config") == config:
+            if n_val_big and (meta.get("val_big", {}).get("n") != n_val_big
+                              or not os.path.isfile(os.path.join(out, "val_big.jsonl"))):
+                return render_val_big(out, meta, n_val_big, p_wait)  # the default splits stay as they are
             print(f"{out}: up to date, nothing to do")
             return meta
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
     if os.path.exists(meta_path):
         os.remove(meta_path)  # a half-written directory must not pass as complete
+    if os.path.exists(os.path.join(out, "val_big.jsonl")):
+        os.remove(os.path.join(out, "val_big.jsonl"))  # an earlier render's: it may overlap the new splits
     sizes = dict(test=n_test, val=n_val, sft=n_sft, rl=n_rl)
     seen, stats, texts = set(), {}, []
     for split in SEEDS:
@@ -142,6 +156,26 @@ def prepare(out=DEFAULT_OUT, n_sft=8000, n_rl=4000, n_val=200, n_test=500, p_wai
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
     print(f"{out}: {stats}, tokenizer vocab {len(tok)}, {meta['seconds']} s")
+    return render_val_big(out, meta, n_val_big, p_wait) if n_val_big else meta
+
+
+def render_val_big(out, meta, n, p_wait):
+    """val_big.jsonl: n validation items (with traces, as val) from VAL_BIG_SEED, de-duplicated against every split
+    already in out (their keys read back from the files: the PNG bytes on disk are the ones hashed when rendering),
+    so it is the same whether rendered with the others or later. Updates meta.json's 'val_big'."""
+    t0, seen = time.time(), set()
+    for split in SEEDS:
+        with open(os.path.join(out, f"{split}.jsonl")) as f:
+            for line in f:
+                rec = json.loads(line)
+                with open(os.path.join(out, rec["image"]), "rb") as g:
+                    seen.add((hashlib.sha1(g.read()).hexdigest(), rec["question"]))
+    samples, dupes = render_split("val_big", n, VAL_BIG_SEED, p_wait, seen, out)
+    meta["val_big"] = dict(n=n, seed=VAL_BIG_SEED, duplicates_skipped=dupes,
+                           with_wait=sum("Wait," in s["solution"] for s in samples), seconds=round(time.time() - t0, 1))
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"{out}: val_big {meta['val_big']}")
     return meta
 
 
@@ -149,6 +183,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT)
     for k, v in dict(n_sft=8000, n_rl=4000, n_val=200, n_test=500, p_wait=0.2, vocab_size=1024,
-                     teacher_blind="yellow", teacher_blind_frac=0.6).items():
+                     teacher_blind="yellow", teacher_blind_frac=0.6, n_val_big=0).items():
         ap.add_argument(f"--{k}", type=type(v), default=v)
     prepare(**vars(ap.parse_args()))

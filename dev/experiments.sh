@@ -7,11 +7,12 @@
 #   bash dev/experiments.sh connector_in_rl   # 2. connector trainable (default) vs frozen during GRPO
 #   bash dev/experiments.sh after_rl          # 3. after GRPO: tune the connector only / connector + LLM / all
 #   bash dev/experiments.sh curriculum        # 4. GRPO on normal then hard prompts vs mixed (same 60 steps)
-#   bash dev/experiments.sh entropy           # 5. critical-token entropy vs accuracy over the GRPO checkpoints
+#   bash dev/experiments.sh entropy           # 5. critical-token entropy vs accuracy over 12 GRPO checkpoints a run
 #   bash dev/experiments.sh think             # 6. think vs no-think vs no-wait decoding of the GRPO models
 #
 # SEEDS="1337 2 3" by default; the GRPO runs with the default config (out/exp/grpo_s<seed>) are shared by
-# experiments 1-6 and made on first use. The runs are not timed (run two at once if you like).
+# experiments 1-4 and 6 and made on first use (5 makes its own, out/exp/f5_s<seed>, with a checkpoint every 5
+# steps). The runs are not timed (run two at once if you like).
 set -e
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -78,11 +79,24 @@ curriculum)
         acc $E/cur2_s$s/hf $E/eval_curriculum_s$s
     done ;;
 entropy)
+    # R1V3 Fig. 5 / section 5, measured so that it can show something (issue #13): a checkpoint every 5 steps (12 a
+    # run), critical-token entropy and sampled accuracy (k=4, T=1) on the 1000 val_big items, the greedy test accuracy
+    # of every checkpoint, then one report over the seeds (dev/finding5.py: r with its Fisher-z interval per seed and
+    # pooled, selection by entropy vs the last and a random checkpoint on test) -> $E/finding5, viewer.py's page
+    $PY data/prepare.py --n_val_big=1000 > /dev/null
     for s in $SEEDS; do
-        grpo_default $s
-        $PY entropy.py --ckpts="$E/grpo_s$s/ckpt_*" --out_dir=$E/entropy_s$s --export_hf=False > $E/entropy_s$s.log 2>&1
-        cat $E/entropy_s$s/entropy.md
-    done ;;
+        once $E/f5_s$s $PY grpo.py --seed=$s --save_every=5 --keep_last=0 --out_dir=$E/f5_s$s
+        acc $E/f5_s$s/hf $E/eval_f5_s$s
+        [ -f $E/f5_entropy_s$s/entropy.json ] || $PY entropy.py --ckpts="$E/f5_s$s/ckpt_*" \
+            --data=data/synth/val_big.jsonl --out_dir=$E/f5_entropy_s$s --export_hf=False > $E/f5_entropy_s$s.log 2>&1
+        mkdir -p $E/f5_test_s$s
+        for c in $E/f5_s$s/ckpt_*; do
+            [ -f $E/f5_test_s$s/$(basename $c)/summary.json ] || acc $c $E/f5_test_s$s/$(basename $c)
+        done
+    done
+    $PY dev/finding5.py --seeds="[$(echo $SEEDS | tr ' ' ,)]" --entropy_dir="$E/f5_entropy_s{seed}" \
+        --test_dir="$E/f5_test_s{seed}/{ckpt}" --out_dir=$E/finding5
+    $PY viewer.py $E/finding5 ;;
 think)
     for s in $SEEDS; do
         grpo_default $s

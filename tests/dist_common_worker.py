@@ -99,14 +99,14 @@ def main():
     assert torch.equal(p1["vit.patch.weight"], p0["vit.patch.weight"]), "frozen ViT changed"
     assert model.llm.lm_head.weight is model.llm.wte.weight, "tie broken by fully_shard"
 
-    # 2. checkpoint at step 1 (per-rank RNG differs so a wrong rng_rank file would be caught)
+    # 2. checkpoint at step 1 (per-rank RNG differs so a wrong rank file would be caught)
     torch.manual_seed(100 + rank)
     np.random.seed(100 + rank)
     random.seed(100 + rank)
     path = save_checkpoint(out, 1, model, opt, state={"pos": 3}, config={"lr": 1e-2}, keep_last=1)
     after_save = draws()
     files = set(os.listdir(path))
-    assert {"__0_0.distcp", "__1_0.distcp", "rng_rank0.pt", "rng_rank1.pt", "state.json",
+    assert {"__0_0.distcp", "__1_0.distcp", "rank0.pt", "rank1.pt", "state.json",
             "model_config.json", ".metadata"} <= files, files
     loss2 = train_step(model, opt, *mine(batches[1]))  # the uninterrupted run
     p2 = full(model)

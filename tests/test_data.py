@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -215,6 +216,41 @@ def test_prepare_splits_no_leak_and_idempotent(prepared, capsys):
     prepare(out=prepared, n_sft=90, n_rl=60, n_val=24, n_test=30)
     assert "up to date" in capsys.readouterr().out
     assert os.path.getmtime(os.path.join(prepared, "sft.jsonl")) == mtime
+
+def test_val_big_leaves_the_default_unchanged(prepared, tmp_path, capsys):
+    # --n_val_big: an extra validation split rendered after the others; sft/rl/val/test and the tokenizer stay
+    # byte-identical, it overlaps none of them, and adding it to an up-to-date directory gives the same file
+    small = dict(n_sft=90, n_rl=60, n_val=24, n_test=30)
+    fresh, later = str(tmp_path / "fresh"), str(tmp_path / "later")
+    prepare(out=fresh, n_val_big=40, **small)
+    shutil.copytree(prepared, later)
+    prepare(out=later, n_val_big=40, **small)
+    assert "val_big" in capsys.readouterr().out
+    files = [f"{s}.jsonl" for s in ("sft", "rl", "val", "test")] + \
+        [os.path.join("tokenizer", f) for f in sorted(os.listdir(os.path.join(prepared, "tokenizer")))]
+    for d in (fresh, later):
+        for name in files:
+            with open(os.path.join(prepared, name), "rb") as f, open(os.path.join(d, name), "rb") as g:
+                assert f.read() == g.read(), (d, name)
+    with open(os.path.join(fresh, "val_big.jsonl"), "rb") as f, open(os.path.join(later, "val_big.jsonl"), "rb") as g:
+        assert f.read() == g.read()
+    keys = lambda d, split: {(hashlib.sha1(open(r["images"][0], "rb").read()).hexdigest(), r["question"])
+                             for r in load_jsonl(os.path.join(d, f"{split}.jsonl"))}
+    big = load_jsonl(os.path.join(fresh, "val_big.jsonl"), require=("solution",))
+    assert len(big) == 40 and len({r["id"] for r in big}) == 40 and big[0]["id"] == "val_big-000000"
+    assert len(keys(fresh, "val_big")) == 40
+    for split in ("sft", "rl", "val", "test"):
+        assert not keys(fresh, "val_big") & keys(fresh, split), split
+    with open(os.path.join(fresh, "meta.json")) as f, open(os.path.join(prepared, "meta.json")) as g:
+        meta, meta0 = json.load(f), json.load(g)
+    assert meta["config"] == meta0["config"] and meta["val_big"]["n"] == 40
+    # the default settings again: up to date, val_big kept; the same option again: nothing to do
+    for kw in ({}, {"n_val_big": 40}):
+        prepare(out=fresh, **small, **kw)
+        assert "up to date" in capsys.readouterr().out and os.path.isfile(os.path.join(fresh, "val_big.jsonl"))
+    # a full re-render without it removes the old one (it could overlap the new splits)
+    prepare(out=fresh, **{**small, "n_val": 25})
+    assert not os.path.exists(os.path.join(fresh, "val_big.jsonl"))
 
 def test_dedupe_across_splits(tmp_path):
     # the same seed twice: without the shared `seen` set the second split would repeat the first one

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import entropy
-from entropy import (correlations, critical_positions, pearson, ranks, resolve_ckpts, response_stats,
+from entropy import (accuracy_se, correlations, critical_positions, pearson, pearson_ci, ranks, resolve_ckpts,
+                     response_stats,
                      select_checkpoint, spearman)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,7 +176,37 @@ def test_correlations_hand_computed():
     with pytest.raises(ValueError, match="3 x values but 2 y values"):
         pearson([1, 2, 3], [1, 2])
     rows = [{"critical_entropy": e, "accuracy": a} for e, a in [(1, 1), (None, 9), (2, 3), (3, 2)]]
-    assert correlations(rows) == {"n": 3, "pearson": pytest.approx(0.5), "spearman": pytest.approx(0.5)}
+    assert correlations(rows) == {"n": 3, "pearson": pytest.approx(0.5), "pearson_ci": None, "ci": "95% Fisher z",
+                                  "spearman": pytest.approx(0.5)}
+
+
+def test_pearson_ci_fisher_z_hand_computed():
+    # r = 0.5 from 12 points: z = atanh(0.5) = 0.549306, sd 1 / sqrt(12 - 3) = 1/3, 95%: z -+ 1.959964 / 3
+    # = [-0.104015, 1.202628] -> tanh: [-0.103642, 0.834454]
+    lo, hi = pearson_ci(0.5, 12)
+    assert (lo, hi) == (pytest.approx(-0.103642, abs=1e-6), pytest.approx(0.834454, abs=1e-6))
+    # 90%: z -+ 1.644854 / 3 = [0.001022, 1.097591] -> [0.001022, 0.799632]
+    assert pearson_ci(0.5, 12, level=0.90) == [pytest.approx(0.001022, abs=1e-6), pytest.approx(0.799632, abs=1e-6)]
+    # pooled over 3 groups after centring each: 2 more degrees of freedom spent, as 2 fewer points
+    assert pearson_ci(0.5, 14, n_controlled=2) == pytest.approx(pearson_ci(0.5, 12))
+    assert pearson_ci(-0.5, 12) == pytest.approx([-0.834454, 0.103642], abs=1e-6)  # symmetric in the sign
+    assert pearson_ci(1.0, 5) == [1.0, 1.0] and pearson_ci(None, 12) is None
+    assert pearson_ci(0.5, 3) is None and pearson_ci(0.5, 5, n_controlled=1) == pytest.approx(pearson_ci(0.5, 4))
+    rows = [{"critical_entropy": float(i), "val": float(v)} for i, v in enumerate([1, 3, 2, 5, 4, 6])]
+    c = correlations(rows, y_key="val")
+    assert c["n"] == 6 and c["pearson_ci"] == pytest.approx(pearson_ci(c["pearson"], 6))
+    assert c["pearson_ci"][0] < c["pearson"] < c["pearson_ci"][1]
+
+
+def test_accuracy_se_hand_computed():
+    # 4 items x 2 runs, item means 1, 0.5, 0, 0.5: mean 0.5, sample variance (0.25 + 0 + 0.25 + 0) / 3 = 1/6,
+    # SE = sqrt(1/6 / 4)
+    rows = [{"id": i, "run": j, "correct": c} for i, cs in enumerate([(1, 1), (1, 0), (0, 0), (0, 1)])
+            for j, c in enumerate(cs)]
+    assert accuracy_se(rows) == pytest.approx(math.sqrt(1 / 24))
+    # one run: the binomial SE with n - 1, sqrt(p (1 - p) / (n - 1)) = sqrt(0.25 / 3)
+    assert accuracy_se([r for r in rows if r["run"] == 0]) == pytest.approx(math.sqrt(0.25 / 3))
+    assert accuracy_se(rows[:2]) is None  # one item
 
 
 def test_correlations_match_scipy():
@@ -184,6 +215,8 @@ def test_correlations_match_scipy():
     x = torch.randint(0, 5, (12,), generator=g).tolist()  # with ties
     y = (torch.randn(12, generator=g) + torch.tensor(x, dtype=torch.float)).tolist()
     assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
+    ci = stats.pearsonr(x, y).confidence_interval(0.95)  # scipy's default is the Fisher z interval too
+    assert pearson_ci(pearson(x, y), 12) == pytest.approx([ci.low, ci.high], abs=1e-9)
     assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
 
 
@@ -289,7 +322,9 @@ def test_end_to_end_two_checkpoints(tiny_run, tmp_path):
         assert r["critical_count"] > 0 and 0 < r["critical_entropy"] <= log_v  # a random model: near log(V)
         assert sum(v["count"] for v in r["critical_by_word"].values()) == r["critical_count"]
         assert 0 < r["mean_entropy"] <= log_v and 0 <= r["high_entropy_share"] <= 1
-    assert rep["correlation"]["critical_entropy"] == {"n": 2, "pearson": None, "spearman": None}  # 2 points
+    assert rep["correlation"]["critical_entropy"] == {"n": 2, "pearson": None, "pearson_ci": None,
+                                                      "ci": "95% Fisher z", "spearman": None}  # 2 points
+    assert all(r["n_items"] == 4 and (r["accuracy_se"] is None or 0 <= r["accuracy_se"] <= 0.5) for r in rows)
     sel = rep["selection"]
     best = max(range(2), key=lambda i: rows[i]["critical_entropy"])
     assert sel["applied"] == "critical_entropy" and sel["index"] == best

@@ -1,5 +1,6 @@
 # rewards.py on hand-written responses: extraction, think/format rules, multiple choice, Math-Verify
 # equivalence, adversarial strings under a time bound, and the process pool's hard timeout.
+import os
 import time
 
 import pytest
@@ -8,6 +9,7 @@ import rewards
 from rewards import score, score_batch
 
 _real_worker = rewards._verify_worker
+_real_verify_many = rewards.verify_many
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -185,3 +187,133 @@ def test_bad_gold_is_an_error_naming_the_sample():
         score("r</think>\\boxed{A}", "purple", options=['red', 'blue'])
     with pytest.raises(ValueError, match="2 responses but 1 answers"):
         score_batch(["a", "b"], ["1"])
+
+
+# -----------------------------------------------------------------------------
+# special tokens, multiple-choice hedges and values, crashed workers (issue 10, section 6)
+
+def _think_tokenizer():
+    # a tiny fast tokenizer in which <think> and </think> are special added tokens, as in some real checkpoints
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    words = ['r', 'so', '\\boxed{7}', '\\boxed{8}']
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token='r'))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    specials = ['<think>', '</think>', '<|im_end|>', '<|endoftext|>', '<|eot|>']
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    return tok
+
+
+def test_decode_response_keeps_special_think():
+    import torch
+    from transformers import PreTrainedTokenizerFast
+    tok = _think_tokenizer()
+    ids = tok.encode("r so </think> \\boxed{7} <|im_end|>").ids
+    assert tok.token_to_id('</think>') in ids
+    # skip_special_tokens=True deletes the special </think>: every reward would be 0
+    lost = tok.decode(ids, skip_special_tokens=True)
+    assert '</think>' not in lost and score(lost, "7")['reward'] == 0.0
+    text = rewards.decode_response(tok, ids)
+    assert text == "r so </think> \\boxed{7}"  # the trailing stop token is gone, </think> is kept
+    assert score(text, "7") == {'accuracy': 1, 'format': 1, 'reward': 1.0, 'pred': '7', 'timeout': False}
+    # a <think> the model wrote itself is kept too: still one reasoning block
+    d = score(rewards.decode_response(tok, tok.encode("<think> r </think> \\boxed{7}").ids), "7")
+    assert (d['accuracy'], d['format']) == (1, 1)
+    # a transformers tokenizer's own eos / pad strings are dropped at the end, however many; tensors work
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token='<|eot|>', pad_token='<|endoftext|>')
+    ids = hf.encode("r </think> \\boxed{8} <|eot|> <|endoftext|> <|endoftext|>", add_special_tokens=False)
+    assert rewards.decode_response(hf, torch.tensor(ids)) == "r </think> \\boxed{8}"
+    # only at the end: a stop token inside the response stays, and scoring then rejects it
+    ids = hf.encode("r </think> \\boxed{8} <|im_end|> \\boxed{7}", add_special_tokens=False)
+    text = rewards.decode_response(hf, ids)
+    assert '<|im_end|>' in text and score(text, "7")['reward'] == 0.0
+
+
+def test_stop_tokens_at_the_end_only():
+    d = score("ok</think>\\boxed{7}\n<|im_end|>\n<|endoftext|><|endoftext|>  ", "7")
+    assert (d['accuracy'], d['format'], d['reward']) == (1, 1, 1.0)
+    # a stop token (or a new turn) followed by more text: the response ran past its end of turn, so it is not
+    # one answer, whichever side the right one is on
+    for r in ["ok</think>\\boxed{7}<|im_end|>more text", "ok</think>\\boxed{8}<|im_end|>\\boxed{7}",
+              "ok<|im_end|></think>\\boxed{7}", "ok</think>\\boxed{7}<|endoftext|>x",
+              "ok</think>\\boxed{7}\n<|im_start|>user\nthanks"]:
+        d = score(r, "7")
+        assert (d['accuracy'], d['format'], d['reward']) == (0, 0, 0.0), r
+
+
+def test_multiple_choice_box_naming_two_options_is_a_hedge():
+    opts = ['red', 'blue', 'green', 'light blue']
+    hedges = ["(B) or (C)", "B) or C)", "B, C", "B,C", "B and C", "B/C", "B or C", "B & C", "(B), (C)", "(B)(C)",
+              "B.C.", "B:C", "either B or C", "Options B and C", "\\text{B} or \\text{C}", "B) blue, C) green",
+              "B) blue or green", "B) green", "B) light blue"]  # the last three: B's letter with another's text
+    for ans in hedges:
+        for gold in 'BC':
+            assert score(f"r</think>\\boxed{{{ans}}}", gold, options=opts)['accuracy'] == 0, (ans, gold)
+    for ans in ["A and B", "A, B", "(A) or (B)"]:
+        assert score(f"r</think>\\boxed{{{ans}}}", 'A', options=opts)['accuracy'] == 0, ans
+    assert score("r</think>\\boxed{B}, \\boxed{C}", 'B', options=opts)['accuracy'] == 0
+    assert score("r</think>The answer is (B) or (C).", 'B', options=opts)['accuracy'] == 0
+    assert score("r</think>\\boxed{(B) or (C)}", 'B')['accuracy'] == 0  # a bare letter gold, no options
+    # one option, however it is written, still counts
+    for ans in ["B) blue", "(B) blue", "Option B", "B: blue", "(B) Blue.", "Choice (B)", "B) \\text{blue}"]:
+        assert score(f"r</think>\\boxed{{{ans}}}", 'B', options=opts)['accuracy'] == 1, ans
+    assert score("r</think>\\boxed{D) light blue}", 'D', options=opts)['accuracy'] == 1  # contains "blue"
+    assert score("r</think>\\boxed{light blue}", 'D', options=opts)['accuracy'] == 1
+    # a capital inside the option's own text is not a second option (5 N: newtons)
+    assert score("r</think>\\boxed{(B) 5 N}", 'B', options=['3 N', '5 N'])['accuracy'] == 1
+
+
+def test_multiple_choice_value_is_verified_against_option_texts(monkeypatch):
+    sent = []
+
+    def spy(pairs, timeout=5.0, workers=2):
+        sent.extend(pairs)
+        return _real_verify_many(pairs, timeout, workers)
+
+    monkeypatch.setattr(rewards, 'verify_many', spy)
+    nums, same, words = ["1/2", "3/4", "\\sqrt{2}", "2"], ["1/2", "0.5", "3"], ["red", "blue"]
+    cases = [("\\frac{1}{2}", 'A', nums, 1), ("0.5", 'A', nums, 1), ("\\dfrac{2}{4}", 'A', nums, 1),
+             ("0.75", 'B', nums, 1), ("0.75", 'A', nums, 0), ("2^{1/2}", 'C', nums, 1), ("\\frac{4}{2}", 'D', nums, 1),
+             ("1/2 or 3/4", 'A', nums, 0), ("1/2 or 3/4", 'B', nums, 0),
+             ("\\frac{2}{4}", 'A', same, 0), ("\\frac{2}{4}", 'B', same, 0),  # equal to two options: ambiguous
+             ("0.5", 'A', words, 0),
+             ("\\sqrt{2}", 'C', nums, 1), ("B) 1/2", 'A', nums, 0)]  # cheap: an option's text, a letter
+    out = score_batch([f"r</think>\\boxed{{{p}}}" for p, _, _, _ in cases], [g for _, g, _, _ in cases],
+                      [o for _, _, o, _ in cases], timeout=10.0)
+    assert [d['accuracy'] for d in out] == [c[3] for c in cases]
+    assert not any(d['timeout'] for d in out)
+    # through the pool: against the gold option's text first, the other texts only after a match
+    assert [g for p, g in sent if p == "\\frac{1}{2}"] == ["1/2", "3/4", "\\sqrt{2}", "2"]
+    assert [g for p, g in sent if p == "1/2 or 3/4"] == ["1/2", "3/4"]  # no match: one item per case
+    assert not any(p in ("\\sqrt{2}", "B) 1/2") for p, _ in sent)
+
+
+def _misbehave(pred, gold, t_in):
+    # stand-in for the pool's worker: some preds kill their worker process (a segfault or the OOM killer
+    # looks the same to the pool), some hang; the rest take a while, so they are running when a crash comes
+    if 'crash' in pred:
+        os._exit(1)
+    if 'hang' in pred:
+        time.sleep(60)
+    time.sleep(0.3)
+    return _real_worker(pred, gold, t_in)
+
+
+def test_crashed_worker_fails_only_its_own_item(monkeypatch):
+    rewards.close()  # workers fork after the patch, so they run the stand-in
+    monkeypatch.setattr(rewards, '_verify_worker', _misbehave)
+    preds = ['\\frac{1}{2}', 'crash', '2/4', '\\frac{1}{3}', 'crash', '1/2']
+    t0 = time.time()
+    out = score_batch([f"r</think>\\boxed{{{p}}}" for p in preds], ['0.5'] * len(preds), timeout=2.0, workers=2)
+    assert [d['accuracy'] for d in out] == [1, 0, 1, 0, 0, 1]
+    assert [d['timeout'] for d in out] == [False, True, False, False, True, False]
+    # multiple-choice values go through the same pool: a crash or a hang there fails only that item
+    opts = ["1/2", "3/4"]
+    preds = ['\\frac{1}{2}', '\\hang{1}', '\\crash{1}', '0.75']
+    out = score_batch([f"r</think>\\boxed{{{p}}}" for p in preds], ['A', 'A', 'A', 'B'], [opts] * len(preds),
+                      timeout=1.0, workers=2)
+    assert [d['accuracy'] for d in out] == [1, 0, 0, 1]
+    assert [d['timeout'] for d in out] == [False, True, True, False]
+    assert time.time() - t0 < 15.0  # restarts and one 1 s timeout, never the 60 s sleep
+    monkeypatch.undo()
+    rewards.close()
+    assert score("r</think>\\boxed{\\frac{3}{6}}", "0.5")['accuracy'] == 1

@@ -81,11 +81,7 @@ def test_ppo_clip_loss_gradients_and_stats():
                          [-.5 * 1.0 / 6, 0.0, 0.0]])
     torch.testing.assert_close(logp.grad, want)
     assert abs(stats["clip_frac"].item() - 3 / 8) < 1e-6  # row0 t2 (high), row1 t0 (low), row2 t1 (high)
-    assert abs(stats["clip_frac_low"].item() - 1 / 8) < 1e-6
-    assert abs(stats["clip_frac_high"].item() - 2 / 8) < 1e-6
     flat = [0.5, 1.0, 1.5, 0.5, 1.1, 1.5, 1.0, 2.0]  # masked ratios
-    assert abs(stats["ratio_mean"].item() - sum(flat) / 8) < 1e-6
-    assert abs(stats["ratio_max"].item() - 2.0) < 1e-6
     k3 = sum(r - 1 - math.log(r) for r in flat) / 8  # KL(old || new) from samples of old
     assert abs(stats["approx_kl"].item() - k3) < 1e-6
     assert all(not t.requires_grad for t in stats.values())
@@ -97,7 +93,34 @@ def test_ppo_clip_loss_asymmetric_clip_higher():
     loss, stats = rl.ppo_clip_loss(logp, old, ADV, MASK, eps_low=0.6, eps_high=0.28, agg="token_mean")
     want = ((-.5 - 1 - 1.28) + (1.0 + 2.2 + 3.0) + (-.5 - .5 * 1.28)) / 8
     assert abs(loss.item() - want) < 1e-5
-    assert abs(stats["clip_frac_low"].item()) < 1e-9 and abs(stats["clip_frac_high"].item() - 2 / 8) < 1e-6
+    assert abs(stats["clip_frac"].item() - 2 / 8) < 1e-6  # only the two high ones (row 0 t2, row 2 t1)
+
+
+def test_ppo_dual_clip_caps_negative_advantage_loss():
+    # Dual-clip (verl clip_ratio_c): for A < 0 the per-token loss is min(c * |A|, the PPO loss). A buffered
+    # (off-policy) token the policy now likes 10x more, with A = -2: PPO alone gives 10 * 2 = 20 and a gradient
+    # that grows with the ratio; dual-clip caps it at 3 * 2 = 6 with zero gradient. A > 0 is untouched.
+    old = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    logp = torch.log(torch.tensor([[10.0, 2.0], [10.0, 1.0]])).requires_grad_(True)
+    adv, mask = torch.tensor([-2.0, 1.0]), torch.ones(2, 2, dtype=torch.bool)
+    loss, stats = rl.ppo_clip_loss(logp, old, adv, mask, agg="token_mean", clip_ratio_c=3.0)
+    loss.backward()
+    # row 0: min(6, 20) = 6 and min(6, 2 * 2) = 4; row 1 (A=+1): -clip(10, .8, 1.2) = -1.2, -1
+    assert abs(loss.item() - (6 + 4 - 1.2 - 1) / 4) < 1e-5
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 2 * 2 / 4], [0.0, -1 / 4]]))
+    assert abs(stats["clip_frac"].item() - 2 / 4) < 1e-6  # the dual clip and row 1's high clip
+    loss_nodual, _ = rl.ppo_clip_loss(logp, old, adv, mask, agg="token_mean", clip_ratio_c=float("inf"))
+    assert abs(loss_nodual.item() - (20 + 4 - 1.2 - 1) / 4) < 1e-5  # the check can fail
+
+
+def test_ppo_extreme_log_ratio_stays_finite():
+    # a buffered token whose old log-prob was -1e4 (or a stale one): exp(1e4) overflows without the log-ratio clamp
+    logp = torch.tensor([[0.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[-1e4, -1.0]])
+    for adv in (1.0, -1.0):
+        loss, stats = rl.ppo_clip_loss(logp, old, torch.tensor([adv]), torch.ones(1, 2, dtype=torch.bool))
+        (g,) = torch.autograd.grad(loss, logp)
+        assert torch.isfinite(loss) and torch.isfinite(g).all() and torch.isfinite(stats["approx_kl"])
 
 
 def test_ppo_clip_loss_on_policy_gradient_is_plain_policy_gradient():
@@ -156,6 +179,19 @@ def test_micro_batches_add_up_to_full_batch(agg):
 # KL
 
 
+def test_kl_k3_is_nan_safe_at_masked_positions():
+    # fp32 log-probs below ~-88 at masked (padding / prompt) positions: exp(ref - logp) is inf there, and the masked
+    # 0 * inf of the backward pass was NaN, which skipped the step. Clamped as verl's low_var_kl: finite everywhere.
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [200.0, -200.0, 0.0]]], requires_grad=True)  # (1, T=2, V=3)
+    logp = logits.log_softmax(-1)[..., 1]  # position 1: log p = -400 (a masked position)
+    ref = torch.tensor([[math.log(1 / 3), -1.0]])
+    mask = torch.tensor([[1, 0]])
+    loss = rl.agg_loss(rl.kl_k3(logp, ref), mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    assert abs(loss.item()) < 1e-6  # position 0: logp == ref, so k3 = 0
+
+
 def test_kl_k3_values_and_direction():
     lp, ref = torch.log(torch.tensor([0.5, 0.2])), torch.log(torch.tensor([0.25, 0.2]))
     want = torch.tensor([0.5 - math.log(0.5) - 1, 0.0])  # d = log(.25/.5): e^d - d - 1
@@ -202,58 +238,90 @@ def test_informative_groups_and_truncation():
     assert got.tolist() == pytest.approx([1.0, 0.0, 0.2, 0.0])
 
 
-def test_dynamic_sampling_accumulates_until_target_or_cap():
-    acc, done = rl.dynamic_sampling(["a", "b", "c"], torch.tensor([1., 0, 1, 1, 0, 1]), 2, [], 3, 0, 3)
-    assert acc == ["a", "c"] and not done
-    acc, done = rl.dynamic_sampling(["d", "e"], torch.tensor([0., 0, 1, 0]), 2, acc, 3, 1, 3)
-    assert acc == ["a", "c", "e"] and done
-    # overshoot is trimmed to the target
-    acc, done = rl.dynamic_sampling(["f", "g"], torch.tensor([1., 0, 0, 1]), 2, ["a", "c"], 3, 1, 3)
-    assert acc == ["a", "c", "f"] and done
+def test_dynamic_sampling_rounds_stops_when_every_rank_has_enough():
+    # two ranks: this one finds informative groups faster than the other; both must run the same rounds, so the
+    # loop stops only when the SMALLER count reaches the target (the old loop stopped on the sum over ranks)
+    mine = [torch.tensor([True, False, True]), torch.tensor([True, True, False]), torch.tensor([False, True, True])]
+    other = [1, 2, 3]  # the other rank's running count of kept groups after each round
+    calls = []
+
+    def draw(r):
+        calls.append(r)
+        return mine[r]
+
+    min_over_ranks = lambda x: min(x, other[len(calls) - 1])  # noqa: E731  (what agree_min returns)
+    kept, rounds = rl.dynamic_sampling_rounds(draw, 3, 5, min_over_ranks)
+    assert rounds == 3 and calls == [0, 1, 2]  # this rank had 4 >= 3 after round 1, the other only 2
+    assert kept == [(0, 0), (0, 2), (1, 0)]  # the first 3, in order (the overshoot is dropped)
+    # one process: stops as soon as it has enough
+    kept, rounds = rl.dynamic_sampling_rounds(lambda r: mine[r], 3, 5)
+    assert rounds == 2 and kept == [(0, 0), (0, 2), (1, 0)]
     # the cap ends sampling with fewer groups than the target
-    acc, done = rl.dynamic_sampling(["h"], torch.tensor([1., 1]), 2, ["a"], 3, 1, 2)
-    assert acc == ["a"] and done
-    with pytest.raises(ValueError, match="rl.py dynamic_sampling"):
-        rl.dynamic_sampling(["a"], torch.tensor([1., 0, 1, 0]), 2, [], 3, 0, 3)
+    kept, rounds = rl.dynamic_sampling_rounds(lambda r: torch.tensor([False, True]), 3, 2)
+    assert rounds == 2 and kept == [(0, 1), (1, 1)]
 
 
-def test_sample_buffer_keeps_nonzero_fifo():
-    buf = rl.SampleBuffer(max_size=4)
-    assert buf.add([{"id": i} for i in range(5)], torch.tensor([0., 1., -2., 0., 3.])) == 3
-    assert [it["sample"]["id"] for it in buf.items] == [1, 2, 4]
-    buf.add([{"id": 5}, {"id": 6}], [4.0, -1.0])  # 5 items > 4: the oldest (id 1) goes
-    assert [it["sample"]["id"] for it in buf.items] == [2, 4, 5, 6]
-    assert [it["adv"] for it in buf.items] == [-2.0, 3.0, 4.0, -1.0]
+def test_overlong_penalty_dapo():
+    # DAPO eq. 13 with L_max = 20, L_cache = 8: 0 up to 12 tokens, then ((20 - 8) - |y|) / 8, -1 at 20
+    got = rl.overlong_penalty(torch.tensor([5, 12, 13, 16, 20]), max_len=20, buffer=8)
+    torch.testing.assert_close(got, torch.tensor([0.0, 0.0, -1 / 8, -4 / 8, -1.0]))
+    torch.testing.assert_close(rl.overlong_penalty(torch.tensor([16]), 20, 8, penalty=0.5), torch.tensor([-0.25]))
+
+
+def S(i, adv):  # a buffered sample
+    return {"id": i, "adv": adv}
+
+
+def test_sample_buffer_draws_from_earlier_steps_only():
+    # R1V2 SSB: a step draws before it adds its own samples, and never a sample made at this step: at step 1 the
+    # buffer is empty (the old code added first, so every drawn sample duplicated one in the batch)
+    buf = rl.SampleBuffer(max_size=8)
     g = torch.Generator().manual_seed(0)
-    s, a = buf.sample(10, g)  # more than held: all, distinct
-    assert sorted(x["id"] for x in s) == [2, 4, 5, 6] and sorted(a.tolist()) == [-2.0, -1.0, 3.0, 4.0]
-    s, a = buf.sample(2, g, remove=True)
-    assert len(buf) == 2 and not {x["id"] for x in s} & {it["sample"]["id"] for it in buf.items}
-    with pytest.raises(ValueError, match="SampleBuffer.add"):
-        buf.add([{"id": 7}], [1.0, 2.0])
+    assert buf.draw(4, step=0, generator=g) == []
+    assert buf.add([S(0, 1.0), S(1, 0.0), S(2, -2.0)], step=0) == 2  # zero advantage: not kept
+    buf.add([S(3, 3.0)], step=1)  # made at step 1...
+    got = buf.draw(8, step=1, generator=g)  # ... so step 1 cannot draw it
+    assert sorted(s["id"] for s in got) == [0, 2]
+    assert len(buf.draw(8, step=2, generator=g)) >= 1  # now it can
+
+
+def test_sample_buffer_caps_uses_and_age():
+    buf = rl.SampleBuffer(max_size=8, max_uses=2, max_age=3)
+    g = torch.Generator().manual_seed(0)
+    buf.add([S(0, 1.0), S(1, -1.0)], step=0)
+    assert len(buf.draw(2, 1, g)) == 2 and len(buf.draw(2, 2, g)) == 2
+    assert buf.draw(2, 3, g) == [] and len(buf) == 0  # each used twice: gone
+    buf.add([S(2, 1.0)], step=10)
+    assert len(buf.draw(1, 13, g)) == 1  # 3 steps old: still fresh enough
+    buf.add([S(3, 1.0)], step=10)
+    assert buf.draw(1, 14, g) == [] and len(buf) == 0  # 4 steps old: too stale, dropped
+    buf = rl.SampleBuffer(max_size=2)
+    buf.add([S(i, 1.0) for i in range(3)], step=0)  # FIFO: the oldest goes
+    assert [it["sample"]["id"] for it in buf.items] == [1, 2]
 
 
 def test_sample_buffer_draws_in_proportion_to_abs_advantage():
-    buf = rl.SampleBuffer(max_size=8)
-    buf.add(["a", "b", "c", "d"], [1.0, -2.0, 3.0, -4.0])  # P = .1 .2 .3 .4
     g = torch.Generator().manual_seed(1234)
     N = 4000
-    counts = {k: 0 for k in "abcd"}
+    counts = {i: 0 for i in range(4)}
     for _ in range(N):
-        counts[buf.sample(1, g)[0][0]] += 1
-    for k, p in zip("abcd", [0.1, 0.2, 0.3, 0.4]):
-        assert abs(counts[k] / N - p) < 4 * math.sqrt(p * (1 - p) / N), (k, counts)
+        buf = rl.SampleBuffer(max_size=8)
+        buf.add([S(0, 1.0), S(1, -2.0), S(2, 3.0), S(3, -4.0)], step=0)  # P = .1 .2 .3 .4
+        counts[buf.draw(1, 1, g)[0]["id"]] += 1
+    for i, p in enumerate([0.1, 0.2, 0.3, 0.4]):
+        assert abs(counts[i] / N - p) < 4 * math.sqrt(p * (1 - p) / N), (i, counts)
 
 
 def test_sample_buffer_state_dict_round_trip():
-    buf = rl.SampleBuffer(max_size=3)
-    buf.add([{"ids": [1, 2]}, {"ids": [3]}, {"ids": [4, 5, 6]}, {"ids": [7]}], [0.5, -1.5, 0.0, 2.5])
+    buf = rl.SampleBuffer(max_size=3, max_uses=3, max_age=5)
+    buf.add([S(0, 0.5), S(1, -1.5), S(2, 0.0), S(3, 2.5)], step=0)
+    buf.draw(1, 1, torch.Generator().manual_seed(3))
     buf2 = rl.SampleBuffer()
     buf2.load_state_dict(json.loads(json.dumps(buf.state_dict())))
-    assert buf2.max_size == 3 and buf2.items == buf.items
-    s1 = buf.sample(2, torch.Generator().manual_seed(7))
-    s2 = buf2.sample(2, torch.Generator().manual_seed(7))
-    assert s1[0] == s2[0] and torch.equal(s1[1], s2[1])
+    assert (buf2.max_size, buf2.max_uses, buf2.max_age, buf2.items) == (3, 3, 5, buf.items)
+    s1 = buf.draw(2, 2, torch.Generator().manual_seed(7))
+    s2 = buf2.draw(2, 2, torch.Generator().manual_seed(7))
+    assert s1 == s2 and buf.items == buf2.items
 
 
 # -----------------------------------------------------------------------------

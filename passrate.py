@@ -1,0 +1,82 @@
+"""
+Skywork-OR1's offline pass-rate filter (arXiv 2505.22312 sec. 3, data preparation; RECIPE.md section 7): sample
+n answers per RL prompt with a checkpoint and keep only the prompts it solves neither 0/n nor n/n times. A group
+that is all right or all wrong has zero advantage everywhere: it costs a rollout and teaches nothing.
+
+    python passrate.py --ckpt=out/sft/hf --data=data/synth/rl.jsonl --n=8
+    python passrate.py --ckpt=/ckpt/r1v3_sft/hf --data=/data/mmk12_rl.jsonl --n=16 --max_new_tokens=4096
+
+Writes out (default: <data>_passrate.jsonl beside the data, so relative image paths still resolve): the kept
+prompts as their original JSON lines plus "pass_count" and "pass_n", and <out stem>_counts.json with every prompt's
+count, the histogram of counts and how many were dropped as 0/n and n/n. Generation and scoring are rollout.py's,
+the same as the RL reward (temperature 1 by default: the distribution GRPO samples from).
+"""
+import json
+import os
+import sys
+from collections import Counter
+
+import torch
+
+from common import load_inference_model, print0
+from configurator import configure
+from data.common import load_jsonl
+from eval import evaluate
+
+# -----------------------------------------------------------------------------
+ckpt = "out/sft/hf"
+data = "data/synth/rl.jsonl"
+out = ""  # default: <data stem>_passrate.jsonl beside the data
+n = 8  # samples per prompt
+temperature = 1.0
+top_p = 1.0
+max_new_tokens = 320
+batch_prompts = 64
+limit = 0  # the first `limit` prompts only (0 = all)
+think = True
+system_prompt = ""
+tokenizer = ""
+skip_bad = False
+seed = 0
+device = "cuda" if torch.cuda.is_available() else "cpu"
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    config = configure(globals(), sys.argv[1:])
+    if n < 2:
+        raise SystemExit(f"passrate.py: n={n}: need at least 2 samples per prompt for a pass rate to filter on")
+    items = load_jsonl(data, skip_bad=skip_bad)
+    items = items[:limit] if limit else items
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model, tok, path = load_inference_model(ckpt, device, dtype, tokenizer=tokenizer)
+    rows = evaluate(model, tok, items, n, temperature, max_new_tokens, "think" if think else "nothink", seed,
+                    batch_prompts, system_prompt or None, top_p, tokens=False)
+    solved = Counter()
+    for r in rows:
+        solved[r["id"]] += r["correct"]
+    out_path = out or os.path.splitext(data)[0] + "_passrate.jsonl"
+    same_dir = os.path.dirname(os.path.abspath(out_path)) == os.path.dirname(os.path.abspath(data))
+    with open(data, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    kept = 0
+    with open(out_path, "w") as f:
+        for s in items:
+            c = solved[s["id"]]
+            if 0 < c < n:  # informative: GRPO's group for it would have non-zero advantages
+                rec = json.loads(lines[int(s["src"].rsplit(":", 1)[1]) - 1])
+                if not same_dir and s["images"]:  # elsewhere, the relative image paths would not resolve
+                    rec.pop("image", None)
+                    rec["images"] = s["images"]  # absolute (load_jsonl made them so)
+                f.write(json.dumps(dict(rec, pass_count=c, pass_n=n)) + "\n")
+                kept += 1
+    hist = Counter(solved[s["id"]] for s in items)
+    report = {"ckpt": path, "data": data, "n": n, "prompts": len(items), "kept": kept,
+              "dropped_unsolved": hist[0], "dropped_always_solved": hist[n],
+              "histogram": {str(k): hist[k] for k in range(n + 1)},
+              "counts": {s["id"]: solved[s["id"]] for s in items}, "config": config}
+    counts_path = os.path.splitext(out_path)[0] + "_counts.json"
+    with open(counts_path, "w") as f:
+        json.dump(report, f, indent=1)
+    print0(f"{len(items)} prompts, {n} samples each: kept {kept}, dropped {hist[0]} solved 0/{n} and {hist[n]} "
+           f"solved {n}/{n}; histogram {dict(sorted(hist.items()))}")
+    print0(f"wrote {out_path} and {counts_path}")

@@ -1,0 +1,846 @@
+"""
+Memory plan (and a step-time estimate) for sft.py, grpo.py and connector_tune.py, before anything is allocated:
+issue #11 item 7 and issue #12 "Offload and memory". The model is built on the meta device (no weights, no GPU)
+to count its parameters per FSDP unit, per tower and per tensor-parallel shard; everything else is arithmetic on
+the run's config, in the layout design.md fixes (FSDP units, mixed precision, gathered or TP rollouts, the KV-cache
+formula, offload).
+
+    import plan
+    d = plan.plan_run("grpo", config, model_cfg, gpus=8, gpus_per_node=8, gpu_gb=80, tp=8, offload=True)
+    print(plan.format_plan(d))   # a table per GPU and per phase; its LAST line is the verdict:
+    #   plan: fits (peak 74.0 GB of 80 GB per GPU)   |   plan: does not fit: <phase, biggest term, what to change>
+    plan.print_plan("grpo", config)   # what --plan=True prints: plan_gpus / plan_gpus_per_node / plan_gpu_gb / tp /
+                                      # offload / plan_prompt_tokens read from config, the model from init_from
+
+    python plan.py grpo.py config/grpo_r1v3.py --init_from=config/models/skywork_r1v3_38b \
+        --plan_gpus=8 --plan_gpus_per_node=8 --plan_gpu_gb=80 --tp=8 --offload=True
+
+GB is 2^30 bytes. Every term is per GPU, for the most loaded rank (rank 0 holds the largest FSDP dim-0 chunk of
+every parameter), and models named code:
+  fp32 master shard   common.apply_fsdp: FSDP2 shards each parameter on dim 0 (storage padded to ceil(dim0/W) rows),
+                      fp32; offload=True (CPUOffloadPolicy) keeps it, the grads and AdamW in host RAM instead.
+  fp32 grad shard     the reduce-scattered fp32 gradient of each trainable parameter (same padded chunk).
+  AdamW state         exp_avg + exp_avg_sq in fp32 per trainable shard + a 4-byte step per tensor; on a GPU the
+                      foreach step adds one fp32 temporary per shard (the optimizer-step peak).
+  gathered units      FSDP2 gathers a unit in the compute dtype (bf16 on a GPU): the root (wte, lm_head, final norm,
+                      connector) for all of forward and backward, a block + the prefetched next one; in backward a
+                      unit's bf16 grads, then its fp32 reduce-scatter input (reduce_dtype) and output shard.
+  activations         what autograd saves in one micro-batch's forward, op by op (_act_per_token: model.py's RMSNorm,
+                      Attention/SDPA, MLP, ViTBlock, Connector, rope_cos_sin, token_logprobs' checkpointed chunks and
+                      their fp32 copy of lm_head), with and without common.apply_activation_checkpointing.
+  backward transient  the log-prob chunk recomputed in backward (LOGP_BUFS x 1024 tokens x vocab, fp32, + the
+                      chunk's weight gradient) or the block being back-propagated (its recompute + its gradients).
+  rollout weights     tp=1: sampler.unsharded gathers the whole model in the compute dtype; tp=K: 1/K of every LLM
+                      block's attention/MLP weights + the replicated ViT, connector, wte, lm_head and norms; plus the
+                      fp32 lm_head copy sampler.generate decodes with (w32).
+  KV cache            sampler.cache_bytes: 2 * n_layer * n_kv_head/K * head_dim * elt * (P * prompt + P * n * max_new)
+                      at the LARGEST max_new_tokens of the schedule; P = a rank's prompts (a TP group's at tp=K).
+  decode buffers      sampler.sample_next over (rows, vocab), fp32 logits included: 28 bytes per row per vocab entry
+                      when sampling at temperature 1 (16 greedy, 53 with top-p), + the outputs and uniforms
+                      (sampler.decode, draw_uniforms): 20 bytes per row per new token.
+  prefill transient   one sampler.prefill sub-batch (<= 16384 padded tokens): an LLM layer's MLP, or the ViT's.
+The rollout is split into the fewest chunks of prompts whose cache + buffers fit beside the resident states and
+weights (the sampler chunks by its budget, sampler.fit_chunks); the plan reports how many.
+
+Measured on the CPU (tests/test_plan.py, one process and 2 FSDP2 gloo processes, fp32 and bf16 mixed precision):
+the states, the saved activations (checkpointing on/off, frozen towers, RMSNorm/QK-norm variants), the KV cache,
+sampler.unsharded's gathered weights, the decode and log-prob buffers and the training-step peak, all within a few %
+(the test bound is 15%). Not verified on a GPU (none was available): CUDA autocast's fp32 LayerNorm, flash attention
+saving q, k, v, out and the log-sum-exp, the FSDP2 gather/reduce-scatter buffers (sized from its source, not
+measured), allocator fragmentation (FRAG) and the CUDA/NCCL overhead (OVERHEAD_GB), and the step-time model.
+"""
+import dataclasses
+import functools
+import math
+import os
+import sys
+
+import torch
+
+GB = 2**30
+
+# step-time model (PERF.md): decode is memory-bound, bytes per step = weights read + KV read, at a fraction of the
+# measured copy bandwidth; the update is compute-bound, 6 x params x tokens at a stated MFU
+HW = {  # measured device-to-device copy bandwidth (bytes/s), bf16 matmul peak (FLOP/s), PERF.md
+    "H100": dict(bw=3.0e12, flops=800e12),
+    "H200": dict(bw=4.3e12, flops=800e12),
+}
+BW_EFF = 0.6  # vLLM runs ~60% of the roofline end to end (PERF.md); gpt-fast ~82% at batch 1
+MFU = 0.40  # of the bf16 peak, for prefill, the log-prob pass and the update
+TP_ALLREDUCE_S = 15e-6  # one small all-reduce on NVLink (2 per layer per decode step under TP)
+FP32_FLOPS = 30e12  # fp32 matmul without TF32 (the sampler's fp32 lm_head): ~half the H100/H200's 67 TFLOP/s
+PCIE = 25e9  # host <-> GPU bytes/s per GPU (offload traffic)
+HOST_ADAM = 50e9  # bytes/s of CPU AdamW per node (offload: the step runs on the host)
+
+OVERHEAD_GB = 2.0  # CUDA context, NCCL buffers, cuBLAS workspaces: not tensors, always there
+FRAG = 0.05  # caching-allocator fragmentation on top of the live tensors
+LOGP_CHUNK = 1024  # model.token_logprobs: tokens per chunk
+LOGP_BUFS = 5  # (chunk x vocab) fp32 buffers alive at once in a chunk's backward (measured, tests/test_plan.py)
+
+# -----------------------------------------------------------------------------
+# parameters: the model on meta, per FSDP unit, per tower, per TP shard
+
+# tensor-parallel split of an LLM block (design.md): q/k/v and gate/up by output rows, o and down by input columns
+_TP_DIM = {"attn.q_proj.weight": 0, "attn.q_proj.bias": 0, "attn.k_proj.weight": 0, "attn.k_proj.bias": 0,
+           "attn.v_proj.weight": 0, "attn.v_proj.bias": 0, "attn.o_proj.weight": 1,
+           "mlp.gate_proj.weight": 0, "mlp.up_proj.weight": 0, "mlp.down_proj.weight": 1}
+
+
+def _cfg_key(cfg):
+    return tuple(sorted(dataclasses.asdict(cfg).items()))
+
+
+@functools.lru_cache(maxsize=32)
+def _params(key):
+    from model import VLM, VLMConfig
+    cfg = VLMConfig(**dict(key))
+    with torch.device("meta"):
+        m = VLM(cfg)
+    rows = []
+    for name, p in m.named_parameters():  # a tied lm_head is wte's parameter: listed once
+        parts = name.split(".")
+        unit = "vit" if parts[0] == "vit" else (".".join(parts[:3]) if parts[:2] == ["llm", "blocks"] else "root")
+        tp_dim = _TP_DIM.get(".".join(parts[3:])) if unit != "root" and unit != "vit" else None
+        rows.append((name, tuple(p.shape), unit, parts[0], tp_dim))
+    return rows
+
+
+def param_info(cfg):
+    """Parameter counts of the model `cfg` (built on meta): total, per tower, per FSDP unit."""
+    rows = _params(_cfg_key(cfg))
+    n = lambda sel: sum(math.prod(s) for _, s, u, t, _ in rows if sel(u, t))  # noqa: E731
+    units = {}
+    for _, s, u, _, _ in rows:
+        units[u] = units.get(u, 0) + math.prod(s)
+    return dict(total=n(lambda u, t: True), vit=n(lambda u, t: t == "vit"), connector=n(lambda u, t: t == "connector"),
+                llm=n(lambda u, t: t == "llm"), units=units)
+
+
+def _shard_numel(shape, world):
+    # FSDP2 dim-0 chunk of rank 0 (the largest): ceil(dim0 / world) rows; the storage is padded to that on every rank
+    return -(-shape[0] // world) * math.prod(shape[1:]) if shape else 1
+
+
+def shard_numel(cfg, world, towers=("vit", "connector", "llm")):
+    """Elements of rank 0's FSDP2 shard of the parameters of `towers`."""
+    return sum(_shard_numel(s, world) for _, s, _, t, _ in _params(_cfg_key(cfg)) if t in towers)
+
+
+def n_tensors(cfg, towers):
+    return sum(1 for _, _, _, t, _ in _params(_cfg_key(cfg)) if t in towers)
+
+
+def tp_numel(cfg, tp):
+    """Elements one rank holds for a tp=K rollout: 1/K of each LLM block's attention and MLP weights (ceil), the
+    rest (block norms, ViT, connector, wte, lm_head, final norm) replicated."""
+    tot = 0
+    for _, s, _, _, d in _params(_cfg_key(cfg)):
+        tot += math.prod(s) if d is None else -(-s[d] // tp) * math.prod(s) // s[d]
+    return tot
+
+# -----------------------------------------------------------------------------
+# activations: what autograd saves per token, op by op (model.py). e = bytes of the compute dtype (4 on CPU, 2 on a
+# GPU), f = 4 (fp32 statistics). A tensor saved by two ops counts once (the storage is the same).
+
+
+def _act_per_token(cfg, e, train, cuda):
+    """Saved bytes per token of one forward, without activation checkpointing. train = (vit, connector, llm)
+    trainable. Returns {region: bytes per token of that region} with the token each region counts:
+    llm_block (per LLM token, per block), vit_block (per ViT token = tile patch + CLS, per block), connector (per
+    image token), llm_other (per LLM token, once), pixels (per tile)."""
+    wv, wc, wl = (bool(x) for x in train)
+    C, M, H, Hkv, hd = cfg.n_embd, cfg.mlp_hidden, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    Cv, Mv, Hv = cfg.vit_hidden, cfg.vit_mlp, cfg.vit_heads
+    f = 4
+    out = dict(llm_block=0, vit_block=0, connector=0, llm_other=0, pixels=0)
+    if not (wv or wc or wl):
+        return out
+
+    def rms(width, w_train):
+        # RMSNorm.forward: x.float() (saved by pow and mul; in fp32 it is the input itself), rsqrt (B,T,1);
+        # x.to(dtype) is saved by `weight * x` only for the weight's gradient; the output by the next Linear
+        return width * 4 + f + (2 * width * e if w_train else 0)
+
+    # LLM Block.forward (grad always flows through the LLM: the loss is at its end)
+    blk = 2 * rms(C, wl)  # attn_norm, mlp_norm (each output saved by q/k/v resp. gate/up when they train)
+    if cfg.llm_qk_norm:  # Attention: per-head q_norm / k_norm (Qwen3); their outputs go into RoPE (saves cos/sin)
+        blk += (H + Hkv) * hd * 4 + (H + Hkv) * f + ((H + Hkv) * hd * e if wl else 0)
+    # apply_rope saves cos/sin only (shared, below); SDPA saves q, k (after RoPE), v (a view of v_proj's output),
+    # its output (o_proj's input is a view of it) and the log-sum-exp (fp32, per head)
+    blk += (2 * H + 2 * Hkv) * hd * e + H * f
+    # MLP: silu saves gate's output, the product saves silu(gate) and up, down_proj its input (when it trains)
+    blk += (3 + wl) * M * e
+    out["llm_block"] = blk
+    # once per LLM token: embedding indices (int64, wte trains), masked_scatter's mask (bool), RoPE cos/sin
+    # (rope_cos_sin, (B,1,T,hd) each, in the compute dtype, shared by every layer), the final RMSNorm, and
+    # token_logprobs' checkpointed chunks: their inputs = the final norm's output and the targets (int64)
+    out["llm_other"] = (8 if wl else 0) + 1 + 2 * hd * e + (C * 4 + f + (C * e if wl else 0)) + C * e + 8
+    if wv or wc:  # Connector.forward: LayerNorm over the pixel-shuffled 4*Cv features, fc1 -> GELU -> fc2
+        ln_in = 4 * Cv * (4 if cuda else e)  # CUDA autocast runs layer_norm in fp32 (its input is cast first)
+        out["connector"] = ln_in + 2 * f + (4 * Cv * e if wc else 0) + C * e + (C * e if wc else 0)
+    if wv:  # ViTBlock.forward (the ViT only saves anything when it trains: its input needs no gradient)
+        if cfg.vit_norm == "layer_norm":  # input (fp32 under CUDA autocast), mean, rstd; output saved by the Linear
+            norm = Cv * (4 if cuda else e) + 2 * f + Cv * e
+        else:
+            norm = rms(Cv, True)
+        blk = 2 * norm + 3 * Cv * e  # qkv's output: q, k, v are views of it
+        if cfg.vit_qk_norm:  # RMSNorm over the full width on q and k (in fp32 the input is a view of qkv)
+            blk += 2 * ((Cv * 4 if e != 4 else 0) + f + 2 * Cv * e)
+        blk += Cv * e + Hv * f  # SDPA output (proj's input is a view of it) and log-sum-exp
+        blk += Cv * e  # proj's output, saved by `ls1 *` for ls1's gradient
+        blk += 2 * Mv * e + Cv * e  # fc1's output (GELU), GELU's output (fc2), fc2's output (`ls2 *`)
+        out["vit_block"] = blk
+        out["pixels"] = 3 * cfg.image_size**2 * e  # the patch Conv2d saves its input
+    return out
+
+
+def activation_bytes(cfg, B, T, tiles, e, train, ac, cuda):
+    """Saved activations of one micro-batch: B sequences of T tokens with `tiles` image tiles in all, as
+    {llm: the LLM blocks, vit: the ViT blocks, other: embedding, masks, RoPE, connector, final norm, the log-prob
+    chunks' inputs, pixels: the patch embedding's input} (their sum is what autograd holds).
+    ac: activation checkpointing (common.apply_activation_checkpointing: every ViT and LLM block recomputed in
+    backward; a checkpointed block saves only its inputs, x and the shared cos/sin)."""
+    pt = _act_per_token(cfg, e, train, cuda)
+    n_llm, n_vit, n_img = B * T, tiles * (cfg.grid**2 + 1), tiles * cfg.tokens_per_tile
+    if not any(train):
+        return dict(llm=0, vit=0, other=0, pixels=0)
+    if ac:
+        llm = cfg.n_layer * n_llm * cfg.n_embd * e
+        # a frozen ViT's checkpointed blocks keep nothing: no gradient flows back through them, so the graph
+        # holding their saved inputs is freed as soon as the forward moves on
+        vit = cfg.vit_layers * n_vit * cfg.vit_hidden * e if train[0] else 0
+    else:
+        llm = cfg.n_layer * n_llm * pt["llm_block"]
+        vit = cfg.vit_layers * n_vit * pt["vit_block"]
+    other = n_llm * pt["llm_other"] + n_img * pt["connector"]
+    if e != 4:  # token_logprobs casts lm_head's weight to fp32 once; every checkpointed chunk saves that copy
+        other += cfg.vocab_size * cfg.n_embd * 4
+    return dict(llm=llm, vit=vit, other=other, pixels=tiles * pt["pixels"])
+
+
+def backward_transient(cfg, B, T, tiles, e, train, ac, cuda):
+    """What backward allocates beyond the saved activations and the parameter gradients, per stage (bytes):
+    logp: one chunk of model.token_logprobs recomputed in fp32 (LOGP_BUFS x chunk x vocab) + that chunk's (V x C)
+      fp32 weight gradient (+ its fp32 accumulation with a bf16 model, whose lm_head is cast to fp32 once);
+    llm / vit: the block being back-propagated: with checkpointing its recomputed activations plus the gradients
+      flowing through it (~ 2 x mlp + 2 x width per token), without only those gradients."""
+    out = dict(logp=0, llm=0, vit=0)
+    if not any(train):
+        return out
+    rows = min(LOGP_CHUNK, B * T)
+    out["logp"] = LOGP_BUFS * rows * cfg.vocab_size * 4 + cfg.vocab_size * cfg.n_embd * 4 * (2 if e != 4 else 1)
+    # a frozen LLM block saves less for its recompute (no Linear inputs) but its backward holds as many gradients:
+    # measured, the trainable block's recompute set is the better estimate for both
+    pt = _act_per_token(cfg, e, (train[0], train[1], True), cuda)
+    n_llm, n_vit = B * T, tiles * (cfg.grid**2 + 1)
+    out["llm"] = n_llm * ((pt["llm_block"] if ac else 0) + (2 * cfg.mlp_hidden + 2 * cfg.n_embd) * e)
+    if train[0]:
+        out["vit"] = n_vit * ((pt["vit_block"] if ac else 0) + (2 * cfg.vit_mlp + 2 * cfg.vit_hidden) * e)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# rollouts
+
+
+def kv_bytes(cfg, P, n, prompt, max_new, e, tp=1):
+    """sampler.cache_bytes at tp=K (each rank holds n_kv_head/K heads)."""
+    return 2 * cfg.n_layer * _kv_heads(cfg, tp) * cfg.head_dim * e * (P * prompt + P * n * max_new)
+
+
+def _kv_heads(cfg, tp):
+    return cfg.n_kv_head // tp  # tp.py splits whole kv heads (tp must divide n_kv_head)
+
+
+def decode_bytes(cfg, rows, max_new, mode="sample"):
+    """sampler.decode's buffers for `rows` rows: sample_next over (rows, vocab) (mode: 'sample' at temperature 1,
+    'greedy', 'shaped' with temperature / top-p / top-k), the outputs (out_tok int64, out_logp, out_ent fp32) and
+    the uniforms (draw_uniforms, fp32), per row per new token."""
+    import sampler
+    return sampler.decode_bytes(cfg, rows, max_new, mode)
+
+
+def sampling_mode(temperature=1.0, top_p=1.0, top_k=0):
+    import sampler
+    return sampler.sampling_mode(temperature, top_p, top_k)
+
+
+def sampler_chunks(cfg, P, prompt, n, max_new, e, budget, tp=1, decode=None):
+    """How many chunks of P equal prompts fit `budget` by sampler.fit_chunks' rule (a chunk's KV cache + its decode
+    buffers <= budget; decode(cfg, rows) defaults to the sampler's own sampler.decode_bytes). Returns (chunks,
+    prompts per chunk), or (None, 0) when one prompt does not fit. The plan itself sizes chunks with its measured
+    buffers and the prefill (plan_run); this is the sampler's arithmetic, tested against generate()'s chunks."""
+    import sampler
+    if decode is None:
+        decode = lambda cfg, rows: sampler.decode_bytes(cfg, rows, max_new)  # noqa: E731
+    budget = budget - sampler.prefill_bytes(cfg, 16384, {2: torch.bfloat16, 4: torch.float32}[e])
+    per = P
+    while per > 0 and kv_bytes(cfg, per, n, prompt, max_new, e, tp) + decode(cfg, per * n) > budget:
+        per -= 1
+    return (None, 0) if per == 0 else (-(-P // per), per)
+
+
+def prefill_transient(cfg, P, prompt, tiles_per_prompt, e, tp, prefill_tokens=16384):
+    """Activations of one prefill sub-batch (no grad; sampler.prefill: at most prefill_tokens padded tokens, >= 1
+    prompt): an LLM layer's widest moment is its MLP (silu(gate), up and their product, 3 x mlp_hidden/K) plus the
+    residual, the norm's fp32 temporaries and q/k/v; the ViT runs on the sub-batch's tiles (fc1 + GELU outputs)."""
+    k = max(1, min(P, prefill_tokens // max(prompt, 1)))
+    T = k * prompt
+    llm = T * (3 * cfg.mlp_hidden // tp * e + cfg.n_embd * (3 * e + 8) + (cfg.n_head + 2 * cfg.n_kv_head) // tp
+               * cfg.head_dim * e)
+    vit = k * tiles_per_prompt * (cfg.grid**2 + 1) * (2 * cfg.vit_mlp + 6 * cfg.vit_hidden) * e
+    return max(llm, vit) + T * 8
+
+# -----------------------------------------------------------------------------
+# the plan
+
+
+def _hw(gpu_gb):
+    return HW["H200"] if gpu_gb > 100 else HW["H100"]
+
+
+def _max_new(x):
+    # grpo.py's schedule [[from_step, length], ...] or one int
+    if isinstance(x, (list, tuple)):
+        return max(length for _, length in x)
+    return int(x)
+
+
+def default_prompt_tokens(cfg, images=1, text=512):
+    """plan_prompt_tokens default: `images` images of (max_tiles + thumbnail) tiles x tokens_per_tile + `text`."""
+    return images * image_tiles(cfg) * cfg.tokens_per_tile + text
+
+
+def image_tiles(cfg):
+    return cfg.max_tiles + (1 if cfg.use_thumbnail and cfg.max_tiles > 1 else 0)
+
+
+def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0, tp=1, offload=False,
+             prompt_tokens=None, images=1, device="cuda", chunked=True, overhead_gb=OVERHEAD_GB, frag=FRAG,
+             mfu=MFU, bw_eff=BW_EFF, compute_bytes=None, _search=True):
+    """The memory plan of one run, per GPU and per phase, as a dict (format_plan prints it).
+    script: 'sft' | 'connector_tune' | 'grpo' (a path like 'grpo.py' works too); config: the script's config dict
+    (its globals after configure()); model_cfg: the VLMConfig; gpus / gpus_per_node / gpu_gb: the machine; tp,
+    offload: the run's --tp / --offload; prompt_tokens: GRPO prompt length (None: images x (max_tiles + 1) x
+    tokens_per_tile + 512 text), images: images per sample (also SFT's); device: 'cuda' (bf16 compute, fp32
+    masters) or 'cpu' (fp32 everywhere, as the CPU tests run); chunked: the sampler splits a rank's rollout into
+    chunks that fit (sampler.fit_chunks); False: the whole rollout at once must fit. compute_bytes: override the
+    compute dtype's size (2 = bf16 on the CPU, as the tests emulate a GPU run with FSDP2 mixed precision on gloo).
+    Returns a dict: params (per tower / unit), phases {phase: {term: bytes}}, peaks, peak_gb, fits, verdict (the
+    last line format_plan prints), activations (the saved-activation split of one micro-batch), chunks, time ..."""
+    script = os.path.splitext(os.path.basename(script))[0]
+    assert script in ("sft", "connector_tune", "grpo"), f"plan.py: unknown script {script!r}"
+    cfg, c = model_cfg, config
+    W, gpn = int(gpus), int(gpus_per_node or gpus)
+    nodes = -(-W // gpn)
+    cuda = device == "cuda"
+    e = compute_bytes or (2 if cuda else 4)  # compute dtype: bf16 on a GPU (FSDP2 param_dtype + autocast), else fp32
+    fsdp = cuda or W > 1  # on a GPU even one process runs FSDP2 (design.md); on the CPU one process is plain
+    train = (c.get("train_vit", True), c.get("train_connector", True), c.get("train_llm", True))
+    towers = [t for t, on in zip(("vit", "connector", "llm"), train) if on]
+    ac = bool(c.get("activation_checkpointing", False))
+    pi = param_info(cfg)
+    N, Nt = pi["total"], sum(pi[t] for t in towers)
+    notes = []
+    if tp > 1:
+        assert script == "grpo", "plan.py: tp > 1 is for rollouts (grpo.py)"
+        if W % tp or tp > gpn:
+            raise ValueError(f"plan.py: tp={tp} must divide the {W} GPUs and fit in a node of {gpn}")
+        bad = [w for w in ("n_head", "n_kv_head", "mlp_hidden") if getattr(cfg, w) % tp]
+        if bad:  # tp.check_tp: each rank holds 1/K of the heads, kv heads and MLP width
+            raise ValueError(f"plan.py: tp={tp} must divide the model's {', '.join(bad)}")
+
+    # --- persistent states (per GPU unless offloaded; host RAM per node when offloaded)
+    sh_all = shard_numel(cfg, W) * 4 if fsdp else N * 4
+    sh_train = shard_numel(cfg, W, towers) * 4 if fsdp else Nt * 4
+    adam = 2 * sh_train + 4 * n_tensors(cfg, towers)
+    ref = (shard_numel(cfg, W) * 4 if fsdp else N * 4) if script == "grpo" and c.get("kl_coef", 0) > 0 else 0
+    on_gpu = 0 if offload else 1
+    units = {u: n for u, n in pi["units"].items()}
+    root = units["root"]
+
+    # FSDP2 units in the compute dtype (e): the root (wte, lm_head, final norm, connector) stays gathered through
+    # forward and backward (FSDP2 never reshards the root after forward); a block unit is gathered with the next
+    # one prefetched; in backward a unit's gradients (e) exist until its reduce-scatter, whose input is fp32
+    # (reduce_dtype) and is filled after the unit's parameters are resharded; the root's gradients (lm_head first)
+    # wait until the very end of backward
+    block = max((n for u, n in units.items() if u.startswith("llm.blocks")), default=0)
+    block_train = block if "llm" in towers else 0
+    vit_unit = units.get("vit", 0)
+    root_train = sum(math.prod(s) for name, s, u, t, _ in _params(_cfg_key(cfg)) if u == "root" and t in towers)
+    if fsdp:
+        g_root = root * e + root_train * e
+        g_fwd = root * e + max(vit_unit + block, 2 * block) * e
+        # a block's backward: it and the prefetched next block gathered, its grads; at its reduce-scatter: its grads,
+        # the fp32 input and output shard (the block's parameters are resharded first), the next block gathered
+        g_llm = int(g_root + 2 * block * e + block_train * (max(e, 4) + 4 / W))
+        # the ViT unit's backward: gathered + grads while it runs; then grads + the fp32 reduce-scatter input/output
+        g_vit_run = g_root + vit_unit * 2 * e
+        g_vit_rs = g_root + vit_unit * (e + 4 + 4 / W)
+        if offload:  # each unit's fp32 shard is copied to the GPU before its all-gather
+            g_llm += block * 4 // W
+            g_vit_run += vit_unit * 4 // W
+        g_vit_rs = int(g_vit_rs)
+    else:  # one CPU process: the modules compute with their own parameters; the gradients are the grad terms
+        g_fwd = g_llm = g_vit_run = g_vit_rs = 0
+
+    phases = {}
+    # --- load (common.build_model with FSDP: meta -> fully_shard -> to_empty -> rank 0 reads one unit at a time,
+    # set_model_state_dict broadcasts it tensor by tensor: device = shard + one full tensor in the checkpoint dtype)
+    biggest_tensor = max(math.prod(s) for _, s, _, _, _ in _params(_cfg_key(cfg)))
+    if fsdp:
+        load = {"fp32 master shard": sh_all * on_gpu, "one full tensor (bf16, broadcast)": biggest_tensor * 2}
+        if ref:
+            load["KL reference shard"] = ref
+        host0 = max(u for u in units.values()) * 2  # rank 0 reads one unit as stored (bf16)
+    else:  # one CPU process: VLM.from_pretrained in fp32
+        load = {"fp32 model": N * 4}
+        host0 = N * 4
+    phases["load"] = load
+
+    # --- training step (one micro-batch's forward/backward at the longest sequence, then the optimizer step)
+    if script == "grpo":
+        max_new = _max_new(c["max_new_tokens"])
+        prompt = prompt_tokens or default_prompt_tokens(cfg, images)
+        T = prompt + max_new
+        B = int(c.get("micro_batch", 1))
+        samples_rank = int(c["prompts_per_step"]) * int(c["group_size"]) / W
+        n_micro = math.ceil(samples_rank / B)
+    else:
+        T = int(c["max_len"])
+        B = int(c.get("batch_size", 1))
+        n_micro = int(c.get("grad_accum", 1))
+        prompt = max_new = None
+    tiles = B * images * image_tiles(cfg)
+    foreach_tmp = sh_train if cuda and not offload else 0  # torch AdamW foreach on CUDA: one fp32 temp per shard
+    states = {"fp32 master shard": sh_all * on_gpu, "fp32 grad shard": sh_train * on_gpu,
+              "AdamW state (2 x fp32)": adam * on_gpu}
+    if ref:
+        states["KL reference shard"] = ref
+
+    def train_step(ac):
+        # the step's peak is in backward, when the gradients of earlier micro-batches exist (gradient accumulation:
+        # every micro-batch after the first): either its start (every activation saved, lm_head's log-prob chunks
+        # recomputed, then the last LLM blocks) or, when the ViT trains, the ViT unit's backward at its end (the
+        # LLM's activations are freed by then, the ViT unit's gradients are the biggest transient)
+        act = activation_bytes(cfg, B, T, tiles, e, train, ac, cuda)
+        bt = backward_transient(cfg, B, T, tiles, e, train, ac, cuda)
+        llm = {"gathered units + their grads": g_llm, "activations, LLM blocks": act["llm"],
+               "activations, ViT blocks": act["vit"],
+               "activations, other (embed, connector, norm, log-prob)": act["other"] + act["pixels"],
+               "backward transient (log-prob chunk / block recompute)": max(bt["logp"], bt["llm"])}
+        vit_run = {"gathered units + their grads": g_vit_run, "activations, ViT blocks": act["vit"],
+                   "activations, other (embed, connector, norm, log-prob)": act["pixels"],
+                   "backward transient (log-prob chunk / block recompute)": bt["vit"]}
+        vit_rs = {"gathered units + their grads": g_vit_rs}  # the ViT's activations are freed by then
+        stage, terms = "LLM backward", llm
+        if "vit" in towers:
+            for name, t in (("ViT backward", vit_run), ("ViT reduce-scatter", vit_rs)):
+                if sum(t.values()) > sum(terms.values()):
+                    stage, terms = name, t
+        return stage, dict(states, **terms)
+
+    stage, tr = train_step(ac)
+    act_now = activation_bytes(cfg, B, T, tiles, e, train, ac, cuda)
+    _, tr_alt = train_step(not ac)
+    step_peak = sum(states.values()) + foreach_tmp
+    phases["train"] = tr
+    train_peak, train_alt = sum(tr.values()), sum(tr_alt.values())
+
+    # --- rollout (grpo) and eval
+    res = dict(script=script, gpus=W, gpus_per_node=gpn, nodes=nodes, gpu_gb=gpu_gb, tp=tp, offload=offload,
+               device=device, elt=e, fsdp=fsdp, ac=ac, train=train, params=pi, n_trainable=Nt, T=T, B=B,
+               n_micro=n_micro, tiles=tiles, prompt=prompt, max_new=max_new, images=images, notes=notes,
+               optimizer_step_peak=step_peak, train_peak_other_ac=train_alt, chunked=chunked, train_stage=stage,
+               states=sum(states.values()), activations=act_now)
+    usable = (gpu_gb - overhead_gb) * GB / (1 + frag)
+    states_resident = (sh_all + adam) * on_gpu + ref  # between updates the grads are None (zero_grad(set_to_none))
+    if script == "grpo":
+        n = int(c["group_size"])
+        P_rank = int(c["prompts_per_step"]) / W
+        P = int(math.ceil(P_rank * tp))  # a TP group generates the union of its K ranks' prompts
+        if tp == 1:
+            w_roll = N * e if fsdp else 0  # sampler.unsharded: every unit gathered (on one CPU process: the params)
+            w_build = 0
+        else:
+            w_roll = tp_numel(cfg, tp) * e
+            w_build = block * e  # the TP shards are made unit by unit from the FSDP shards
+        w32 = cfg.vocab_size * cfg.n_embd * 4 if e != 4 else 0  # sampler.generate: fp32 lm_head for the log-probs
+        tiles_prompt = images * image_tiles(cfg)
+        fixed = states_resident + w_roll + w32
+        res["rollout_budget"] = usable - fixed  # what is left for the sampler once the weights are gathered
+
+        def gen_phase(P, n, mode):
+            """One generate() call of P prompts x n samples: its terms (the largest chunk) and its chunking."""
+            def terms(k):
+                return {"KV cache": kv_bytes(cfg, k, n, prompt, max_new, e, tp),
+                        "decode buffers (logits, cdf, outputs)": decode_bytes(cfg, k * n, max_new, mode),
+                        "prefill / TP-build transient": max(prefill_transient(cfg, k, prompt, tiles_prompt, e, tp),
+                                                            w_build)}
+
+            def need(k):  # the prefill and the decode buffers do not overlap: the larger counts
+                t = terms(k)
+                return t["KV cache"] + max(t["decode buffers (logits, cdf, outputs)"],
+                                           t["prefill / TP-build transient"])
+            per = P
+            if chunked:
+                while per > 1 and fixed + need(per) > usable:
+                    per -= 1
+            ph = {"fp32 master shard": sh_all * on_gpu, "AdamW state (2 x fp32)": adam * on_gpu}
+            if ref:
+                ph["KL reference shard"] = ref
+            ph[("gathered weights (full model)" if tp == 1 else f"TP shard + replicated (tp={tp})")] = w_roll
+            ph["fp32 lm_head (sampler log-probs)"] = w32
+            ph.update(terms(per))
+            return ph, fixed + need(per), -(-P // per), per
+
+        mode = sampling_mode(float(c.get("temperature", 1.0)), float(c.get("top_p", 1.0)))
+        ro, ro_peak, ch, per = gen_phase(P, n, mode)
+        if fixed + kv_bytes(cfg, 1, n, prompt, max_new, e, tp) > usable:
+            notes.append("rollout: even one prompt's KV cache does not fit beside the resident weights and states")
+        phases["rollout"] = ro
+        res.update(rollout_prompts=P, rollout_rows=P * n, chunks=ch, prompts_per_chunk=per,
+                   kv_full=kv_bytes(cfg, P, n, prompt, max_new, e, tp))
+        # validation (grpo.validate -> eval.evaluate): greedy, n=1, up to 64 prompts per generate() call, the rank's
+        # share of val_n (a TP group: the union of its ranks' shares)
+        val_n = int(c.get("val_n", 0)) if c.get("val_data") and c.get("eval_every", 1) else 0
+        P_ev = int(min(64, math.ceil(val_n / W) * tp)) if val_n else 0
+        if P_ev:
+            ev, ev_peak, ev_ch, _ = gen_phase(P_ev, 1, "greedy")
+            phases["eval"] = ev
+            res.update(eval_prompts=P_ev, eval_chunks=ev_ch)
+    else:  # sft validation: the loss forward under no_grad on batch_size samples
+        if c.get("val_data"):
+            fwd = B * T * (3 * cfg.mlp_hidden * e + cfg.n_embd * (3 * e + 8)) + \
+                min(LOGP_CHUNK, B * T) * cfg.vocab_size * 4 * 4
+            phases["eval"] = {"fp32 master shard": sh_all * on_gpu, "AdamW state (2 x fp32)": adam * on_gpu,
+                              "gathered units (fwd)": g_fwd, "forward transient (no grad)": fwd}
+    peaks = {"load": sum(phases["load"].values()),
+             "train": max(train_peak, step_peak)}
+    if "rollout" in phases:
+        peaks["rollout"] = ro_peak
+    if "eval" in phases:
+        peaks["eval"] = ev_peak if script == "grpo" else sum(phases["eval"].values())
+    res["phases"], res["peaks"] = phases, peaks
+    res["peak"] = max(peaks.values())
+    res["peak_gb"] = (res["peak"] * (1 + frag)) / GB + overhead_gb  # what nvidia-smi would show
+    res["fits"] = res["peak_gb"] <= gpu_gb
+
+    # --- host RAM per node: rank 0's node reads one unit of the checkpoint at a time; offload keeps the fp32
+    # shards, their grads and the AdamW state of the node's ranks in (pinned) host memory
+    off = (sh_all + sh_train + adam) * min(gpn, W) if offload else 0
+    res["host_gb_node0"] = (host0 + off + ref * 0) / GB
+    res["host_gb_node"] = off / GB
+    res["time"] = _step_time(res, cfg, c, mfu, bw_eff, _hw(gpu_gb)) if _search else {}
+    res["verdict"] = _verdict(res, script, config, cfg, dict(gpus=W, gpus_per_node=gpn, gpu_gb=gpu_gb, tp=tp,
+                                                             offload=offload, prompt_tokens=prompt_tokens,
+                                                             images=images, device=device, chunked=chunked,
+                                                             overhead_gb=overhead_gb, frag=frag, mfu=mfu,
+                                                             bw_eff=bw_eff, compute_bytes=compute_bytes), _search)
+    return res
+
+
+# -----------------------------------------------------------------------------
+# step time (estimate; not verified on a GPU)
+
+
+def _step_time(res, cfg, c, mfu, bw_eff, hw):
+    pi, W, e, tp = res["params"], res["gpus"], res["elt"], res["tp"]
+    flops = hw["flops"] * mfu
+    N_llm_blocks = pi["llm"] - 2 * cfg.vocab_size * cfg.n_embd + (cfg.vocab_size * cfg.n_embd if cfg.tie_embeddings
+                                                                   else 0)
+    head = cfg.vocab_size * cfg.n_embd
+    vit_tok = (cfg.grid**2 + 1)
+    t = {}
+    T, B = res["T"], res["B"]
+    seqs = res["n_micro"] * B  # sequences per rank per step
+    tiles_seq = res["images"] * image_tiles(cfg)
+    # training FLOPs per sequence: 2 (forward) + 4 (backward) per trainable parameter and token, 2 + 2 for a frozen
+    # tower the gradient flows through (the LLM), 2 for one it does not (a frozen ViT); +2 with checkpointing
+    wv, wc, wl = res["train"]
+    llm_fb = (6 if wl else 4) + (2 if res["ac"] else 0)
+    vit_fb = (6 + (2 if res["ac"] else 0)) if wv else 2
+    attn = 2 * 2 * T * T * cfg.n_head * cfg.head_dim / 2 * cfg.n_layer  # causal QK^T + PV, forward, per sequence
+    mm = N_llm_blocks + head  # the LLM's matmul parameters (the embedding is a lookup)
+    fwd_seq = 2 * (mm + pi["connector"]) * T + attn + 2 * pi["vit"] * tiles_seq * vit_tok
+    upd_seq = llm_fb / 2 * (2 * mm * T + attn) + vit_fb / 2 * 2 * pi["vit"] * tiles_seq * vit_tok + \
+        (6 if wc else 4) * pi["connector"] * T
+    t["update"] = seqs * upd_seq / flops
+    if res["script"] == "grpo":
+        t["logp"] = seqs * fwd_seq / flops  # pi_old by the training forward (grpo.policy_logprobs)
+        # rollout: the TP group's chunks run one after another; per decode step a rank reads its weights (its TP
+        # shard of the blocks + the replicated lm_head) and the KV cache (prompts once + each row's own tokens)
+        P, n, per, ch = res["rollout_prompts"], int(c["group_size"]), res["prompts_per_chunk"], res["chunks"]
+        prompt, max_new = res["prompt"], res["max_new"]
+        kvt = 2 * cfg.n_layer * _kv_heads(cfg, tp) * cfg.head_dim * e  # KV bytes per token per rank
+        bw = hw["bw"] * bw_eff
+        dec = 0.0
+        for k in range(ch):
+            Pk = min(per, P - k * per)
+            R = Pk * n
+            steps = max(1, max_new // 64)
+            for i in range(steps):  # worst case: every row runs to max_new tokens
+                tok = (i + 0.5) * max_new / steps
+                # the blocks: weights + KV cache read (memory) or their matmuls (compute), whichever is longer
+                blocks = max((N_llm_blocks / tp * e + kvt * (Pk * prompt + R * tok)) / bw,
+                             2 * N_llm_blocks / tp * R / flops)
+                # lm_head in fp32 (sampler.decode: h.float() @ w32.t()), replicated on every TP rank
+                lm = max(head * (4 if e != 4 else e) / bw, 2 * head * R / (FP32_FLOPS if e != 4 else flops))
+                dec += (blocks + lm + (2 * cfg.n_layer * TP_ALLREDUCE_S if tp > 1 else 0)) * max_new / steps
+        pre = P * (2 * N_llm_blocks / tp * prompt + 2 * pi["vit"] * tiles_seq * vit_tok) / flops
+        t["rollout"] = dec + pre
+    if res["offload"]:
+        # FSDP2 CPUOffloadPolicy: every all-gather first copies the unit's fp32 shard host -> GPU (forward and
+        # backward of each micro-batch, the log-prob forward, once for the rollout gather), every backward copies
+        # the fp32 gradient shard back; the AdamW step runs on the host
+        shard = res["params"]["total"] * 4 / W
+        passes = res["n_micro"] * 2 + (res["n_micro"] + 1 if res["script"] == "grpo" else 0)
+        t["offload copies"] = (passes * shard + res["n_micro"] * res["n_trainable"] * 4 / W) / PCIE
+        t["optimizer (host)"] = 28 * res["n_trainable"] * min(res["gpus_per_node"], W) / W / HOST_ADAM
+    else:
+        t["optimizer"] = 28 * res["n_trainable"] / W / (hw["bw"] * bw_eff)
+    t["total"] = sum(t.values())
+    return t
+
+# -----------------------------------------------------------------------------
+# verdict: fits, or what to change
+
+
+def _verdict(res, script, config, cfg, kw, search):
+    if res["fits"]:
+        return f"plan: fits (peak {res['peak_gb']:.1f} GB of {kw['gpu_gb']:g} GB per GPU)"
+    phase = max(res["peaks"], key=res["peaks"].get)
+    terms = res["phases"][phase]
+    big = max(terms, key=terms.get)
+    what = {"load": "load", "train": "the training step", "rollout": "the rollout", "eval": "eval"}[phase]
+    msg = (f"plan: does not fit: {what} needs {(res['peaks'][phase] * (1 + kw['frag'])) / GB + kw['overhead_gb']:.1f}"
+           f" GB of {kw['gpu_gb']:g} GB per GPU (biggest term: {big} {terms[big] / GB:.1f} GB")
+    if res["states"] > 0.4 * kw["gpu_gb"] * GB:
+        msg += f"; the fp32 masters + grads + AdamW state alone are {res['states'] / GB:.1f} GB"
+    msg += ")"
+    if not search:
+        return msg
+    # the smallest set of changes that fits: offload, tp, activation checkpointing, a smaller micro-batch (SFT:
+    # batch_size, with grad_accum raised to keep the global batch), more GPUs
+    c = dict(config)
+    mb_key = "micro_batch" if script == "grpo" else "batch_size"
+    mb0 = int(c.get(mb_key, 1))
+    mbs = sorted({mb0, max(1, mb0 // 2), max(1, mb0 // 4), 1}, reverse=True)
+    tps = [kw["tp"]] + ([k for k in (2, 4, 8) if k > kw["tp"] and kw["gpus_per_node"] % k == 0 and
+                         not (cfg.n_head % k or cfg.n_kv_head % k or cfg.mlp_hidden % k)] if script == "grpo" else [])
+    offs = [kw["offload"]] + ([True] if not kw["offload"] and res["fsdp"] else [])
+    acs = [bool(c.get("activation_checkpointing"))] + ([True] if not c.get("activation_checkpointing") else [])
+    found = []
+    for g in (1, 2, 4):
+        for off in offs:
+            for k in tps:
+                for ac in acs:
+                    for mb in mbs:
+                        change = []
+                        if g > 1:
+                            change.append(f"{kw['gpus'] * g} GPUs")
+                        if off != kw["offload"]:
+                            change.append("--offload=True")
+                        if k != kw["tp"]:
+                            change.append(f"--tp={k}")
+                        if ac != bool(c.get("activation_checkpointing")):
+                            change.append("--activation_checkpointing=True")
+                        cc = dict(c, activation_checkpointing=ac, **{mb_key: mb})
+                        if mb != mb0:
+                            change.append(f"--{mb_key}={mb}")
+                            if script != "grpo":
+                                cc["grad_accum"] = int(c.get("grad_accum", 1)) * mb0 // mb
+                                change[-1] += f" --grad_accum={cc['grad_accum']}"
+                        if not change:
+                            continue
+                        try:
+                            r = plan_run(script, cc, cfg, **dict(kw, gpus=kw["gpus"] * g, offload=off, tp=k),
+                                         _search=False)
+                        except (ValueError, AssertionError):
+                            continue
+                        if r["fits"]:  # fewest changes, then fewest GPUs, then the largest micro-batch
+                            found.append((len(change), g, -mb, " ".join(change), r["peak_gb"]))
+    found.sort()
+    fixes = [f"{ch} (peak {pk:.1f} GB)" for _, _, _, ch, pk in found[:3]]
+    if fixes:
+        return msg + "; fits with " + " or ".join(fixes)
+    more = " or fewer prompts_per_step / a shorter max_new_tokens" if script == "grpo" else \
+        " or a shorter max_len"
+    return msg + "; no combination of offload, tp, checkpointing, micro-batch and up to 4x the GPUs fits: use more" \
+        f" GPUs{more}"
+
+# -----------------------------------------------------------------------------
+# printing
+
+
+def _fmt_b(x):
+    return "-" if x is None else (f"{x / GB:.2f}" if x < 10 * GB else f"{x / GB:.1f}")
+
+
+def format_plan(d):
+    """The plan as text: a header, one markdown table (terms x phases, GB per GPU), rollout chunks, host RAM, step
+    time; the LAST line is the verdict (`plan: fits (...)` / `plan: does not fit: ...`)."""
+    pi = d["params"]
+    lines = []
+    mode = "bf16 compute, fp32 masters" if d["elt"] == 2 else "fp32"
+    lines.append(f"plan: {d['script']}.py, {pi['total'] / 1e9:.2f}B params (vit {pi['vit'] / 1e9:.2f}B, connector "
+                 f"{pi['connector'] / 1e9:.3f}B, llm {pi['llm'] / 1e9:.2f}B), {d['n_trainable'] / 1e9:.2f}B trainable; "
+                 f"{d['gpus']} GPUs ({d['nodes']} node(s) x {d['gpus_per_node']}) x {d['gpu_gb']:g} GB, tp={d['tp']}, "
+                 f"offload={d['offload']}, {mode}")
+    if d["script"] == "grpo":
+        lines.append(f"sequence: prompt {d['prompt']} tokens ({d['images']} image(s) x {d['tiles'] // max(d['B'], 1)} "
+                     f"tiles + text; plan_prompt_tokens) + {d['max_new']} new (the largest of max_new_tokens) = "
+                     f"{d['T']}; micro_batch {d['B']} x {d['n_micro']} micro-batches per rank")
+    else:
+        lines.append(f"sequence: max_len {d['T']}, batch_size {d['B']} x grad_accum {d['n_micro']}")
+    phases = list(d["phases"])
+    terms = []
+    for p in phases:
+        for t in d["phases"][p]:
+            if t not in terms:
+                terms.append(t)
+    lines.append("")
+    lines.append("| GB per GPU | " + " | ".join(phases) + " |")
+    lines.append("|---|" + "---|" * len(phases))
+    for t in terms:
+        vals = [d["phases"][p].get(t) for p in phases]
+        if all(v in (None, 0) for v in vals):
+            continue
+        lines.append(f"| {t} | " + " | ".join(_fmt_b(v) for v in vals) + " |")
+    lines.append("| **peak (tensors)** | " + " | ".join(f"**{_fmt_b(d['peaks'][p])}**" for p in phases) + " |")
+    lines.append("")
+    lines.append(f"train: peak at the {d['train_stage']} of a micro-batch after the first (gradients accumulated); "
+                 f"with activation checkpointing {'off' if d['ac'] else 'on'} it would be "
+                 f"{_fmt_b(d['train_peak_other_ac'])} GB; the optimizer step " + (
+                     "runs on the host (offload)" if d["offload"] else
+                     f"{_fmt_b(d['optimizer_step_peak'])} GB (states + AdamW's foreach temporary)"))
+    if d["script"] == "grpo":
+        full = d["kv_full"]
+        lines.append(f"rollout: {d['rollout_prompts']} prompts x {d['rollout_rows'] // d['rollout_prompts']} samples "
+                     f"per {'TP group' if d['tp'] > 1 else 'rank'}; KV cache for all at once {_fmt_b(full)} GB, "
+                     f"budget after the weights {_fmt_b(max(d['rollout_budget'], 0))} GB -> {d['chunks']} chunk(s) "
+                     f"of {d['prompts_per_chunk']} prompt(s)")
+    others = f", {d['host_gb_node']:.1f} GB on each other node" if d["nodes"] > 1 else ""
+    off = "; + the offloaded fp32 shards, grads and AdamW state of its ranks" if d["offload"] else ""
+    lines.append(f"host RAM per node: {d['host_gb_node0']:.1f} GB on node 0 (rank 0 reads the checkpoint one unit at a "
+                 f"time, as stored{off}){others}")
+    t = d["time"]
+    hw = "H200" if d["gpu_gb"] > 100 else "H100"
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if k != "total")
+    if t:
+        worst = "every response at max_new_tokens" if d["script"] == "grpo" else "every sample at max_len"
+        lines.append(f"est. step time {t['total']:.1f} s ({parts}; {hw} {HW[hw]['bw'] / 1e12:.1f} TB/s x "
+                     f"{BW_EFF:.0%} for decode, {MFU:.0%} of {HW[hw]['flops'] / 1e12:.0f} TFLOP/s for prefill/"
+                     f"log-probs/update; worst case: {worst}; not verified on a GPU)")
+    for n in d["notes"]:
+        lines.append(f"note: {n}")
+    lines.append(f"peak incl. {OVERHEAD_GB:g} GB CUDA/NCCL overhead and {FRAG:.0%} fragmentation: "
+                 f"{d['peak_gb']:.1f} GB")
+    lines.append(d["verdict"])
+    return "\n".join(lines)
+
+def model_config(config):
+    """The VLMConfig a run would build, without weights: init_from's config.json (an HF directory, e.g.
+    config/models/NAME), a resumed run's model_config.json, or sft.py's tiny from-scratch config."""
+    from model import VLMConfig, config_from_dict, load_config
+    init = config.get("init_from", "scratch")
+    if init == "resume":
+        from common import latest_checkpoint
+        ck = latest_checkpoint(config["out_dir"])
+        if ck is None:
+            raise FileNotFoundError(f"plan.py: init_from='resume' but {config['out_dir']} has no checkpoint")
+        with open(os.path.join(ck, "model_config.json")) as f:
+            import json
+            return config_from_dict(json.load(f))
+    if init == "scratch":  # sft.py's tiny default (the vocabulary of data/synth's tokenizer when it is there)
+        keys = ("image_size", "patch_size", "vit_hidden", "vit_layers", "vit_heads", "n_embd", "n_layer", "n_head",
+                "n_kv_head", "rope_theta")
+        kw = {k: config[k] for k in keys if k in config}
+        kw.update(vit_mlp=4 * kw.get("vit_hidden", 64), mlp_hidden=3 * kw.get("n_embd", 128), max_tiles=1,
+                  use_thumbnail=False)
+        vocab = 1024
+        tok = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synth", "tokenizer", "tokenizer.json")
+        if os.path.isfile(tok):
+            import json
+            with open(tok) as f:
+                t = json.load(f)
+            vocab = len(t["model"]["vocab"]) + len(t.get("added_tokens", []))
+        return VLMConfig(vocab_size=vocab, **kw)
+    if not os.path.isfile(os.path.join(init, "config.json")):
+        raise FileNotFoundError(f"plan.py: init_from={init!r} has no config.json; plan a real model with "
+                                f"--init_from=config/models/NAME (config only, no weights)")
+    try:
+        return load_config(init)[0]
+    except ValueError as err:  # no <IMG_CONTEXT> id: it does not change any byte of the plan
+        if "IMG_CONTEXT" not in str(err):
+            raise
+        return load_config(init, image_token_id=0)[0]
+
+
+def print_plan(script, config, file=None):
+    """What `--plan=True` prints for sft.py / grpo.py / connector_tune.py: the plan of `config` (the script's
+    config dict: init_from, plan_gpus, plan_gpus_per_node, plan_gpu_gb, tp, offload, plan_prompt_tokens) on
+    plan_gpus GPUs. Returns the plan dict."""
+    gpus = int(config.get("plan_gpus", 1))
+    d = plan_run(script, config, model_config(config), gpus=gpus,
+                 gpus_per_node=int(config.get("plan_gpus_per_node") or gpus), gpu_gb=float(config.get("plan_gpu_gb",
+                                                                                                       80.0)),
+                 tp=int(config.get("tp", 1)), offload=bool(config.get("offload", False)),
+                 prompt_tokens=int(config.get("plan_prompt_tokens", 0)) or None,
+                 images=int(config.get("plan_images", 1)))
+    print(format_plan(d), file=file, flush=True)
+    return d
+
+# -----------------------------------------------------------------------------
+# CLI: python plan.py grpo.py [config files] [--key=value ...] --plan_gpus=8 --plan_gpus_per_node=8 --plan_gpu_gb=80
+
+
+def script_config(script, argv):
+    """A script's config without running it: its module-level literal assignments (the config globals; for
+    connector_tune.py, sft.py's with connector_tune's defaults on top), then config files and --key=value flags."""
+    import ast
+    from configurator import configure
+    root = os.path.dirname(os.path.abspath(__file__))
+
+    def literals(path):
+        out = {}
+        for node in ast.parse(open(path).read()).body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                try:
+                    out[node.targets[0].id] = ast.literal_eval(node.value)
+                except ValueError:
+                    pass
+        return {k: v for k, v in out.items() if not k.startswith("_")}
+
+    name = os.path.splitext(os.path.basename(script))[0]
+    g = literals(os.path.join(root, "sft.py" if name == "connector_tune" else f"{name}.py"))
+    if name == "connector_tune":
+        g.update(literals(os.path.join(root, "connector_tune.py")))
+    keys = [k for k in g]
+    return configure(g, argv, keys)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    script, rest = argv[0], argv[1:]
+    # the plan's own knobs; a script that has them as config keys (grpo.py: tp, offload, plan_gpus, ...) takes
+    # them as usual, otherwise they are read here
+    knobs = dict(plan_gpus=1, plan_gpus_per_node=0, plan_gpu_gb=80.0, tp=1, offload=False, plan_prompt_tokens=0,
+                 plan_images=1, plan=True)
+    base = script_config(script, [])
+    own = [a for a in rest if a.startswith("--") and a[2:].split("=")[0] in knobs and a[2:].split("=")[0] not in base]
+    from configurator import configure
+    extra = configure(dict(knobs), own)
+    config = script_config(script, [a for a in rest if a not in own])
+    for k, v in extra.items():
+        config.setdefault(k, v)
+        if any(a.startswith(f"--{k}=") for a in own):
+            config[k] = v
+    print_plan(script, config)
+
+
+if __name__ == "__main__":
+    main()

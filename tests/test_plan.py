@@ -1,0 +1,318 @@
+"""plan.py against MEASURED bytes on the CPU (issue #11 item 7): every prediction must be within 15% of what real
+tensors take, in one process and in 2 FSDP2 processes (gloo), for the tiny model. The measurements are in
+tests/plan_worker.py (storages of params / grads / AdamW state after a real step, saved_tensors_hooks during a
+real forward, sampler.unsharded's parameters, the KV cache generate() allocates, a dispatch mode's peak for the
+decode and log-prob buffers). test_a_wrong_formula_fails shows the check catches a formula that is off. The last
+tests pin the plan's verdicts for the R1V3 configurations (README table). Nothing is timed."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import plan
+import sampler
+from common import apply_activation_checkpointing, set_trainable
+from model import VLM, VLMConfig, load_config, token_logprobs
+from plan_worker import LiveBytes, batch, measure_train, saved_bytes, storage_bytes, tiny_cfg
+
+TOL = 0.15
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "plan_worker.py")
+TABLE = []  # (what, measured, predicted): printed at the end of a test (pytest -s shows it; a failure shows it)
+
+
+def check(what, measured, predicted, tol=TOL):
+    err = predicted / measured - 1 if measured else (0.0 if predicted == 0 else float("inf"))
+    TABLE.append((what, measured, predicted, err))
+    assert abs(err) <= tol, f"{what}: predicted {predicted:,} bytes, measured {measured:,} ({err:+.1%})"
+
+
+def show():
+    print("\n| what | measured (bytes) | predicted | error |\n|---|---|---|---|")
+    for w, m, p, e in TABLE:
+        print(f"| {w} | {m:,} | {p:,.0f} | {e:+.1%} |")
+    TABLE.clear()
+
+
+def sft_config(B, T, train, ac):
+    return dict(max_len=T, batch_size=B, grad_accum=1, train_vit=train[0], train_connector=train[1],
+                train_llm=train[2], activation_checkpointing=ac, val_data="")
+
+
+# (name, model config overrides, (vit, connector, llm) trainable, activation checkpointing)
+CASES = [("all trained", {}, (1, 1, 1), False),
+         ("all trained, ckpt", {}, (1, 1, 1), True),
+         ("connector only (connector_tune)", {}, (0, 1, 0), False),
+         ("connector only, ckpt", {}, (0, 1, 0), True),
+         ("LLM only, ckpt, tied", dict(tie_embeddings=True), (0, 0, 1), True),
+         ("InternViT-6B-like (RMSNorm, QK-norm), Qwen3 QK-norm", dict(vit_norm="rms_norm", vit_qk_norm=True,
+                                                                      vit_qkv_bias=False, llm_qk_norm=True),
+          (1, 1, 1), False)]
+
+
+@pytest.mark.parametrize("name,kw,train,ac", CASES, ids=[c[0] for c in CASES])
+def test_one_process_states_and_activations(name, kw, train, ac):
+    cfg, B, T = tiny_cfg(**kw), 3, 40
+    tiles = plan.image_tiles(cfg)  # one image per sample: max_tiles + thumbnail
+    torch.manual_seed(0)
+    m = VLM(cfg)
+    set_trainable(m, *train)
+    if ac:
+        apply_activation_checkpointing(m)
+    got = measure_train(m, cfg, B, T, tiles)
+    d = plan.plan_run("sft", sft_config(B, T, train, ac), cfg, gpus=1, device="cpu")
+    tr = d["phases"]["train"]
+    check(f"{name}: fp32 params", got["params"], tr["fp32 master shard"])
+    check(f"{name}: fp32 grads", got["grads"], tr["fp32 grad shard"])
+    check(f"{name}: AdamW state", got["optim"], tr["AdamW state (2 x fp32)"])
+    check(f"{name}: saved activations", got["act"], sum(d["activations"].values()))
+    show()
+
+
+def test_one_process_bf16_activations():
+    # the GPU's compute dtype on the CPU: bf16 weights + autocast (CPU autocast keeps LayerNorm in bf16, CUDA's runs
+    # it in fp32: plan's cuda=False). The fp32 copy of lm_head that token_logprobs saves is part of the prediction.
+    for kw, train, ac in (({}, (1, 1, 1), False), ({}, (1, 1, 1), True), ({}, (0, 1, 0), True),
+                          (dict(vit_norm="rms_norm", vit_qk_norm=True), (1, 1, 1), False)):
+        cfg, B, T = tiny_cfg(**kw), 2, 48
+        tiles = plan.image_tiles(cfg)
+        torch.manual_seed(0)
+        m = VLM(cfg)
+        set_trainable(m, *train)
+        if ac:
+            apply_activation_checkpointing(m)
+        m = m.to(torch.bfloat16)
+        ids, px, tgt = batch(cfg, B, T, tiles)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, _ = saved_bytes(m, lambda: m(ids, px.bfloat16(), targets=tgt))
+        pred = plan.activation_bytes(cfg, B, T, B * tiles, 2, train, ac, cuda=False)
+        check(f"bf16 {kw or ''} train={train} ckpt={ac}: saved activations", got, sum(pred.values()))
+    show()
+
+
+def test_one_process_kv_cache_and_chunks():
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    m = VLM(cfg).eval()
+    allocated = []
+    init = sampler.DecodeCache.__init__
+
+    def spy(self, *a, **k):  # the cache's real tensors, whatever the formula says
+        init(self, *a, **k)
+        allocated.append(storage_bytes([self.pk, self.pv, self.gk, self.gv]))
+
+    P, n, plen, new = 5, 3, 11, 7
+    prompts = [([7 + (i * 3 + j) % 40 for j in range(plen)], None) for i in range(P)]
+    sampler.DecodeCache.__init__ = spy
+    try:
+        st = {}
+        sampler.generate(m, prompts, n=n, max_new_tokens=new, seed=0, stats=st, temperature=1.0)
+        check("KV cache: DecodeCache tensors", allocated[0], plan.kv_bytes(cfg, P, n, plen, new, 4))
+        check("KV cache: generate stats cache_bytes", st["cache_bytes"], plan.kv_bytes(cfg, P, n, plen, new, 4))
+        # a budget that holds two prompts: the sampler's chunks are the plan's
+        budget = plan.kv_bytes(cfg, 2, n, plen, new, 4) + sampler.decode_bytes(cfg, 2 * n, new) + \
+            sampler.prefill_bytes(cfg, 16384, torch.float32)
+        allocated.clear()
+        st = {}
+        sampler.generate(m, prompts, n=n, max_new_tokens=new, seed=0, stats=st, temperature=1.0, budget=budget)
+        chunks, per = plan.sampler_chunks(cfg, P, plen, n, new, 4, budget)
+        assert (st["chunks"], max(allocated)) == (chunks, plan.kv_bytes(cfg, per, n, plen, new, 4)), (st, chunks)
+    finally:
+        sampler.DecodeCache.__init__ = init
+    show()
+
+
+def test_one_process_decode_and_logprob_buffers():
+    # sampler.sample_next over (rows, vocab): the plan's bytes per row-vocab entry minus the input logits (fp32)
+    V, R = 4096, 64
+    logits, u = torch.randn(R, V), torch.rand(R)
+    for mode, kw in (("sample", dict(temperature=1.0)), ("greedy", dict(temperature=0.0)),
+                     ("shaped", dict(temperature=0.7, top_p=0.9))):
+        live = LiveBytes()
+        with live:
+            sampler.sample_next(logits, u, **kw)
+        check(f"sample_next peak ({mode})", live.peak, (sampler.DECODE_BYTES[mode] - 4) * R * V)
+    # model.token_logprobs' chunks, forward + backward (the lm_head weight's gradient included)
+    C, N = 64, 2048
+    cfg = VLMConfig(vocab_size=V, n_embd=C)
+    w, h, tgt = torch.randn(V, C, requires_grad=True), torch.randn(1, N, C, requires_grad=True), \
+        torch.randint(0, V, (1, N))
+    live = LiveBytes()
+    with live:
+        logp, ent = token_logprobs(h, w, tgt)
+        (-(logp.sum()) + 0.01 * ent.sum()).backward()
+    check("log-prob chunks: backward peak", live.peak, plan.backward_transient(cfg, 1, N, 0, 4, (0, 0, 1), False,
+                                                                                False)["logp"])
+    show()
+
+
+def test_one_process_training_step_peak():
+    # the peak of a micro-batch's forward + backward after the first (grads exist): saved activations + the
+    # backward transient, where the log-prob chunks (big vocabulary) or a recomputed block (long sequences) lead
+    for kw, B, T, train, ac in ((dict(vocab_size=4096), 2, 300, (1, 1, 1), False),
+                                (dict(vocab_size=4096), 4, 300, (1, 1, 1), True),
+                                (dict(vocab_size=64, mlp_hidden=1024, n_layer=4), 2, 800, (1, 1, 1), True),
+                                (dict(vocab_size=64, mlp_hidden=1024, n_layer=4), 2, 800, (0, 1, 0), True)):
+        cfg = tiny_cfg(**kw)
+        tiles = plan.image_tiles(cfg)
+        torch.manual_seed(0)
+        m = VLM(cfg)
+        set_trainable(m, *train)
+        if ac:
+            apply_activation_checkpointing(m)
+        ids, px, tgt = batch(cfg, B, T, tiles)
+        logp, ent = m(ids, px, targets=tgt)  # the first micro-batch creates the gradients
+        (-(logp.sum()) + 0.01 * ent.sum()).backward()
+        del logp, ent
+        live = LiveBytes()
+        with live:
+            logp, ent = m(ids, px, targets=tgt)
+            (-(logp.sum()) + 0.01 * ent.sum()).backward()
+        d = plan.plan_run("sft", sft_config(B, T, train, ac), cfg, gpus=1, device="cpu")
+        tr = d["phases"]["train"]
+        pred = sum(v for k, v in tr.items() if k.startswith(("activations", "backward transient")))
+        check(f"train step peak V={cfg.vocab_size} B={B} T={T} train={train} ckpt={ac}", live.peak, pred)
+    show()
+
+
+def test_a_wrong_formula_fails(monkeypatch):
+    # the same measurement against formulas that are off: the MLP saving one (mlp_hidden) tensor instead of four
+    # (silu's input, silu's output, up's output, down's input), AdamW with one state, fp32 activations counted as
+    # bf16. Each must fail the 15% check.
+    cfg, B, T, train = tiny_cfg(), 3, 40, (1, 1, 1)
+    torch.manual_seed(0)
+    m = VLM(cfg)
+    got = measure_train(m, cfg, B, T, plan.image_tiles(cfg))
+    right = plan._act_per_token
+
+    def wrong(cfg, e, train, cuda):
+        out = right(cfg, e, train, cuda)
+        out["llm_block"] -= 3 * cfg.mlp_hidden * e
+        return out
+
+    monkeypatch.setattr(plan, "_act_per_token", wrong)
+    d = plan.plan_run("sft", sft_config(B, T, train, False), cfg, gpus=1, device="cpu")
+    with pytest.raises(AssertionError, match="saved activations"):
+        check("wrong formula (MLP saves 1 tensor): saved activations", got["act"], sum(d["activations"].values()))
+    monkeypatch.setattr(plan, "_act_per_token", right)
+    with pytest.raises(AssertionError, match="AdamW"):
+        check("wrong formula (1 state): AdamW state", got["optim"], d["phases"]["train"]["AdamW state (2 x fp32)"] / 2)
+    d = plan.plan_run("sft", sft_config(B, T, train, False), cfg, gpus=1, device="cpu", compute_bytes=2)
+    with pytest.raises(AssertionError, match="saved activations"):
+        check("wrong formula (bf16 bytes): saved activations", got["act"], sum(d["activations"].values()))
+    show()
+
+
+def test_two_processes_fsdp2(tmp_path):
+    """2 gloo processes, FSDP2 (common.apply_fsdp): per-rank shards (rank 0 holds the larger chunks), saved
+    activations, sampler.unsharded's gathered weights and the rollout's KV cache; fp32 and bf16 mixed precision."""
+    cases = [dict(name="fp32 all trained", train=[1, 1, 1], ac=False, B=2, T=40, tiles=3, rollout=[3, 2, 9, 5],
+                  tp=2),
+             dict(name="fp32 connector only, ckpt", train=[0, 1, 0], ac=True, B=2, T=40, tiles=3),
+             dict(name="bf16 mixed precision, ckpt", train=[1, 1, 1], ac=True, B=2, T=40, tiles=3, bf16=True,
+                  rollout=[2, 3, 7, 4])]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PLAN_SPEC=json.dumps({"cases": cases}))
+    out = tmp_path / "measured.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER, str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0 and "PLAN WORKER OK rank 0" in log and "PLAN WORKER OK rank 1" in log, log[-6000:]
+    ranks = json.loads(out.read_text())
+    cfg = tiny_cfg()
+    for case in cases:
+        train, e = tuple(case["train"]), 2 if case.get("bf16") else 4
+        c = dict(sft_config(case["B"], case["T"], train, case["ac"]))
+        d = plan.plan_run("sft", c, cfg, gpus=2, device="cpu", compute_bytes=e)
+        tr = d["phases"]["train"]
+        got = [rk[case["name"]] for rk in ranks]
+        name = case["name"]
+        check(f"FSDP2 {name}: fp32 param shard (rank 0)", got[0]["params"], tr["fp32 master shard"])
+        check(f"FSDP2 {name}: fp32 param shard (rank 1, padded)", got[1]["params"], tr["fp32 master shard"])
+        check(f"FSDP2 {name}: fp32 grad shard (rank 0)", got[0]["grads"], tr["fp32 grad shard"])
+        check(f"FSDP2 {name}: AdamW state (rank 0)", got[0]["optim"], tr["AdamW state (2 x fp32)"])
+        for k in range(2):
+            check(f"FSDP2 {name}: saved activations (rank {k})", got[k]["act"], sum(d["activations"].values()))
+        if case.get("rollout"):
+            P, n, plen, new = case["rollout"]
+            g = dict(prompts_per_step=2 * P, group_size=n, max_new_tokens=[[0, new]], micro_batch=2, val_data="",
+                     train_vit=True, train_connector=True, train_llm=True)
+            dg = plan.plan_run("grpo", g, cfg, gpus=2, device="cpu", compute_bytes=e, prompt_tokens=plen)
+            check(f"FSDP2 {name}: gathered weights (sampler.unsharded)", got[0]["gathered"],
+                  dg["phases"]["rollout"]["gathered weights (full model)"])
+            for k in range(2):
+                check(f"FSDP2 {name}: KV cache (rank {k})", got[k]["cache_bytes"], dg["phases"]["rollout"]["KV cache"])
+        if case.get("tp"):  # tp=2 (tp.py): each rank's 1/2 of the blocks + replicated parts, half the kv heads
+            dt = plan.plan_run("grpo", g, cfg, gpus=2, device="cpu", compute_bytes=e, prompt_tokens=plen, tp=2)
+            for k in range(2):
+                check(f"FSDP2 {name}: tp=2 rollout weights (rank {k})", got[k]["tp_weights"],
+                      dt["phases"]["rollout"]["TP shard + replicated (tp=2)"])
+                check(f"FSDP2 {name}: tp=2 KV cache of the group's {2 * P} prompts (rank {k})",
+                      got[k]["tp_cache_bytes"], dt["phases"]["rollout"]["KV cache"])
+    show()
+
+# -----------------------------------------------------------------------------
+# the real configurations (README table): parameter counts and verdicts
+
+
+def r1v3_38b():
+    # MODELS.md: InternViT-6B-448px-V2.5 (45 layers, RMSNorm, QK-norm) + Qwen2.5-32B, untied, vocab 151674
+    return VLMConfig(image_size=448, patch_size=14, vit_hidden=3200, vit_layers=45, vit_heads=25, vit_mlp=12800,
+                     vit_norm="rms_norm", vit_qk_norm=True, vit_qkv_bias=False, vocab_size=151674, n_embd=5120,
+                     n_layer=64, n_head=40, n_kv_head=8, mlp_hidden=27648, image_token_id=151667)
+
+
+def test_parameter_counts():
+    cfg = r1v3_38b()
+    pi = plan.param_info(cfg)
+    with torch.device("meta"):
+        assert pi["total"] == sum(p.numel() for p in VLM(cfg).parameters())
+    assert round(pi["total"] / 1e9, 2) == 38.39 and abs(pi["llm"] / 1e9 - 32.76) < 0.01
+    assert sum(pi["units"].values()) == pi["total"] and len(pi["units"]) == 64 + 2  # ViT, 64 blocks, root
+    d = plan.plan_run("grpo", plan.script_config("grpo.py", [os.path.join(ROOT, "config", "grpo_r1v3.py")]), cfg,
+                      gpus=8, gpus_per_node=8, gpu_gb=80, tp=8, offload=True)
+    assert "38.39B params" in plan.format_plan(d)
+    path = os.path.join(ROOT, "config", "models", "skywork_r1v3_38b")
+    if os.path.isdir(path):  # the shipped config-only directory builds the same model
+        shipped = load_config(path)[0]
+        assert plan.param_info(shipped)["total"] == pi["total"]
+    # tp=8: 1/8 of every block's attention and MLP, the ViT / embeddings / head replicated
+    blocks = pi["llm"] - 2 * cfg.vocab_size * cfg.n_embd - cfg.n_embd
+    norms = 2 * cfg.n_embd * cfg.n_layer
+    assert plan.tp_numel(cfg, 8) == (blocks - norms) // 8 + norms + pi["total"] - pi["llm"] + \
+        2 * cfg.vocab_size * cfg.n_embd + cfg.n_embd
+
+
+def _grpo_38b(**over):
+    c = plan.script_config("grpo.py", [os.path.join(ROOT, "config", "grpo_r1v3.py")])
+    c.update(over)
+    return c
+
+
+def test_r1v3_verdicts():
+    cfg = r1v3_38b()
+    last = lambda d: plan.format_plan(d).splitlines()[-1]  # noqa: E731
+    fits = re.compile(r"^plan: fits \(peak [\d.]+ GB of [\d.]+ GB per GPU\)$")
+    # 8 x 80 GB, tp=8, offload: fits once a micro-batch is <= 2 sequences of 12k tokens
+    d = plan.plan_run("grpo", _grpo_38b(micro_batch=2), cfg, gpus=8, gpus_per_node=8, gpu_gb=80, tp=8, offload=True)
+    assert d["fits"] and fits.match(last(d)), last(d)
+    assert d["chunks"] > 1  # 32 prompts x 32 samples x 8192 tokens of KV cache: the rollout is chunked
+    # without offload it cannot: the fp32 masters + grads + AdamW state alone are ~72 GB per GPU
+    d = plan.plan_run("grpo", _grpo_38b(micro_batch=2), cfg, gpus=8, gpus_per_node=8, gpu_gb=80, tp=8)
+    assert not d["fits"] and last(d).startswith("plan: does not fit:") and "AdamW" in last(d), last(d)
+    assert "--offload=True" in last(d)
+    # 2 nodes x 8 x 80 GB, no offload: fits with one sequence per micro-batch, by ~0.1 GB: the peak is the ViT's
+    # reduce-scatter (InternViT-6B is ONE FSDP unit: 5.5B bf16 grads + their fp32 reduce-scatter input, ~31 GB)
+    d = plan.plan_run("grpo", _grpo_38b(micro_batch=1), cfg, gpus=16, gpus_per_node=8, gpu_gb=80, tp=8)
+    assert d["fits"] and d["train_stage"] == "ViT reduce-scatter", last(d)
+    # the config as written (micro_batch=4) names the micro-batch as the change
+    d = plan.plan_run("grpo", _grpo_38b(), cfg, gpus=8, gpus_per_node=8, gpu_gb=80, tp=8, offload=True)
+    assert not d["fits"] and "--micro_batch=2" in last(d), last(d)
+    # tp=1 on 80 GB: the gathered bf16 model (77 GB) does not fit beside anything
+    d = plan.plan_run("grpo", _grpo_38b(micro_batch=1), cfg, gpus=8, gpus_per_node=8, gpu_gb=80, offload=True)
+    assert not d["fits"] and "--tp=" in last(d), last(d)
