@@ -80,17 +80,17 @@ def compute_init(seed=1337, timeout_s=600, heartbeat_timeout_s=60):
     else:
         device = torch.device("cpu")
     if ddp and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+        # on a GPU, gloo beside NCCL for CPU tensors: with CPU offload the gradient shards live on the CPU and
+        # clip_grad_norm_ reduces them there (an NCCL-only group refuses CPU tensors: pytorch#148532)
+        dist.init_process_group("cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
         if world_size > 1 and heartbeat_timeout_s and _WATCHDOG is None:
             _start_watchdog(rank, world_size, heartbeat_timeout_s, device)
     elif device.type == "cuda" and not dist.is_initialized():
         # one GPU without torchrun: a one-process group, so training runs FSDP2 all the same (bf16 compute, fp32
         # masters, bf16 weights gathered for rollouts): one path for one GPU and for many
-        with socket.socket() as sk:
-            sk.bind(("127.0.0.1", 0))
-            port = sk.getsockname()[1]
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+        dist.init_process_group("cuda:nccl,cpu:gloo", store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timedelta(seconds=timeout_s), device_id=device)
     # same seed on every rank: identical model init; callers shard the data by rank
     torch.manual_seed(seed)
@@ -129,6 +129,16 @@ def _all_reduce_scalar(x, op):
     dist.all_reduce(t, op=op)
     v = t.item()
     return type(x)(v) if type(x) in (bool, int, float) else v
+
+
+def all_reduce_sum(*xs):
+    """Collective: the sums over the ranks of a few numbers (float64: token counts stay exact), as a list."""
+    if not dist.is_initialized():
+        return [float(x) for x in xs]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(x) for x in xs], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def agree(flag):
@@ -238,9 +248,10 @@ def _excepthook(tp, value, tb):
 def _thread_excepthook(args):
     _PREV_HOOKS[1](args)
     wd = _WATCHDOG
-    if wd is not None and os.getpid() == wd.pid and args.exc_type is not SystemExit:
-        # the main thread may wait forever on what this thread was to deliver: the whole run stops
-        name = args.thread.name if args.thread is not None else "?"
+    name = args.thread.name if args.thread is not None else "?"
+    if wd is not None and os.getpid() == wd.pid and args.exc_type is not SystemExit and name.startswith("nanor1v"):
+        # one of ours (the main thread may wait forever on what it was to deliver): the whole run stops. A library's
+        # thread (wandb, a progress bar) failing is reported above and leaves the run alone
         wd.report(f"{args.exc_type.__name__} in thread {name}: {args.exc_value}{_where(args.exc_traceback)}")
         _exit_now(1)
 
@@ -483,8 +494,9 @@ def apply_activation_checkpointing(model):
 
 
 def apply_fsdp(model, param_dtype=None, reduce_dtype=torch.float32, reshard_after_forward=True, offload=False):
-    """FSDP2 (torchtitan idiom): the ViT as one unit, each LLM block as a unit, then the root
-    (connector, embeddings, final norm, lm_head; a tied lm_head.weight stays wte.weight).
+    """FSDP2 (torchtitan idiom): each ViT block as a unit, then model.vit (what is left of the ViT: patch
+    embedding, cls, positions, final norm), each LLM block as a unit, then the root (connector, embeddings, final
+    norm, lm_head; a tied lm_head.weight stays wte.weight).
     bf16 compute + fp32 gradient reduction when param_dtype=torch.bfloat16. Units may mix frozen and
     trainable params (FSDP2 reduce-scatters only gradients that exist). Works on a model built on the meta
     device (then to_empty() and fill it, as build_model does). offload=True: CPUOffloadPolicy, the fp32 shards,
@@ -500,7 +512,10 @@ def apply_fsdp(model, param_dtype=None, reduce_dtype=torch.float32, reshard_afte
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     if offload:  # pinned host memory only exists with CUDA
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-    # the ViT is small next to the LLM: one all-gather for the whole tower
+    # a unit per ViT block too: as one unit, InternViT-6B (5.5B params) would hold its whole gathered bf16 weights,
+    # bf16 grads and fp32 reduce-scatter input at once in backward (~31 GB per GPU, the peak of a 38B run)
+    for block in _vit_blocks(model):
+        fully_shard(block, **kw)
     fully_shard(model.vit, **kw)
     for block in model.llm.blocks:
         fully_shard(block, **kw)
@@ -509,7 +524,8 @@ def apply_fsdp(model, param_dtype=None, reduce_dtype=torch.float32, reshard_afte
 
 # -----------------------------------------------------------------------------
 # checkpoints: out_dir/ckpt_{step:07d}/ = DCP shards (model + optimizer) + state.json + model_config.json
-# + rank{r}.pt (that rank's RNG state and rank-local training state), written under .tmp_ckpt_{step:07d}/ and renamed into place only when complete.
+# + rank{r}.pt (that rank's RNG state and rank-local training state), written under .tmp_ckpt_{step:07d}/ and renamed
+# into place only when complete.
 
 _CKPT_RE = re.compile(r"^ckpt_(\d{7,})$")
 
@@ -627,8 +643,11 @@ def load_checkpoint(path, model, optimizer=None):
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
     rng_path = os.path.join(path, f"rank{_rank()}.pt")
+    if not os.path.isfile(rng_path) and os.path.isfile(os.path.join(path, f"rng_rank{_rank()}.pt")):
+        rng_path = os.path.join(path, f"rng_rank{_rank()}.pt")  # written before session 4: the RNG state alone
     if os.path.isfile(rng_path):
         saved = torch.load(rng_path, weights_only=False)  # our own file; numpy state needs pickle
+        saved = saved if "rng" in saved else {"rng": saved, "state": None}
         _set_rng_state(saved["rng"])
         if saved["state"] is not None:
             meta["state"]["rank"] = saved["state"]
@@ -743,11 +762,11 @@ def build_model(init_from, tok, device, *, resume_path=None, scratch=None, fsdp=
     Without FSDP (one process): the model in fp32 on `device`, as VLM.from_pretrained loads it.
     With FSDP, an HF directory is never held whole by any rank: the model is built on the meta device, frozen,
     activation-checkpointed, sharded (apply_fsdp: param_dtype for compute, offload -> CPUOffloadPolicy) and
-    allocated (to_empty: fp32 masters, only this rank's shard); then rank 0 reads one FSDP unit at a time (the ViT,
-    each LLM block, the root) through the checked key map and set_model_state_dict broadcasts it into every rank's
-    shard. Peak host memory: rank 0 one unit in the checkpoint's dtype, every rank its shard; device: shard + one
-    tensor. A bad checkpoint (missing / unexpected / mis-shaped tensor) is found on rank 0 before anything is read
-    and raises on every rank, naming the tensor."""
+    allocated (to_empty: fp32 masters, only this rank's shard); then rank 0 reads one FSDP unit at a time (each
+    ViT block, the rest of the ViT, each LLM block, the root) through the checked key map and set_model_state_dict
+    broadcasts it into every rank's shard. Peak host memory: rank 0 one unit in the checkpoint's dtype, every rank
+    its shard; device: shard + one tensor. A bad checkpoint (missing / unexpected / mis-shaped tensor) is found on
+    rank 0 before anything is read and raises on every rank, naming the tensor."""
     from model import VLM, VLMConfig, config_from_dict, load_config
     device = torch.device(device)
     if offload and not fsdp:
@@ -810,7 +829,7 @@ def build_model(init_from, tok, device, *, resume_path=None, scratch=None, fsdp=
 
 def _fsdp_units(model):
     """Parameter names grouped by FSDP unit, in module order: every fully_shard-ed module owns its parameters
-    except those of the units inside it (apply_fsdp: the ViT, each LLM block, then the root)."""
+    except those of the units inside it (apply_fsdp: each ViT block, the rest of the ViT, each LLM block, the root)."""
     owners = [prefix for prefix, m in model.named_modules() if isinstance(m, FSDPModule)] or [""]
     units = {}
     for name, _ in model.named_parameters():  # a tied lm_head is wte's parameter: listed once

@@ -369,7 +369,8 @@ def markdown(rows, corr, sel, threshold, title):
         name = f"**{r['ckpt']}** (selected)" if i == sel["index"] else r["ckpt"]
         se = r.get("accuracy_se")
         lines.append(f"| {name} | {_f(r['step'], '{}')} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f} "
-                     f"| {_f(None if se is None else 100 * se, '{:.1f}')} | {_f(r['critical_entropy'])} | {_f(r['critical_entropy_per_response'])} "
+                     f"| {_f(None if se is None else 100 * se, '{:.1f}')} | {_f(r['critical_entropy'])} "
+                     f"| {_f(r['critical_entropy_per_response'])} "
                      f"| {r['critical_count']} | {_f(r['mean_entropy'])} | {_f(r['high_entropy_share'], '{:.1%}')} |")
     c = corr["critical_entropy"]
     ci = "-" if c.get("pearson_ci") is None else "[{:.3f}, {:.3f}]".format(*c["pearson_ci"])

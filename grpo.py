@@ -19,11 +19,12 @@ One step, top to bottom in the loop below (the defaults reproduce R1V3):
      own log-probs, detached, so the ratio is exactly 1 (verl's and TRL's on-policy paths do the same).
   4. log one line, dump a few groups for viewer.py, validate, checkpoint.
 Options, off by default (each a function in rl.py citing its paper, or a line in the loop): clip-higher eps_high
-(DAPO); dual-clip clip_ratio_c; loss_agg 'token_mean' (DAPO, OR1) or 'seq_sum_const' (Dr.GRPO, with std_norm=False);
-kl_coef (k3 KL to the initial policy); entropy_coef, entropy_target (OR1 adaptive entropy control); dynamic_sampling
-and drop_zero_adv (DAPO, OR1: groups filtered on accuracy); buffer_frac (R1V2 Selective Sample Buffer);
-truncated_zero (OR1); overlong_buffer (DAPO soft overlong punishment); ppo_epochs / mini_batches > 1 (off-policy:
-a separate pass computes pi_old); train_vit / train_connector / train_llm (R1V3 5.2); a response-length schedule.
+(DAPO); dual-clip clip_ratio_c (on, c = 3: it only bites off-policy); loss_agg 'token_mean' (DAPO, OR1) or
+'seq_sum_const' (Dr.GRPO, with std_norm=False); kl_coef (k3 KL to the initial policy); entropy_coef, entropy_target
+(OR1 adaptive entropy control); dynamic_sampling and drop_zero_adv (DAPO, OR1: groups filtered on accuracy);
+buffer_frac (R1V2 Selective Sample Buffer); truncated_zero (OR1); overlong_buffer (DAPO soft overlong punishment);
+ppo_epochs / mini_batches > 1 (off-policy: a separate pass computes pi_old); train_vit / train_connector / train_llm
+(R1V3 5.2); a response-length schedule.
 Simplifications: no value model, no LLM judge (rewards.score takes a `judge` hook), no sequence packing (micro-batches
 are length-sorted), no asynchronous rollouts.
 """
@@ -34,9 +35,9 @@ import time
 
 import torch
 
-from common import (agree, agree_max, agree_min, autocast_ctx, build_model, check_disk, checkpoint_bytes,
-                    compute_cleanup, compute_init, ensure_synth_data, export_hf, get_lr, latest_checkpoint,
-                    load_checkpoint, load_tokenizer, log_jsonl, print0, save_checkpoint)
+from common import (agree, agree_max, agree_min, all_reduce_sum, autocast_ctx, build_model, check_disk,
+                    checkpoint_bytes, compute_cleanup, compute_init, ensure_synth_data, export_hf, get_lr,
+                    latest_checkpoint, load_checkpoint, load_tokenizer, log_jsonl, print0, save_checkpoint)
 from configurator import configure
 from data.common import critical_token_ids, encode_prompt, load_jsonl, prompt_length, token_pieces
 from rl import (EntropyControl, SampleBuffer, agg_loss, dynamic_sampling_rounds, group_advantages, informative_groups,
@@ -172,6 +173,9 @@ print0(f"model: {n_params:,} params, {n_train:,} trainable (vit={train_vit}, con
 # decoded per rollout, for this rank's prompts only
 items = load_jsonl(data, skip_bad=skip_bad)
 longest = max(length for _, length in max_new_tokens)
+if len(items) < prompts_per_step or min(start for start, _ in max_new_tokens) != 0:
+    raise ValueError(f"{data}: {len(items)} prompts for prompts_per_step={prompts_per_step}, max_new_tokens="
+                     f"{max_new_tokens}: need at least prompts_per_step prompts and a schedule starting at step 0")
 for s in items:
     if prompt_length(tok, s, cfg, think, system_prompt or None) + longest > cfg.max_position_embeddings:
         raise ValueError(f"{s['src']}: prompt + {longest} new tokens exceeds the model's context "
@@ -218,13 +222,6 @@ def length_at(step):
     return [length for start, length in sorted(max_new_tokens) if step >= start][-1]
 
 
-def all_reduce_sum(*xs):
-    t = torch.tensor([float(x) for x in xs], dtype=torch.float64, device=device)
-    if ddp:
-        torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
 def take(d, rows):
     """Rows of a batch dict: tensors indexed, lists picked."""
     rows = torch.as_tensor(rows, dtype=torch.long)
@@ -244,9 +241,15 @@ def rollout_round(policy, idx, seeds, max_new, budget):
     mine = slice(0, len(idx))
     if tp > 1:
         idx, seeds, mine = tp_union(tp_pg, idx, seeds)
-    out, texts, scores, prompts = rollout(policy, tok, [items[i] for i in idx], group_size, max_new, seeds,
-                                          think=think, system=system_prompt or None, temperature=temperature,
-                                          top_p=top_p, budget=budget, score_kw=score_kw)
+    err = None
+    try:
+        out, texts, scores, prompts = rollout(policy, tok, [items[i] for i in idx], group_size, max_new, seeds,
+                                              think=think, system=system_prompt or None, temperature=temperature,
+                                              top_p=top_p, budget=budget, score_kw=score_kw, cuda_graph=cuda_graph)
+    except MemoryError as e:  # the budget is agreed, but each rank's prompts are its own: refuse together
+        err = e
+    if agree(err is not None):
+        raise err or MemoryError("grpo.py: another rank's rollout does not fit the agreed memory budget (its error)")
     if tp > 1:
         check_same(tp_pg, out.tokens)  # every rank of the group drew the same tokens
     step_prompts.update(zip(idx[mine], prompts[mine]))
@@ -289,9 +292,9 @@ def make_batch(prompt, tokens, logp, length):
     """Training sequences = prompt + response, right-padded: ids (N, T); mask (N, T) = 1 where position t predicts a
     response token; old (N, T) the sampler's log-prob of that token at the same position."""
     ids_p = [prompt_of(i)[0] for i in prompt.tolist()]
-    T = max(len(p) + int(L) for p, L in zip(ids_p, length))
+    T = max((len(p) + int(L) for p, L in zip(ids_p, length)), default=1)
     N = len(ids_p)
-    ids, mask, old = torch.zeros(N, T, dtype=torch.long), torch.zeros(N, T), torch.zeros(N, T)
+    ids, mask, old = torch.zeros(N, T, dtype=torch.long), torch.zeros(N, T), torch.zeros(N, T)  # N may be 0
     for b, (p, L) in enumerate(zip(ids_p, length.tolist())):
         ids[b, :len(p)], ids[b, len(p):len(p) + L] = torch.tensor(p), tokens[b, :L]
         mask[b, len(p) - 1:len(p) - 1 + L], old[b, len(p) - 1:len(p) - 1 + L] = 1, logp[b, :L]
@@ -300,7 +303,7 @@ def make_batch(prompt, tokens, logp, length):
 
 def micro_batches(batch, rows):
     """Rows sorted by length (less padding), micro_batch at a time; every rank runs the same number of forwards
-    (FSDP): a rank with fewer gets None, a one-token pass with zero weight."""
+    (FSDP): a rank with fewer gets None (forward's one-token pass, weight 0)."""
     rows = sorted(rows, key=lambda r: int(batch["mask"][r].sum()))
     mbs = [rows[k:k + micro_batch] for k in range(0, len(rows), micro_batch)]
     return mbs + [None] * (agree_max(len(mbs)) - len(mbs))
@@ -308,13 +311,15 @@ def micro_batches(batch, rows):
 
 def forward(m, batch, rows):
     """(logp, entropy, mask) of the rows' response tokens under m: (b, T) each, T trimmed to the longest row."""
-    if rows is None:
-        ids, mask, pix = torch.zeros(1, 1, dtype=torch.long, device=device), torch.zeros(1, 1, device=device), None
-    else:
-        T = int(max(batch["mask"][r].nonzero().max() for r in rows)) + 2
-        ids, mask = batch["ids"][rows, :T].to(device), batch["mask"][rows, :T].to(device)
-        pix = [prompt_of(i)[1] for i in batch["prompt"][rows].tolist()]
-        pix = torch.cat([p for p in pix if p is not None]).to(device) if any(p is not None for p in pix) else None
+    if rows is None:  # a one-token pass (weight 0): its graph reaches every FSDP unit, so the collectives match
+        ids, mask = torch.zeros(1, 1, dtype=torch.long, device=device), torch.zeros(1, 1, device=device)
+        with autocast_ctx(device):
+            logp, ent = m(ids, None, targets=ids, dummy_vision=ddp)
+        return logp, ent, mask
+    T = int(max(batch["mask"][r].nonzero().max() for r in rows)) + 2
+    ids, mask = batch["ids"][rows, :T].to(device), batch["mask"][rows, :T].to(device)
+    pix = [prompt_of(i)[1] for i in batch["prompt"][rows].tolist()]
+    pix = torch.cat([p for p in pix if p is not None]).to(device) if any(p is not None for p in pix) else None
     with autocast_ctx(device):  # lm_head only at the response positions
         logp, ent = m(ids, pix, targets=torch.roll(ids, -1, 1), target_mask=mask, dummy_vision=ddp)
     return logp, ent, mask
@@ -415,7 +420,8 @@ while step < max_steps:
             draw(0)
             kept, n_rounds = [(0, g) for g in range(want)], 1
     seen = cat(rounds)  # every rollout of the step, for the logs
-    fresh = cat([take(rounds[r], range(g * group_size, (g + 1) * group_size)) for r, g in kept])
+    fresh = cat([take(rounds[r], range(g * group_size, (g + 1) * group_size)) for r, g in kept]) if kept else \
+        take(rounds[0], [])  # this rank found no informative group
     t_rollout = time.time() - t0
 
     # 2. advantages per group (groups never straddle ranks: each rank rolls out whole groups), then the data options
@@ -424,6 +430,7 @@ while step < max_steps:
     if drop_zero_adv:  # OR1: only groups whose accuracy (or reward) varies carry a useful gradient
         fresh = take(fresh, informative_groups(fresh[group_filter], group_size).repeat_interleave(group_size)
                      .nonzero()[:, 0])
+    n_groups = len(fresh["prompt"]) // group_size  # the groups trained on
     train = {k: fresh[k] for k in ("prompt", "tokens", "logp", "length", "adv", "row")}
     if buffer_frac > 0:  # R1V2 Selective Sample Buffer
         train = mix_in_buffer(train, step)
@@ -445,8 +452,12 @@ while step < max_steps:
     # 4. PPO update: ppo_epochs x mini_batches optimizer steps (1 x 1 = on-policy), each over the micro-batches
     t0 = time.time()
     n_rows, stats, skipped, n_opt = len(batch["prompt"]), dict(loss=0.0, clip=0.0, kl=0.0, gnorm=0.0), 0, 0
-    train_logp = torch.zeros_like(mask)  # the trainer's log-probs in the first pass: mismatch, dumps
-    for epoch_i in range(ppo_epochs):
+    train_logp = torch.zeros_like(mask) if on_policy else old_logp.clone()  # the trainer's: mismatch, dumps
+    n_passes = ppo_epochs if agree_max(n_rows) > 0 else 0
+    if not n_passes:
+        print0(f"step {step + 1}: no informative samples on any rank: update skipped")
+        skipped = 1
+    for epoch_i in range(n_passes):
         perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + step * 100 + epoch_i)).tolist() \
             if mini_batches > 1 else list(range(n_rows))
         for k in range(mini_batches):
@@ -472,7 +483,7 @@ while step < max_steps:
                     w = float(m.sum())
                     loss_sum, clip, kl, nt = loss_sum + loss.item(), clip + st["clip_frac"].item() * w, \
                         kl + st["approx_kl"].item() * w, nt + w
-                    if n_opt == 0:
+                    if on_policy:
                         train_logp[mb, :logp.shape[1]] = logp.detach().float().cpu()
             gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
             gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
@@ -498,7 +509,8 @@ while step < max_steps:
     sums = dict(n=len(seen["prompt"]), reward=seen["reward"].sum(), accuracy=seen["accuracy"].sum(),
                 format=seen["format"].sum(), resp_len=seen["length"].sum(), truncated=seen["truncated"].sum(),
                 timeouts=seen["timeout"].sum(), all_correct=(acc_g.min(1).values == 1).sum(),
-                all_wrong=(acc_g.max(1).values == 0).sum(), kept=len(kept), train_rows=len(batch["prompt"]),
+                all_wrong=(acc_g.max(1).values == 0).sum(), kept=len(kept), trained=n_groups,
+                train_rows=len(batch["prompt"]),
                 buffer_rows=from_buffer.sum(), crit_sum=seen["ent"][crit].sum(), crit_n=crit.sum(),
                 mis_sum=diff.sum(), mis_n=diff.numel())
     t = dict(zip(sums, all_reduce_sum(*sums.values())))  # over all ranks
@@ -513,7 +525,7 @@ while step < max_steps:
           "entropy_coef": ent_coef, "verifier_timeouts": int(t["timeouts"]),
           "logp_mismatch": agree_max(float(diff.max()) if diff.numel() else 0.0),
           "logp_mismatch_mean": t["mis_sum"] / max(t["mis_n"], 1), "sample_rounds": n_rounds,
-          "groups_kept": t["kept"] / G, "groups_trained": int(t["kept"]), "train_rows": int(t["train_rows"]),
+          "groups_kept": t["trained"] / G, "groups_trained": int(t["trained"]), "train_rows": int(t["train_rows"]),
           "buffer_rows": int(t["buffer_rows"]), "skipped": skipped, "t_rollout": t_rollout, "t_logp": t_logp,
           "t_update": t_update, "t_step": time.time() - t_step,
           "rollout_tok_per_s": t["resp_len"] / max(t_rollout, 1e-9)}

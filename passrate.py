@@ -51,17 +51,17 @@ if __name__ == "__main__":
     model, tok, path = load_inference_model(ckpt, device, dtype, tokenizer=tokenizer)
     rows = evaluate(model, tok, items, n, temperature, max_new_tokens, "think" if think else "nothink", seed,
                     batch_prompts, system_prompt or None, top_p, tokens=False)
-    solved = Counter()
-    for r in rows:
-        solved[r["id"]] += r["correct"]
+    solved = Counter()  # by the item's position (rows come k per item, in order): ids need not be unique
+    for i, r in enumerate(rows):
+        solved[i // n] += r["correct"]
     out_path = out or os.path.splitext(data)[0] + "_passrate.jsonl"
     same_dir = os.path.dirname(os.path.abspath(out_path)) == os.path.dirname(os.path.abspath(data))
     with open(data, encoding="utf-8") as f:
         lines = f.read().splitlines()
     kept = 0
     with open(out_path, "w") as f:
-        for s in items:
-            c = solved[s["id"]]
+        for j, s in enumerate(items):
+            c = solved[j]
             if 0 < c < n:  # informative: GRPO's group for it would have non-zero advantages
                 rec = json.loads(lines[int(s["src"].rsplit(":", 1)[1]) - 1])
                 if not same_dir and s["images"]:  # elsewhere, the relative image paths would not resolve
@@ -69,11 +69,11 @@ if __name__ == "__main__":
                     rec["images"] = s["images"]  # absolute (load_jsonl made them so)
                 f.write(json.dumps(dict(rec, pass_count=c, pass_n=n)) + "\n")
                 kept += 1
-    hist = Counter(solved[s["id"]] for s in items)
+    hist = Counter(solved[j] for j in range(len(items)))
     report = {"ckpt": path, "data": data, "n": n, "prompts": len(items), "kept": kept,
               "dropped_unsolved": hist[0], "dropped_always_solved": hist[n],
               "histogram": {str(k): hist[k] for k in range(n + 1)},
-              "counts": {s["id"]: solved[s["id"]] for s in items}, "config": config}
+              "counts": {s["src"]: solved[j] for j, s in enumerate(items)}, "config": config}
     counts_path = os.path.splitext(out_path)[0] + "_counts.json"
     with open(counts_path, "w") as f:
         json.dump(report, f, indent=1)

@@ -2,29 +2,33 @@
 Memory plan (and a step-time estimate) for sft.py, grpo.py and connector_tune.py, before anything is allocated:
 issue #11 item 7 and issue #12 "Offload and memory". The model is built on the meta device (no weights, no GPU)
 to count its parameters per FSDP unit, per tower and per tensor-parallel shard; everything else is arithmetic on
-the run's config, in the layout design.md fixes (FSDP units, mixed precision, gathered or TP rollouts, the KV-cache
-formula, offload).
+the run's config, in the layout README "Real scale" describes (FSDP units, mixed precision, gathered or TP
+rollouts, the KV-cache formula, offload).
 
     import plan
     d = plan.plan_run("grpo", config, model_cfg, gpus=8, gpus_per_node=8, gpu_gb=80, tp=8, offload=True)
     print(plan.format_plan(d))   # a table per GPU and per phase; its LAST line is the verdict:
-    #   plan: fits (peak 74.0 GB of 80 GB per GPU)   |   plan: does not fit: <phase, biggest term, what to change>
+    #   plan: fits (peak 74.0 GB of 79.6 GB per GPU)   |   plan: does not fit: <phase, biggest term, what to change>
     plan.print_plan("grpo", config)   # what --plan=True prints: plan_gpus / plan_gpus_per_node / plan_gpu_gb / tp /
                                       # offload / plan_prompt_tokens read from config, the model from init_from
 
     python plan.py grpo.py config/grpo_r1v3.py --init_from=config/models/skywork_r1v3_38b \
         --plan_gpus=8 --plan_gpus_per_node=8 --plan_gpu_gb=80 --tp=8 --offload=True
 
-GB is 2^30 bytes. Every term is per GPU, for the most loaded rank (rank 0 holds the largest FSDP dim-0 chunk of
-every parameter), and models named code:
+GB is 2^30 bytes. The capacity a plan compares against is what a GPU sold as plan_gpu_gb GB really holds (GPU_MIB:
+an H100 "80 GB" holds 79.6 GB, an H200 "141 GB" 140.4 GB; plan_gpu_gb itself for a size not in the table). Every term
+is per GPU, for the most loaded rank (rank 0 holds the largest FSDP dim-0 chunk of every parameter), and models named
+code:
   fp32 master shard   common.apply_fsdp: FSDP2 shards each parameter on dim 0 (storage padded to ceil(dim0/W) rows),
                       fp32; offload=True (CPUOffloadPolicy) keeps it, the grads and AdamW in host RAM instead.
   fp32 grad shard     the reduce-scattered fp32 gradient of each trainable parameter (same padded chunk).
   AdamW state         exp_avg + exp_avg_sq in fp32 per trainable shard + a 4-byte step per tensor; on a GPU the
                       foreach step adds one fp32 temporary per shard (the optimizer-step peak).
-  gathered units      FSDP2 gathers a unit in the compute dtype (bf16 on a GPU): the root (wte, lm_head, final norm,
-                      connector) for all of forward and backward, a block + the prefetched next one; in backward a
-                      unit's bf16 grads, then its fp32 reduce-scatter input (reduce_dtype) and output shard.
+  gathered units      FSDP2 gathers a unit in the compute dtype (bf16 on a GPU). The units (common.apply_fsdp): each
+                      ViT block, the rest of the ViT, each LLM block, the root (wte, lm_head, final norm, connector;
+                      gathered for all of forward and backward). In backward a block + the prefetched next one, the
+                      block's bf16 grads, then its fp32 reduce-scatter input (reduce_dtype, kept until the next
+                      unit's post-backward) and output shard.
   activations         what autograd saves in one micro-batch's forward, op by op (_act_per_token: model.py's RMSNorm,
                       Attention/SDPA, MLP, ViTBlock, Connector, rope_cos_sin, token_logprobs' checkpointed chunks and
                       their fp32 copy of lm_head), with and without common.apply_activation_checkpointing.
@@ -38,16 +42,20 @@ every parameter), and models named code:
   decode buffers      sampler.sample_next over (rows, vocab), fp32 logits included: 28 bytes per row per vocab entry
                       when sampling at temperature 1 (16 greedy, 53 with top-p), + the outputs and uniforms
                       (sampler.decode, draw_uniforms): 20 bytes per row per new token.
-  prefill transient   one sampler.prefill sub-batch (<= 16384 padded tokens): an LLM layer's MLP, or the ViT's.
+  prefill transient   one sampler.prefill sub-batch (<= 16384 padded tokens): an LLM layer's MLP, or the ViT's; at
+                      tp=K, if larger, the TP model's build (tp.tp_model_from, unit by unit): the last LLM block's
+                      all-gather buffer + its gathered parameters, beside the TP model less that block's 1/K.
 The rollout is split into the fewest chunks of prompts whose cache + buffers fit beside the resident states and
 weights (the sampler chunks by its budget, sampler.fit_chunks); the plan reports how many.
 
 Measured on the CPU (tests/test_plan.py, one process and 2 FSDP2 gloo processes, fp32 and bf16 mixed precision):
 the states, the saved activations (checkpointing on/off, frozen towers, RMSNorm/QK-norm variants), the KV cache,
-sampler.unsharded's gathered weights, the decode and log-prob buffers and the training-step peak, all within a few %
-(the test bound is 15%). Not verified on a GPU (none was available): CUDA autocast's fp32 LayerNorm, flash attention
-saving q, k, v, out and the log-sum-exp, the FSDP2 gather/reduce-scatter buffers (sized from its source, not
-measured), allocator fragmentation (FRAG) and the CUDA/NCCL overhead (OVERHEAD_GB), and the step-time model.
+sampler.unsharded's gathered weights, the decode and log-prob buffers, the training-step peak (one process, and under
+FSDP2 with its gathered units, their grads and reduce-scatter buffers, at each of the log-prob / LLM block / ViT block
+moments) and the TP build's peak, all within a few % (the test bound is 15%). Not verified on a GPU (none was
+available): CUDA autocast's fp32 LayerNorm, flash attention saving q, k, v, out and the log-sum-exp, FSDP2's
+gather/reduce-scatter buffers on NCCL's separate streams (the CPU runs them in order; gloo's own copies are not
+counted), allocator fragmentation (FRAG) and the CUDA/NCCL overhead (OVERHEAD_GB), and the step-time model.
 """
 import dataclasses
 import functools
@@ -73,6 +81,24 @@ PCIE = 25e9  # host <-> GPU bytes/s per GPU (offload traffic)
 HOST_ADAM = 50e9  # bytes/s of CPU AdamW per node (offload: the step runs on the host)
 
 OVERHEAD_GB = 2.0  # CUDA context, NCCL buffers, cuBLAS workspaces: not tensors, always there
+
+# What a GPU sold as N GB really holds: its total as nvidia-smi / NVML report it, in MiB. The nominal size is neither
+# GB nor GiB (an H100 "80 GB" is 79.65 GiB, an H200 "141 GB" 140.4 GiB, an A100 80GB exactly 80 GiB). Totals reported
+# by Modal across its fleet (modal-labs/modal-client#2797; thundergolfer.com/blog/nvidia-gpu-memory-capacity): H200
+# 143771, H100 81559, A100 80GB 81920, A100 40GB 40960, L40S 46068, A10 23028, L4 23034, T4 15360; H100 NVL (94 GB):
+# NVML's 99961274368 bytes (fastfetch-cli/fastfetch#1658). Where cards share a nominal size the smaller counts (80: the
+# H100's, 24: the A10's). Another size (--plan_gpu_gb=100) is taken as GiB.
+GPU_MIB = {16: 15360, 24: 23028, 40: 40960, 48: 46068, 80: 81559, 94: 99961274368 / 2**20, 141: 143771}
+GPU_NAMES = {16: "T4", 24: "A10", 40: "A100 40GB", 48: "L40S", 80: "H100", 94: "H100 NVL", 141: "H200"}
+
+
+def gpu_capacity(gpu_gb):
+    """(GB = 2^30 bytes, how it was found) the plan compares against for a GPU sold as gpu_gb GB (GPU_MIB), else
+    gpu_gb itself as GiB."""
+    n = round(gpu_gb)
+    if abs(gpu_gb - n) < 1e-6 and n in GPU_MIB:
+        return GPU_MIB[n] / 1024, f"{n} GB ({GPU_NAMES[n]}): {GPU_MIB[n]:.0f} MiB as nvidia-smi reports it"
+    return float(gpu_gb), f"{gpu_gb:g} GB taken as {gpu_gb:g} GiB (not a nominal size in plan.GPU_MIB)"
 FRAG = 0.05  # caching-allocator fragmentation on top of the live tensors
 LOGP_CHUNK = 1024  # model.token_logprobs: tokens per chunk
 LOGP_BUFS = 5  # (chunk x vocab) fp32 buffers alive at once in a chunk's backward (measured, tests/test_plan.py)
@@ -80,7 +106,7 @@ LOGP_BUFS = 5  # (chunk x vocab) fp32 buffers alive at once in a chunk's backwar
 # -----------------------------------------------------------------------------
 # parameters: the model on meta, per FSDP unit, per tower, per TP shard
 
-# tensor-parallel split of an LLM block (design.md): q/k/v and gate/up by output rows, o and down by input columns
+# tensor-parallel split of an LLM block (tp.py): q/k/v and gate/up by output rows, o and down by input columns
 _TP_DIM = {"attn.q_proj.weight": 0, "attn.q_proj.bias": 0, "attn.k_proj.weight": 0, "attn.k_proj.bias": 0,
            "attn.v_proj.weight": 0, "attn.v_proj.bias": 0, "attn.o_proj.weight": 1,
            "mlp.gate_proj.weight": 0, "mlp.up_proj.weight": 0, "mlp.down_proj.weight": 1}
@@ -92,28 +118,43 @@ def _cfg_key(cfg):
 
 @functools.lru_cache(maxsize=32)
 def _params(key):
+    from common import _vit_blocks
     from model import VLM, VLMConfig
     cfg = VLMConfig(**dict(key))
     with torch.device("meta"):
         m = VLM(cfg)
+    # common.apply_fsdp's units: each ViT block, model.vit (the rest of the ViT: patch embedding, cls, positions,
+    # final norm), each LLM block, the root (everything else). A parameter belongs to the innermost unit holding it.
+    vit_blocks, llm_blocks = {id(b) for b in _vit_blocks(m)}, {id(b) for b in m.llm.blocks}
+    owners = [prefix for prefix, mod in m.named_modules() if id(mod) in vit_blocks or id(mod) in llm_blocks]
+    owners.append("vit")
     rows = []
     for name, p in m.named_parameters():  # a tied lm_head is wte's parameter: listed once
         parts = name.split(".")
-        unit = "vit" if parts[0] == "vit" else (".".join(parts[:3]) if parts[:2] == ["llm", "blocks"] else "root")
-        tp_dim = _TP_DIM.get(".".join(parts[3:])) if unit != "root" and unit != "vit" else None
+        unit = max((o for o in owners if name.startswith(o + ".")), key=len, default="root")
+        tp_dim = _TP_DIM.get(".".join(parts[3:])) if unit.startswith("llm.blocks.") else None
         rows.append((name, tuple(p.shape), unit, parts[0], tp_dim))
     return rows
 
 
-def param_info(cfg):
-    """Parameter counts of the model `cfg` (built on meta): total, per tower, per FSDP unit."""
+def unit_kind(unit):
+    """'vit block' | 'vit' (the rest of the ViT) | 'llm block' | 'root' for a unit name of param_info's units."""
+    if unit in ("vit", "root"):
+        return unit
+    return "llm block" if unit.startswith("llm.blocks.") else "vit block"
+
+
+def param_info(cfg, towers=None):
+    """Parameter counts of the model `cfg` (built on meta): total, per tower, per FSDP unit (units: {unit: numel},
+    in module order; units_trainable: the same restricted to the parameters of `towers`, default all)."""
     rows = _params(_cfg_key(cfg))
     n = lambda sel: sum(math.prod(s) for _, s, u, t, _ in rows if sel(u, t))  # noqa: E731
-    units = {}
-    for _, s, u, _, _ in rows:
+    units, units_tr = {}, {}
+    for _, s, u, t, _ in rows:
         units[u] = units.get(u, 0) + math.prod(s)
+        units_tr[u] = units_tr.get(u, 0) + (math.prod(s) if towers is None or t in towers else 0)
     return dict(total=n(lambda u, t: True), vit=n(lambda u, t: t == "vit"), connector=n(lambda u, t: t == "connector"),
-                llm=n(lambda u, t: t == "llm"), units=units)
+                llm=n(lambda u, t: t == "llm"), units=units, units_trainable=units_tr)
 
 
 def _shard_numel(shape, world):
@@ -335,7 +376,7 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
     nodes = -(-W // gpn)
     cuda = device == "cuda"
     e = compute_bytes or (2 if cuda else 4)  # compute dtype: bf16 on a GPU (FSDP2 param_dtype + autocast), else fp32
-    fsdp = cuda or W > 1  # on a GPU even one process runs FSDP2 (design.md); on the CPU one process is plain
+    fsdp = cuda or W > 1  # on a GPU even one process runs FSDP2 (common.compute_init); on the CPU one process is plain
     train = (c.get("train_vit", True), c.get("train_connector", True), c.get("train_llm", True))
     towers = [t for t, on in zip(("vit", "connector", "llm"), train) if on]
     ac = bool(c.get("activation_checkpointing", False))
@@ -356,33 +397,55 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
     adam = 2 * sh_train + 4 * n_tensors(cfg, towers)
     ref = (shard_numel(cfg, W) * 4 if fsdp else N * 4) if script == "grpo" and c.get("kl_coef", 0) > 0 else 0
     on_gpu = 0 if offload else 1
-    units = {u: n for u, n in pi["units"].items()}
-    root = units["root"]
+    pi_tr = param_info(cfg, tuple(towers))
+    units, units_tr = pi["units"], pi_tr["units_trainable"]
 
-    # FSDP2 units in the compute dtype (e): the root (wte, lm_head, final norm, connector) stays gathered through
-    # forward and backward (FSDP2 never reshards the root after forward); a block unit is gathered with the next
-    # one prefetched; in backward a unit's gradients (e) exist until its reduce-scatter, whose input is fp32
-    # (reduce_dtype) and is filled after the unit's parameters are resharded; the root's gradients (lm_head first)
-    # wait until the very end of backward
-    block = max((n for u, n in units.items() if u.startswith("llm.blocks")), default=0)
-    block_train = block if "llm" in towers else 0
-    vit_unit = units.get("vit", 0)
-    root_train = sum(math.prod(s) for name, s, u, t, _ in _params(_cfg_key(cfg)) if u == "root" and t in towers)
+    def biggest(kind, d=units):  # the largest unit of a kind (param_info's units), 0 if none
+        return max((n for u, n in d.items() if unit_kind(u) == kind), default=0)
+
+    root, root_train = units["root"], units_tr["root"]
+    block, block_train = biggest("llm block"), biggest("llm block", units_tr)
+    vblock, vblock_train = biggest("vit block"), biggest("vit block", units_tr)
+    vrest, vrest_train = units.get("vit", 0), units_tr.get("vit", 0)
+
+    def biggest_param(kind, trainable):  # the largest single parameter of a unit of that kind (0 if none trains)
+        return max((math.prod(s) for _, s, u, t, _ in _params(_cfg_key(cfg))
+                    if unit_kind(u) == kind and (t in towers or not trainable)), default=0)
+
+    # FSDP2 units (common.apply_fsdp: each ViT block, the rest of the ViT, each LLM block, the root) in the compute
+    # dtype (e); measured on the CPU (tests/test_plan.py, 2 gloo processes), each moment within a few %:
+    # - the root (wte, lm_head, final norm, connector) stays gathered through forward and backward (FSDP2 never
+    #   reshards the root after forward); its gradients appear in backward order: lm_head's and the final norm's
+    #   first (inside the log-prob transient while its chunks run), the connector's after the LLM blocks, an untied
+    #   wte's at the very end (the embedding's backward runs after the ViT's: autograd takes later nodes first);
+    # - a block back-propagating: it gathered + the next one's prefetched all-gather buffer (reverse forward order);
+    #   the peak is at the start of its backward (its recomputed activations and the gradient flowing through its
+    #   MLP all alive: backward_transient), when only its first weight gradient (the MLP's down projection, its
+    #   largest) is being formed; the previous unit's fp32 reduce-scatter input is alive (FSDP2 keeps one in flight
+    #   until the NEXT unit's post-backward; none at the first LLM block: dropped at the end of every backward);
+    # - its post-backward: it is resharded, its grads (e) copied into its fp32 reduce-scatter input (reduce_dtype),
+    #   the output shard (fp32) added to the gradient shard; the next block gathered, this block's activations freed;
+    # - the rest of the ViT (model.vit's own unit) is gathered for the whole ViT backward.
+    rows = [(name, math.prod(s)) for name, s, u, t, _ in _params(_cfg_key(cfg)) if u == "root" and t in towers]
+    late = sum(n for name, n in rows if name.startswith("llm.wte.") and not cfg.tie_embeddings)
+    conn = sum(n for name, n in rows if name.startswith("connector."))
+    copy_in = (lambda b: b * 4 // W) if offload else (lambda b: 0)  # offload: the fp32 shard copied in to gather
+    base_llm = root * e + (root_train - late - conn) * e
+    base_vit = root * e + (root_train - late) * e + vrest * e + vrest_train * e
+    # (tower, first / second block in backward, moment) -> gathered units + their grads (bytes)
+    g = {}
     if fsdp:
-        g_root = root * e + root_train * e
-        g_fwd = root * e + max(vit_unit + block, 2 * block) * e
-        # a block's backward: it and the prefetched next block gathered, its grads; at its reduce-scatter: its grads,
-        # the fp32 input and output shard (the block's parameters are resharded first), the next block gathered
-        g_llm = int(g_root + 2 * block * e + block_train * (max(e, 4) + 4 / W))
-        # the ViT unit's backward: gathered + grads while it runs; then grads + the fp32 reduce-scatter input/output
-        g_vit_run = g_root + vit_unit * 2 * e
-        g_vit_rs = g_root + vit_unit * (e + 4 + 4 / W)
-        if offload:  # each unit's fp32 shard is copied to the GPU before its all-gather
-            g_llm += block * 4 // W
-            g_vit_run += vit_unit * 4 // W
-        g_vit_rs = int(g_vit_rs)
+        g_logp = root * e  # the log-prob chunks' backward, before any block is gathered (lm_head's grad: in bt["logp"])
+        g_fwd = root * e + (vrest + 2 * max(vblock, block)) * e
+        for tower, base, b, b_train, big, prevs in (
+                ("llm", base_llm, block, block_train, biggest_param("llm block", True), (0, block_train)),
+                ("vit", base_vit, vblock, vblock_train, biggest_param("vit block", True), (block_train, vblock_train))):
+            for k, prev in enumerate(prevs):
+                g[tower, k, "run"] = base + 2 * b * e + big * e + prev * 4 + copy_in(b)
+            g[tower, 0, "rs"] = int(base + b * e + b_train * (e + 4 + 4 / W))
     else:  # one CPU process: the modules compute with their own parameters; the gradients are the grad terms
-        g_fwd = g_llm = g_vit_run = g_vit_rs = 0
+        g_fwd = g_logp = 0
+        g = {(t, k, m): 0 for t in ("llm", "vit") for k in (0, 1) for m in ("run", "rs")}
 
     phases = {}
     # --- load (common.build_model with FSDP: meta -> fully_shard -> to_empty -> rank 0 reads one unit at a time,
@@ -392,7 +455,7 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
         load = {"fp32 master shard": sh_all * on_gpu, "one full tensor (bf16, broadcast)": biggest_tensor * 2}
         if ref:
             load["KL reference shard"] = ref
-        host0 = max(u for u in units.values()) * 2  # rank 0 reads one unit as stored (bf16)
+        host0 = max(units.values()) * 2  # rank 0 reads one unit as stored (bf16): the root, with untied embeddings
     else:  # one CPU process: VLM.from_pretrained in fp32
         load = {"fp32 model": N * 4}
         host0 = N * 4
@@ -420,24 +483,35 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
 
     def train_step(ac):
         # the step's peak is in backward, when the gradients of earlier micro-batches exist (gradient accumulation:
-        # every micro-batch after the first): either its start (every activation saved, lm_head's log-prob chunks
-        # recomputed, then the last LLM blocks) or, when the ViT trains, the ViT unit's backward at its end (the
-        # LLM's activations are freed by then, the ViT unit's gradients are the biggest transient)
+        # every micro-batch after the first), at one of three moments: its start (every activation saved, lm_head's
+        # log-prob chunks recomputed, only the root gathered), the first LLM blocks (the log-prob chunks' inputs, the
+        # final norm's and the fp32 lm_head copy freed) or, when the ViT trains, the ViT's first block (the LLM's
+        # activations freed, the ViT's all alive)
         act = activation_bytes(cfg, B, T, tiles, e, train, ac, cuda)
         bt = backward_transient(cfg, B, T, tiles, e, train, ac, cuda)
-        llm = {"gathered units + their grads": g_llm, "activations, LLM blocks": act["llm"],
-               "activations, ViT blocks": act["vit"],
-               "activations, other (embed, connector, norm, log-prob)": act["other"] + act["pixels"],
-               "backward transient (log-prob chunk / block recompute)": max(bt["logp"], bt["llm"])}
-        vit_run = {"gathered units + their grads": g_vit_run, "activations, ViT blocks": act["vit"],
-                   "activations, other (embed, connector, norm, log-prob)": act["pixels"],
-                   "backward transient (log-prob chunk / block recompute)": bt["vit"]}
-        vit_rs = {"gathered units + their grads": g_vit_rs}  # the ViT's activations are freed by then
-        stage, terms = "LLM backward", llm
-        if "vit" in towers:
-            for name, t in (("ViT backward", vit_run), ("ViT reduce-scatter", vit_rs)):
-                if sum(t.values()) > sum(terms.values()):
-                    stage, terms = name, t
+        C = cfg.n_embd
+        head = B * T * (C * 4 + 4 + (C * e if train[2] else 0) + C * e + 8) + \
+            (cfg.vocab_size * C * 4 if e != 4 else 0) if any(train) else 0
+        other = "activations, other (embed, connector, norm, log-prob)"
+        trans = "backward transient (log-prob chunk / block recompute)"
+        stages = [("log-prob backward", {"gathered units + their grads": g_logp, "activations, LLM blocks": act["llm"],
+                                         "activations, ViT blocks": act["vit"], other: act["other"] + act["pixels"],
+                                         trans: bt["logp"]})]
+        # a tower's first / second block in backward, running (k blocks' activations freed) or at its
+        # post-backward (k + 1 freed, no transient)
+        for k, m in ((0, "run"), (1, "run"), (0, "rs")):
+            freed = k + (m == "rs")
+            stages.append(("LLM backward", {
+                "gathered units + their grads": g["llm", k, m],
+                "activations, LLM blocks": act["llm"] * max(cfg.n_layer - freed, 0) // cfg.n_layer,
+                "activations, ViT blocks": act["vit"], other: act["other"] - head + act["pixels"],
+                trans: bt["llm"] if m == "run" else 0}))
+            if "vit" in towers:
+                stages.append(("ViT backward", {
+                    "gathered units + their grads": g["vit", k, m],
+                    "activations, ViT blocks": act["vit"] * max(cfg.vit_layers - freed, 0) // cfg.vit_layers,
+                    other: act["pixels"], trans: bt["vit"] if m == "run" else 0}))
+        stage, terms = max(stages, key=lambda st: sum(st[1].values()))
         return stage, dict(states, **terms)
 
     stage, tr = train_step(ac)
@@ -453,7 +527,9 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
                n_micro=n_micro, tiles=tiles, prompt=prompt, max_new=max_new, images=images, notes=notes,
                optimizer_step_peak=step_peak, train_peak_other_ac=train_alt, chunked=chunked, train_stage=stage,
                states=sum(states.values()), activations=act_now)
-    usable = (gpu_gb - overhead_gb) * GB / (1 + frag)
+    cap, res["gpu_capacity_note"] = gpu_capacity(gpu_gb)
+    res["gpu_capacity_gb"] = cap
+    usable = (cap - overhead_gb) * GB / (1 + frag)
     states_resident = (sh_all + adam) * on_gpu + ref  # between updates the grads are None (zero_grad(set_to_none))
     if script == "grpo":
         n = int(c["group_size"])
@@ -464,11 +540,15 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
             w_build = 0
         else:
             w_roll = tp_numel(cfg, tp) * e
-            w_build = block * e  # the TP shards are made unit by unit from the FSDP shards
+            # tp.tp_model_from fills the TP model unit by unit, in module order (the root, the ViT, the LLM blocks):
+            # at its largest, the last LLM block's all-gather: FSDP2's flat all-gather buffer and the gathered
+            # parameters it is copied out to, beside the TP model less that block's 1/K (measured, tests/test_plan.py)
+            w_build = int(max(block * (2 - 1 / tp), 2 * vblock, 2 * vrest) * e)
         w32 = cfg.vocab_size * cfg.n_embd * 4 if e != 4 else 0  # sampler.generate: fp32 lm_head for the log-probs
         tiles_prompt = images * image_tiles(cfg)
         fixed = states_resident + w_roll + w32
         res["rollout_budget"] = usable - fixed  # what is left for the sampler once the weights are gathered
+        res["tp_build_transient"] = w_build
 
         def gen_phase(P, n, mode):
             """One generate() call of P prompts x n samples: its terms (the largest chunk) and its chunking."""
@@ -524,7 +604,7 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
     res["phases"], res["peaks"] = phases, peaks
     res["peak"] = max(peaks.values())
     res["peak_gb"] = (res["peak"] * (1 + frag)) / GB + overhead_gb  # what nvidia-smi would show
-    res["fits"] = res["peak_gb"] <= gpu_gb
+    res["fits"] = res["peak_gb"] <= cap
 
     # --- host RAM per node: rank 0's node reads one unit of the checkpoint at a time; offload keeps the fp32
     # shards, their grads and the AdamW state of the node's ranks in (pinned) host memory
@@ -567,7 +647,11 @@ def _step_time(res, cfg, c, mfu, bw_eff, hw):
         (6 if wc else 4) * pi["connector"] * T
     t["update"] = seqs * upd_seq / flops
     if res["script"] == "grpo":
-        t["logp"] = seqs * fwd_seq / flops  # pi_old by the training forward (grpo.policy_logprobs)
+        # a separate no-grad pass: pi_old off-policy (grpo.policy_logp), the KL reference's; on-policy, none
+        passes = int(not (int(c.get("ppo_epochs", 1)) == 1 and int(c.get("mini_batches", 1)) == 1
+                          and float(c.get("buffer_frac", 0)) == 0)) + int(float(c.get("kl_coef", 0)) > 0)
+        if passes:
+            t["logp"] = passes * seqs * fwd_seq / flops
         # rollout: the TP group's chunks run one after another; per decode step a rank reads its weights (its TP
         # shard of the blocks + the replicated lm_head) and the KV cache (prompts once + each row's own tokens)
         P, n, per, ch = res["rollout_prompts"], int(c["group_size"]), res["prompts_per_chunk"], res["chunks"]
@@ -594,7 +678,7 @@ def _step_time(res, cfg, c, mfu, bw_eff, hw):
         # backward of each micro-batch, the log-prob forward, once for the rollout gather), every backward copies
         # the fp32 gradient shard back; the AdamW step runs on the host
         shard = res["params"]["total"] * 4 / W
-        passes = res["n_micro"] * 2 + (res["n_micro"] + 1 if res["script"] == "grpo" else 0)
+        passes = res["n_micro"] * 2 + (res["n_micro"] * ("logp" in t) + 1 if res["script"] == "grpo" else 0)
         t["offload copies"] = (passes * shard + res["n_micro"] * res["n_trainable"] * 4 / W) / PCIE
         t["optimizer (host)"] = 28 * res["n_trainable"] * min(res["gpus_per_node"], W) / W / HOST_ADAM
     else:
@@ -607,15 +691,16 @@ def _step_time(res, cfg, c, mfu, bw_eff, hw):
 
 
 def _verdict(res, script, config, cfg, kw, search):
+    cap = res["gpu_capacity_gb"]
     if res["fits"]:
-        return f"plan: fits (peak {res['peak_gb']:.1f} GB of {kw['gpu_gb']:g} GB per GPU)"
+        return f"plan: fits (peak {res['peak_gb']:.1f} GB of {cap:.1f} GB per GPU)"
     phase = max(res["peaks"], key=res["peaks"].get)
     terms = res["phases"][phase]
     big = max(terms, key=terms.get)
     what = {"load": "load", "train": "the training step", "rollout": "the rollout", "eval": "eval"}[phase]
     msg = (f"plan: does not fit: {what} needs {(res['peaks'][phase] * (1 + kw['frag'])) / GB + kw['overhead_gb']:.1f}"
-           f" GB of {kw['gpu_gb']:g} GB per GPU (biggest term: {big} {terms[big] / GB:.1f} GB")
-    if res["states"] > 0.4 * kw["gpu_gb"] * GB:
+           f" GB of {cap:.1f} GB per GPU (biggest term: {big} {terms[big] / GB:.1f} GB")
+    if res["states"] > 0.4 * cap * GB:
         msg += f"; the fp32 masters + grads + AdamW state alone are {res['states'] / GB:.1f} GB"
     msg += ")"
     if not search:
@@ -687,6 +772,8 @@ def format_plan(d):
                  f"{pi['connector'] / 1e9:.3f}B, llm {pi['llm'] / 1e9:.2f}B), {d['n_trainable'] / 1e9:.2f}B trainable; "
                  f"{d['gpus']} GPUs ({d['nodes']} node(s) x {d['gpus_per_node']}) x {d['gpu_gb']:g} GB, tp={d['tp']}, "
                  f"offload={d['offload']}, {mode}")
+    lines.append(f"GPU capacity: {d['gpu_capacity_gb']:.1f} GB = {d['gpu_capacity_note']} (GB = 2^30 bytes "
+                 f"throughout)")
     if d["script"] == "grpo":
         lines.append(f"sequence: prompt {d['prompt']} tokens ({d['images']} image(s) x {d['tiles'] // max(d['B'], 1)} "
                      f"tiles + text; plan_prompt_tokens) + {d['max_new']} new (the largest of max_new_tokens) = "

@@ -194,14 +194,23 @@ def _option_index(t, options):
     return None
 
 
+# in what follows "B)", a second option named as an option: "(C)", "C)", "or C", "and C", "/C", ", C", or a letter
+# right at the start ("B.C.", "B:C"); a capital in a clause ("because A is wrong") or a unit ("5 A") is not one
+_OTHER_REF = re.compile(r'^\s*\(?([A-Z])(?:\s*[.):]|\s*$)|\(([A-Z])\)|(?<![A-Za-z0-9\\])([A-Z])\)'
+                        r'|(?:\bor\b|\band\b|[/&,])\s*\(?([A-Z])(?![A-Za-z0-9=])')
+# where the answer stops and its justification starts: "(B) because A is wrong", "(B), as (A) gives 3 cm"
+_CLAUSE = re.compile(r'\b(?:because|since|as|so|which|while|given|hence|thus|therefore|for)\b|;', re.IGNORECASE)
+
+
 def _names_other(letter, rest, options):
-    # "B) ..." names a second option in rest: another letter ("(B) or (C)"), or another option's text, whole
-    # words ("B) green", "B) blue or green"); options contained in B's own text ("blue" in "light blue") do not
-    # count. rest that is B's own text is fine, capitals and all ("B) 5 N" for the option "5 N")
+    # "B) ..." names a second option in rest, before any justification clause: another letter as an option
+    # ("(B) or (C)"), or another option's text, whole words ("B) green", "B) blue or green"); options contained in
+    # B's own text ("blue" in "light blue") do not count. rest that is B's own text is fine ("B) 5 N" for "5 N")
     own = str(options[ord(letter) - ord('A')]) if options and ord(letter) - ord('A') < len(options) else None
     if own is not None and norm_str(rest) == norm_str(own):
         return False
-    if set(_LETTER_REF.findall(rest)) - {letter}:
+    rest = _CLAUSE.split(rest, maxsplit=1)[0]
+    if {x for m in _OTHER_REF.finditer(rest) for x in m.groups() if x} - {letter}:
         return True
     if own is None:
         return False

@@ -14,7 +14,7 @@ from sampler import generate
 
 
 def rollout(model, tok, items, n, max_new_tokens, seeds, *, think=True, system=None, temperature=1.0, top_p=1.0,
-            nowait=False, budget=None, prompts=None, score_kw=None, stats=None):
+            nowait=False, budget=None, prompts=None, score_kw=None, stats=None, cuda_graph=False):
     """items: samples from data.common.load_jsonl; seeds: one per item (its samples depend on nothing else);
     nowait: ban the critical words too (R1V3 Table 4's "no-wait" mode); prompts: already encoded pairs (else
     encoded now); score_kw: rewards.score_batch options (acc_weight, fmt_weight, timeout)."""
@@ -22,7 +22,7 @@ def rollout(model, tok, items, n, max_new_tokens, seeds, *, think=True, system=N
         prompts = [encode_prompt(tok, s, model.cfg, think, system) for s in items]
     ban = vision_token_ids(tok) + (sorted(critical_token_ids(tok)) if nowait else [])
     out = generate(model, prompts, n, max_new_tokens, eos_token_id=stop_token_ids(tok), seed=seeds, budget=budget,
-                   stats=stats, temperature=temperature, top_p=top_p, ban=ban)
+                   stats=stats, cuda_graph=cuda_graph, temperature=temperature, top_p=top_p, ban=ban)
     texts = [decode_response(tok, out.response(r)) for r in range(out.tokens.shape[0])]
     golds = [items[r // n] for r in range(len(texts))]
     scores = score_batch(texts, [s["answer"] for s in golds], [s.get("options") for s in golds], think=think,

@@ -70,12 +70,14 @@ def sample_next(logits, u, temperature=1.0, top_k=0, top_p=1.0, ban=None):
     logp_raw = logits.log_softmax(dim=-1)
     p_raw = logp_raw.exp()
     entropy = -(p_raw * logp_raw).sum(dim=-1)
-    x = logits if ban is None else logits.index_fill(-1, ban, float("-inf"))
+    V = logits.shape[-1]
+    x = logits if ban is None else logits.index_fill(-1, ban, float("-inf"))  # banned ids: never drawn
     if temperature == 0:  # greedy
         tok = x.argmax(dim=-1)
     else:
-        if ban is None and temperature == 1.0 and not 0 < top_k < x.shape[-1] and top_p >= 1.0:
-            probs = p_raw  # plain sampling from the policy: reuse the softmax
+        if temperature == 1.0 and not 0 < top_k < V and top_p >= 1.0:
+            # plain sampling from the policy: reuse the softmax; a banned id's probability 0 (the cdf renormalises)
+            probs = p_raw if ban is None else p_raw.index_fill(-1, ban, 0.0)
         else:
             x = x / temperature
             if 0 < top_k < x.shape[-1]:
@@ -90,7 +92,7 @@ def sample_next(logits, u, temperature=1.0, top_k=0, top_p=1.0, ban=None):
         # inverse CDF: the first token whose cumulative probability exceeds u * total. fp64 keeps a 152k vocabulary
         # exact enough, and a p = 0 token (a flat step of the cdf) can never be the first one above u * total
         cdf = probs.double().cumsum(dim=-1)
-        tok = torch.searchsorted(cdf, u[:, None].double() * cdf[:, -1:], right=True)[:, 0].clamp(max=x.shape[-1] - 1)
+        tok = torch.searchsorted(cdf, u[:, None].double() * cdf[:, -1:], right=True)[:, 0].clamp(max=V - 1)
     return tok, logp_raw.gather(-1, tok[:, None])[:, 0], entropy
 
 
@@ -141,7 +143,7 @@ class DecodeCache:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
         B = q.shape[0]  # decode: q (B, n_head, 1, hd), k, v (B, n_kv_head, 1, hd)
         gk, gv = self.gk[layer, :B], self.gv[layer, :B]
-        if self.glen is None:  # once per step, not once per layer
+        if layer == 0 or self.glen is None:  # once per step (and inside a captured CUDA graph), not once per layer
             self.glen = self.gpos[:B] + 1
         if self.static:
             cache_append(gk, gv, k, v, self.gpos[:B])
@@ -187,9 +189,10 @@ def cache_bytes(cfg, P, n, max_prompt, max_new, dtype):
 
 
 # sample_next's peak per row per vocab entry, the fp32 logits included (measured, tests/test_plan.py): plain sampling =
-# logits + log-softmax + probs + the fp64 copy and its cumsum; greedy: no cdf; temperature / top-k / top-p add the
-# shaped copies and the sort
+# logits + log-softmax + probs + the fp64 copy and its cumsum; greedy: logits, log-softmax, probs, p*logp, no cdf;
+# temperature / top-k / top-p add the shaped copies, the sort and its softmax. Banned ids add one (rows, vocab) copy.
 DECODE_BYTES = {"sample": 4 + 4 + 4 + 8 + 8, "greedy": 16, "shaped": 53}
+BAN_BYTES = 4
 
 
 def sampling_mode(temperature=1.0, top_p=1.0, top_k=0, **_):
@@ -198,9 +201,10 @@ def sampling_mode(temperature=1.0, top_p=1.0, top_k=0, **_):
     return "sample" if temperature == 1.0 and top_p >= 1.0 and not top_k else "shaped"
 
 
-def decode_bytes(cfg, rows, max_new, mode="sample"):
-    # sample_next over (rows, vocab), plus decode()'s outputs (tokens int64, log-probs, entropies) and uniforms
-    return rows * cfg.vocab_size * DECODE_BYTES[mode] + rows * max_new * (8 + 4 + 4 + 4)
+def decode_bytes(cfg, rows, max_new, mode="sample", ban=True):
+    # sample_next over (rows, vocab) (rollouts always ban the vision tokens), plus decode()'s outputs (tokens int64,
+    # log-probs, entropies) and uniforms
+    return rows * cfg.vocab_size * (DECODE_BYTES[mode] + BAN_BYTES * ban) + rows * max_new * (8 + 4 + 4 + 4)
 
 
 def prefill_bytes(cfg, max_tokens, dtype):
@@ -214,21 +218,22 @@ def prefill_bytes(cfg, max_tokens, dtype):
 
 
 def memory_budget(device):
-    """Bytes a rollout may allocate now: free CUDA memory plus what the allocator caches but does not use; on the
-    CPU the available RAM."""
+    """Bytes a rollout may allocate now: free CUDA memory once the allocator has returned what it caches but does
+    not use (counting that cached memory as free would count the free space inside segments that still hold live
+    tensors, which one big cache tensor cannot use); on the CPU the available RAM."""
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        torch.cuda.empty_cache()
+        return torch.cuda.mem_get_info(device)[0]
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def fit_chunks(cfg, lengths, n, max_new, dtype, budget, mode="sample", prefill_tokens=16384):
+def fit_chunks(cfg, lengths, n, max_new, dtype, budget, mode="sample", prefill_tokens=16384, ban=True):
     """Split prompts (their lengths, in order) into consecutive chunks whose cache + decode buffers, next to one
     prefill sub-batch's activations, fit budget."""
     chunks, a = [], 0
     budget = budget - prefill_bytes(cfg, prefill_tokens, dtype)
     def need(k, longest):  # k prompts, the longest of them
-        return cache_bytes(cfg, k, n, longest, max_new, dtype) + decode_bytes(cfg, k * n, max_new, mode)
+        return cache_bytes(cfg, k, n, longest, max_new, dtype) + decode_bytes(cfg, k * n, max_new, mode, ban)
     while a < len(lengths):
         b, longest = a, 0
         while b < len(lengths) and need(b + 1 - a, max(longest, lengths[b])) <= budget:
@@ -301,11 +306,11 @@ def decode(model, cache, logits, u, w32, eos, sync_every, compact, **sampling):
         if eos and t % sync_every == 0:  # the only host syncs of the loop
             if bool(done.all()):
                 break
-            if compact and bool(done.any()):
-                keep = (~done).nonzero()[:, 0]
-                if cache.static:  # pad with finished rows to a power-of-2 bucket: few distinct shapes
-                    bucket = min(done.numel(), 1 << (keep.numel() - 1).bit_length())
-                    keep = torch.cat([keep, done.nonzero()[:, 0]])[:bucket]
+            n_active = int((~done).sum())
+            # static: pad with finished rows to a power-of-2 bucket (few distinct shapes), moved only when it shrinks
+            bucket = min(done.numel(), 1 << (n_active - 1).bit_length()) if cache.static else n_active
+            if compact and bucket < done.numel():
+                keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:bucket]
                 cache.keep_rows(keep)
                 tok, rows, done = tok[keep], rows[keep], done[keep]
         # forward the sampled tokens at their positions; then every row holds t tokens
@@ -383,10 +388,12 @@ def generate(model, prompts, n=1, max_new_tokens=256, *, eos_token_id=None, seed
                 sampling["ban"] = torch.as_tensor(sampling["ban"], dtype=torch.long, device=device)
             budget = memory_budget(device) if budget is None else budget
             lengths = [len(ids) for ids, _ in prompts]
-            w32 = m.llm.lm_head.weight.float()  # fp32 lm_head for the whole call (a no-op in fp32)
+            w = m.llm.lm_head.weight
+            w32 = w.float()  # fp32 lm_head for the whole call (a no-op in fp32; else allocated after the budget)
+            budget -= 0 if w32 is w else w32.numel() * 4
             parts = []
             for a, b in fit_chunks(cfg, lengths, n, max_new_tokens, dtype, budget, sampling_mode(**sampling),
-                                   prefill_tokens):
+                                   prefill_tokens, ban=sampling.get("ban") is not None):
                 t0 = time.perf_counter()
                 cache = DecodeCache(cfg, b - a, n, max(lengths[a:b]), max_new_tokens, dtype, device, bool(cuda_graph))
                 logits = prefill(m, cache, prompts[a:b], prefill_tokens, w32)
@@ -400,6 +407,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, *, eos_token_id=None, seed
                                                                        max_new_tokens, dtype))
                 st["chunks"] += 1
                 st["decode_steps"] += cache.t
+                del cache, logits, u  # before the next chunk's: one chunk's cache at a time
     finally:
         model.train(was_training)
     out = Rollouts.cat(parts)

@@ -29,9 +29,9 @@ import time
 import torch
 import torch.distributed.checkpoint as dcp
 
-from common import (autocast_ctx, build_model, check_disk, checkpoint_bytes, compute_cleanup, compute_init,
-                    ensure_synth_data, export_hf, get_lr, latest_checkpoint, list_checkpoints, load_checkpoint,
-                    load_tokenizer, log_jsonl, print0, save_checkpoint)
+from common import (all_reduce_sum, autocast_ctx, build_model, check_disk, checkpoint_bytes, compute_cleanup,
+                    compute_init, ensure_synth_data, export_hf, get_lr, latest_checkpoint, list_checkpoints,
+                    load_checkpoint, load_tokenizer, log_jsonl, print0, save_checkpoint)
 from configurator import configure
 from data.common import collate, load_jsonl, load_sft_data
 
@@ -227,13 +227,6 @@ def sum_loss(batch):
     with autocast_ctx(device):
         logp, _ = model(ids, pix, targets=targets, dummy_vision=ddp)
     return -(logp * tmask).sum(), tmask.sum()
-
-
-def all_reduce_sum(*xs):
-    t = torch.tensor([float(x) for x in xs], device=device)
-    if ddp:
-        torch.distributed.all_reduce(t)
-    return t.tolist()
 
 
 @torch.no_grad()

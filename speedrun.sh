@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: the whole Skywork-R1V3 recipe on the embedded default, in one command.
 #   render the synthetic task -> cold-start SFT -> GRPO -> critical-token-entropy checkpoint selection ->
-#   connector tuning -> greedy evaluation of every stage on the test split -> out/summary.json + a table.
+#   connector tuning -> greedy evaluation of every stage on the test split -> out/summary.json + a table, and the
+#   viewer pages of the runs (viewer.py).
 # CPU by default (2 cores: see README for the measured time); on a machine with several GPUs the training stages
 # run under torchrun on all local GPUs. To change a stage, add --key=value flags (or a config file) to its line below.
 set -euo pipefail
@@ -33,6 +34,13 @@ SELECTED=$(cat out/entropy/selected_hf.txt)
 evaluate selected "$SELECTED"
 stage connector_tune $LAUNCH connector_tune.py --init_from="$SELECTED" --out_dir=out/connector_tune
 evaluate connector_tune out/connector_tune/hf
+# the viewer pages (viewer.py: one HTML file each, opens from disk)
+$PY viewer.py out/grpo > /dev/null
+$PY viewer.py out/eval_sft > /dev/null
+$PY viewer.py out/eval_grpo --compare=out/eval_sft > /dev/null
+$PY viewer.py out/eval_selected > /dev/null
+$PY viewer.py out/eval_connector_tune --compare=out/eval_selected > /dev/null
+$PY viewer.py out/entropy > /dev/null
 $PY - "$(declare -p T)" <<'PYEOF'
 import json, re, sys
 t = {k: int(v) for k, v in re.findall(r'\[(\w+)\]="?(\d+)', sys.argv[1])}
@@ -47,12 +55,16 @@ summary = {"sft": dict(stage("sft"), seconds=t["sft"]),
            "connector_tune": dict(stage("connector_tune"), seconds=t["connector_tune"]),
            "seconds": dict(t, total=sum(t.values()))}
 json.dump(summary, open("out/summary.json", "w"), indent=2)
-print("\n| stage | test accuracy (greedy, 500 items) | format | time |\n|---|---|---|---|")
-rows = [("cold-start SFT", "sft", "sft"), ("GRPO (last step)", "grpo", "grpo"),
-        (f"GRPO, selected by critical-token entropy ({summary['selected']['checkpoint']})", "selected", "entropy"),
-        ("connector tuning (from the selected one)", "connector_tune", "connector_tune")]
-for name, s, k in rows:
-    print(f"| {name} | {100 * ev[s]['accuracy']:.1f} | {100 * ev[s]['format']:.1f} | {t[k]} s |")
+print("\n| stage | test accuracy (greedy, 500 items) | format | time | pages (viewer.py) |\n|---|---|---|---|---|")
+rows = [("cold-start SFT", "sft", "sft", "out/eval_sft/responses.html"),
+        ("GRPO (last step)", "grpo", "grpo", "out/grpo/rollouts.html, out/eval_grpo/responses.html (vs SFT)"),
+        (f"GRPO, selected by critical-token entropy ({summary['selected']['checkpoint']})", "selected", "entropy",
+         "out/entropy/entropy.html, out/eval_selected/responses.html"),
+        ("connector tuning (from the selected one)", "connector_tune", "connector_tune",
+         "out/eval_connector_tune/responses.html (vs selected)")]
+for name, s, k, pages in rows:
+    print(f"| {name} | {100 * ev[s]['accuracy']:.1f} | {100 * ev[s]['format']:.1f} | {t[k]} s | {pages} |")
 print(f"(data {t['data']} s, evaluations {sum(v for k, v in t.items() if k.startswith('eval_'))} s, "
       f"total {summary['seconds']['total']} s) -> out/summary.json")
+
 PYEOF

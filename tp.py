@@ -1,9 +1,9 @@
 """
 Tensor-parallel rollouts (issue #12): a group of K consecutive ranks shares one copy of the policy for generation,
 so a 38B model's bf16 weights need not fit on every GPU. Only torch.distributed, in the style of gpt-fast's tp.py
-(functional all-reduce in forward hooks); model.py and sampler.py stay free of it.
+(an all-reduce in forward hooks); model.py and sampler.py stay free of it.
 
-Per rank of a TP group (the layout /work/design.md fixes), a plain model.VLM built from a narrowed VLMConfig
+Per rank of a TP group (the layout README "Real scale" describes), a plain model.VLM built from a narrowed VLMConfig
 (n_head/K, n_kv_head/K, mlp_hidden/K, head_dim explicit) holding
   q/k/v (+ bias), gate/up   the rank's 1/K of the OUTPUT rows: whole heads (K divides n_kv_head, so the query heads
                             of a kv head sit on the same rank: GQA's j // G stays local) and 1/K of the MLP width
@@ -27,7 +27,6 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed import _functional_collectives as funcol
 
 from model import VLM
 
@@ -134,10 +133,11 @@ def _empty_tp_model(cfg, group):
     K = dist.get_world_size(group)
     with torch.device("meta"):
         m = VLM(tp_config(cfg, K))
-    # a row-split Linear's output is a partial sum over its input columns: SUM it over the group. Functional
-    # collective as in gpt-fast: the result is waited for where the residual add first reads it
+    # a row-split Linear's output is a partial sum over its input columns: SUM it over the group, in place (the
+    # rollouts run without gradients; gpt-fast does the same with a functional collective)
     def all_reduce(module, inputs, out):
-        return funcol.all_reduce(out, "sum", group)
+        dist.all_reduce(out, group=group)
+        return out
 
     for block in m.llm.blocks:
         assert block.attn.o_proj.bias is None and block.mlp.down_proj.bias is None  # a bias would be summed K times
@@ -163,10 +163,11 @@ def _finish(m):
 
 @torch.no_grad()
 def tp_model_from(model, group, device=None, dtype=None):
-    """One rank's TP model made from `model`: an FSDP2 model (common.apply_fsdp), streamed unit by unit (the ViT,
-    each LLM block, the root): unit.unshard(), copy this rank's slices (the full tensors for the replicated parts),
-    unit.reshard(); peak = the TP model + one gathered unit. The gathered weights are in FSDP's param_dtype (bf16 on
-    a GPU) and on the compute device, CPU-offloaded shards included (FSDP2 copies them to the device to gather).
+    """One rank's TP model made from `model`: an FSDP2 model (common.apply_fsdp), streamed unit by unit (each ViT
+    block, the rest of the ViT, each LLM block, the root): unit.unshard(), copy this rank's slices (the full tensors
+    for the replicated parts), unit.reshard(); peak = the TP model + one gathered unit. The gathered weights are in
+    FSDP's param_dtype (bf16 on a GPU) and on the compute device, CPU-offloaded shards included (FSDP2 copies them to
+    the device to gather).
     A plain model (full weights on every rank) is sliced directly. device / dtype: default the gathered weights'."""
     from torch.distributed.fsdp import FSDPModule
     K, r = dist.get_world_size(group), dist.get_rank(group)

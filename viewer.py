@@ -8,7 +8,7 @@ are inline, nothing is fetched: the page opens from disk, without a server.
     python viewer.py out/entropy                             # entropy.py out_dir -> out/entropy/entropy.html
     python viewer.py out/grpo --screenshot=docs/viewer_rollouts.png   # also a PNG of the page (headless Chromium)
 
-The kind of directory is told by its files (the formats are in design.md's DUMP FORMATS):
+The kind of directory is told by its files (their formats are at the end of this docstring):
   entropy.json                          -> entropy.html: the checkpoint table, critical-token entropy and accuracy
                                            against step, the correlation and the selection
   responses.jsonl + summary.json        -> responses.html: each item's image, question, response (tokens coloured
@@ -22,6 +22,23 @@ it reaches the page only as text (textContent, never innerHTML) and the JSON blo
 can end it. Bad input (a missing directory, no known files, a malformed line) stops with "file:line: what".
 --screenshot drives Debian's chromium over the DevTools protocol on a pipe (class Chromium; stdlib only, also used
 by tests/test_viewer.py) and writes a PNG of at most 200 KB.
+
+The formats (grpo.py and eval.py write them; every key is read here):
+  log.jsonl (grpo.py)        one JSON object per line, merged by "step" (the last record of a step wins): reward,
+                             accuracy, format, resp_len, truncated, clip_frac, approx_kl, gnorm, loss, lr, entropy,
+                             critical_entropy (null if none), high_entropy_share, all_correct, all_wrong,
+                             groups_kept, logp_mismatch, t_rollout, t_update, t_step; validation: {step, val_accuracy}
+  rollouts.jsonl (grpo.py)   one line per dumped prompt group: step, prompt_index, id, question, images (absolute
+                             paths), answer, options (null or a list), domain, difficulty, samples: a list of
+                             {response, pieces (each token's text, the stop token's included), tokens, logp (the
+                             sampler's), entropy, train_logp (the trainer's, or null), advantage, reward, accuracy,
+                             format, pred, n_tokens, finish_reason ("eos" | "length"), critical (token indices)}
+  responses.jsonl (eval.py)  one line per (item, run): id, run, question, images, options, response, tokens, pieces,
+                             entropies, pred, answer, correct, format, reward, n_tokens, truncated, domain, subject,
+                             difficulty, mean_entropy; summary.json: accuracy, format, mean_tokens, by_<key> and
+                             n_by_<key> for domain / subject / difficulty
+  entropy.json (entropy.py)  rows (one per checkpoint: ckpt, step, accuracy, accuracy_std, critical_entropy,
+                             critical_count, mean_entropy, high_entropy_share, ...), correlation, selection
 """
 import argparse
 import base64
@@ -189,7 +206,7 @@ def read_rollouts(path, images):
     for lineno, r in read_jsonl(path):
         where = f"{path}:{lineno}"
         if not isinstance(r.get("samples"), list):
-            hint = (" (one line per sample: the dump format before design.md; rerun with the current grpo.py)"
+            hint = (" (one line per sample: the dump format before session 4; rerun with the current grpo.py)"
                     if "response" in r else "")
             raise ViewerError(f"{where}: no 'samples' list{hint}")
         if not isinstance(r.get("step"), int):
@@ -938,6 +955,9 @@ function renderEntropy() {
   const name = r => String(r.ckpt || r.path || "?").replace(/\/+$/, "").split("/").slice(-2).join("/");
   const COLS = [["step", r => fmt(r.step)], ["seed", r => fmt(r.seed)],
     ["accuracy", r => pct(r.accuracy) + (num(r.accuracy_std) ? " \u00b1 " + pct(r.accuracy_std) : "")],
+    ["accuracy_se", r => pct(r.accuracy_se)],
+    ["test_accuracy", r => pct(r.test_accuracy) +
+      (num(r.test_accuracy_se) ? " \u00b1 " + pct(r.test_accuracy_se) : "")],
     ["critical_entropy", r => fmt(r.critical_entropy, 4)],
     ["critical_entropy_per_response", r => fmt(r.critical_entropy_per_response, 4)],
     ["critical_count", r => fmt(r.critical_count)], ["mean_entropy", r => fmt(r.mean_entropy, 4)],

@@ -18,8 +18,8 @@ train_vit = False  # RECIPE.md: ViT optional; connector + LLM trained
 train_connector = True
 train_llm = True
 activation_checkpointing = True
-# `--plan=True` (plan.py): without offload the training step needs ~103 GB per 80 GB GPU (fp32 masters + grads +
-# AdamW alone are 63.8 GB); with the fp32 states on the CPU, ~36 GB (or 16 GPUs without offload, ~70 GB)
+# `--plan=True` (plan.py): without offload the training step needs ~96 GB per 80 GB GPU (fp32 masters + grads +
+# AdamW alone are 63.8 GB); with the fp32 states on the CPU, ~29 GB (or 16 GPUs without offload, ~62 GB)
 offload = True
 log_every = 1
 save_every = 50

@@ -1,10 +1,13 @@
 """
 Runs grpo.py with a fault injected by patching (tests only; grpo.py itself has no test hooks):
     python tests/grpo_patch.py FAULT [FAULT ...] -- GRPO_ARGS...          (or under torchrun)
-FAULTs:
-    nan_step=S[@R]   the loss of step S (1-based) is NaN, on rank R only if given
-    budget=B[@R]     sampler.memory_budget() reports B bytes, on rank R only if given
-    raise_step=S[@R] rank R raises inside step S's update
+FAULTs (`@R`: on rank R only):
+    nan_step=S[@R]        the loss of step S (1-based) is NaN
+    raise_step=S[@R]      the rank raises inside step S's update
+    budget=B[@R]          sampler.memory_budget() reports B bytes
+    scores=zero[@R]       every reward, accuracy and format is 0 (no group is informative)
+    scores=format_only[@R]  accuracy 0 everywhere, format alternating 1/0: rewards vary, accuracies do not
+    record_norm=PATH      append each loss aggregation's normaliser (norm_const) to PATH, one per line
 """
 import os
 import runpy
@@ -13,17 +16,12 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import rl  # noqa: E402
+import rollout  # noqa: E402
 import sampler  # noqa: E402
 
 split = sys.argv.index("--")
 faults, args = sys.argv[1:split], sys.argv[split + 1:]
 rank = int(os.environ.get("RANK", 0))
-
-
-def parse(f):
-    key, val = f.split("=", 1)
-    val, _, on = val.partition("@")
-    return key, float(val), (on == "" or int(on) == rank)
 
 
 def loop_step():  # the step the loop is in (grpo.py's module-level `step`, before it is incremented)
@@ -33,8 +31,12 @@ def loop_step():  # the step the loop is in (grpo.py's module-level `step`, befo
     return frame.f_globals["step"] + 1
 
 
-for key, val, here in map(parse, faults):
-    if key in ("nan_step", "raise_step") and here:
+for f in faults:
+    key, val = f.split("=", 1)
+    val, _, on = val.partition("@")
+    if on and int(on) != rank:
+        continue
+    if key in ("nan_step", "raise_step"):
         def patched(*a, _orig=rl.ppo_clip_loss, _key=key, _at=int(val), **k):
             loss, st = _orig(*a, **k)
             if loop_step() == _at:
@@ -43,9 +45,21 @@ for key, val, here in map(parse, faults):
                 loss = loss * float("nan")
             return loss, st
         rl.ppo_clip_loss = patched
-    elif key == "budget" and here:
+    elif key == "budget":
         sampler.memory_budget = lambda device, _b=int(val): _b
-    elif key not in ("nan_step", "raise_step", "budget"):
+    elif key == "scores":
+        def fake(texts, *a, _mode=val, **k):
+            return [dict(accuracy=0, format=int(_mode == "format_only" and i % 2 == 0), pred=None, timeout=False,
+                         reward=0.2 * int(_mode == "format_only" and i % 2 == 0)) for i in range(len(texts))]
+        rollout.score_batch = fake
+    elif key == "record_norm":
+        def recorded(per_token, mask, agg="seq_mean_token_mean", norm_const=None, denom=None, _orig=rl.agg_loss,
+                     _path=val):
+            with open(_path, "a") as fh:
+                fh.write(f"{norm_const}\n")
+            return _orig(per_token, mask, agg, norm_const, denom)
+        rl.agg_loss = recorded
+    else:
         raise SystemExit(f"grpo_patch.py: unknown fault {key}")
 
 sys.argv = [os.path.join(ROOT, "grpo.py")] + args

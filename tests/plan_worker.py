@@ -97,7 +97,10 @@ def saved_bytes(model, fn):
 
 class LiveBytes(TorchDispatchMode):
     """Follows every storage an op creates while the mode is on, until it is freed: `peak` is the largest total
-    alive at once (tensors created before entering are not counted)."""
+    alive at once (tensors created before entering are not counted). An output sharing an input's storage (an
+    in-place or out= result, a view) is no new memory: a gradient accumulated into an existing .grad (+=), a buffer
+    a collective fills, are not counted again; neither are gloo's own copies inside a collective (they never surface
+    as an op's output; NCCL works in place)."""
 
     def __init__(self):
         super().__init__()
@@ -108,18 +111,61 @@ class LiveBytes(TorchDispatchMode):
         if self.alive.pop(key, None) is not None:
             self.cur -= n
 
+    @staticmethod
+    def _storages(tree):  # plain tensors' storages (a DTensor has none of its own; FSDP2 uses its local shard)
+        return [t.untyped_storage() for t in tree_leaves(tree)
+                if isinstance(t, torch.Tensor) and not t.is_meta and not hasattr(t, "_local_tensor")]
+
+    def _skip(self, s):
+        return False
+
+    def _now(self):
+        return self.cur
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {s.data_ptr() for s in self._storages((args, kwargs))}
         out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                s = t.untyped_storage()
-                key = (s.data_ptr(), s.nbytes())
-                if key[0] and key not in self.alive:
-                    self.alive[key] = True
-                    self.cur += key[1]
-                    self.peak = max(self.peak, self.cur)
-                    weakref.finalize(s, self._free, key, key[1])
+        for s in self._storages(out):
+            key = (s.data_ptr(), s.nbytes())
+            if key[0] and key not in self.alive and key[0] not in inputs and not self._skip(s):
+                self.alive[key] = True
+                self.cur += key[1]
+                weakref.finalize(s, self._free, key, key[1])
+        self._update()
         return out
+
+    def _update(self):
+        self.peak = max(self.peak, self._now())
+
+
+class FSDPLiveBytes(LiveBytes):
+    """LiveBytes for an FSDP2 model, whose gathered parameters live in storages FSDP2 allocates at a unit's first
+    all-gather and then only resizes (FSDPParam.all_gather_outputs: to the full size to gather, to 0 to reshard), so
+    a dispatch mode never sees them freed. They are left out of the followed storages and their CURRENT sizes are
+    read at every op: `peak` is the largest (followed storages + gathered parameters) alive at once, `at_peak` the
+    units gathered then. Enter it after a first forward + backward (every unit gathered once)."""
+
+    def __init__(self, model):
+        super().__init__()
+        from torch.distributed.fsdp import FSDPModule
+        self.units = []  # (unit name, its gathered storages)
+        for name, mod in model.named_modules():
+            group = mod._get_fsdp_state()._fsdp_param_group if isinstance(mod, FSDPModule) else None
+            if group is not None:
+                ts = [t for fp in group.fsdp_params for t in fp.all_gather_outputs]
+                assert ts, f"unit {name or 'root'} never gathered: run a forward + backward first"
+                self.units.append((name or "root", ts))
+        self.gathered_storages = {t.untyped_storage()._cdata for _, ts in self.units for t in ts}
+        self.at_peak = []
+
+    def _skip(self, s):
+        return s._cdata in self.gathered_storages
+
+    def _update(self):
+        gathered = {name: sum(t.untyped_storage().nbytes() for t in ts) for name, ts in self.units}
+        now = self.cur + sum(gathered.values())
+        if now > self.peak:
+            self.peak, self.at_peak = now, [u for u, n in gathered.items() if n]
 
 
 def measure_train(model, cfg, B, T, tiles, ac_model=None, fsdp=False):
@@ -157,6 +203,19 @@ def main():
                 r = measure_train(m, cfg, case["B"], case["T"], case["tiles"], fsdp=True)
         else:
             r = measure_train(m, cfg, case["B"], case["T"], case["tiles"], fsdp=True)
+        if case.get("step_peak"):  # a micro-batch after the first (gradients accumulated): forward + backward
+            ids, px, tgt = batch(cfg, case["B"], case["T"], case["tiles"])
+
+            def micro_batch(m=m):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(case.get("bf16"))):
+                    logp, ent = m(ids, px, targets=tgt, dummy_vision=True)
+                (-(logp.sum()) + 0.01 * ent.sum()).backward()
+
+            micro_batch()
+            live = FSDPLiveBytes(m)
+            with live:
+                micro_batch()
+            r["step_peak"], r["step_peak_units"] = live.peak, live.at_peak
         if case.get("rollout"):
             with sampler.unsharded(m) as g:  # the gathered weights a rollout decodes with
                 r["gathered"] = storage_bytes(list(g.parameters()))
@@ -168,6 +227,12 @@ def main():
             if case.get("tp"):  # tp.py: the 2 ranks form one TP group and generate the union of their prompts
                 import tp
                 group = tp.tp_group(2)
+                live = FSDPLiveBytes(m)  # tp.tp_model_from's peak: the TP model + the unit being gathered
+                with live:
+                    built = tp.tp_model_from(m, group)
+                r["tp_build_peak"], r["tp_build_units"] = live.peak, live.at_peak
+                built.to("meta")
+                del built
                 with tp.tp_rollout_model(m, group) as policy:
                     r["tp_weights"] = storage_bytes(list(policy.parameters()))
                     st = {}

@@ -113,7 +113,10 @@ def test_grpo_fsdp_two_processes_resume(sft_model, tmp_path):
     run("grpo.py", base(synth, hf, a) + ["--buffer_frac=0.25"], nproc=2)  # the buffer: per-rank state
     m = log(a)
     assert sorted(m) == [0, 1, 2, 3, 4] and any(m[s]["gnorm"] > 0 for s in range(1, 5))
-    assert sum(m[s]["buffer_rows"] for s in range(1, 5)) > 0
+    # buffer_frac is the share of the update batch: 8 fresh rows a rank -> round(0.25 / 0.75 * 8) = 3 buffered
+    # (fewer while the buffer holds fewer); none at step 1, nothing earlier to draw from
+    assert m[1]["buffer_rows"] == 0 and max(m[s]["buffer_rows"] for s in range(2, 5)) == 6
+    assert all(m[s]["train_rows"] == 16 + m[s]["buffer_rows"] for s in range(1, 5))
     b = str(tmp_path / "b")
     shutil.copytree(a, b)
     shutil.rmtree(os.path.join(b, "ckpt_0000004"))
@@ -205,15 +208,42 @@ def test_grpo_every_option_runs(sft_model, tmp_path):
 
 
 def test_drgrpo_normaliser_ignores_the_length_schedule(sft_model, tmp_path):
-    # Dr.GRPO's normaliser is one constant for the run: the same batch gives the same loss whether or not the
-    # length schedule later grows (before, it followed the schedule: twice the length, half the gradient)
+    # Dr.GRPO's normaliser is one constant for the run (default: the schedule's longest length), not the current
+    # length of the schedule (before: 16 at step 1, 24 at step 2 -- the gradient changed with the schedule)
     synth, hf = sft_model
-    args = ["--max_steps=1", "--loss_agg=seq_sum_const", "--std_norm=False", "--val_data=", "--dump_every=0",
-            "--save_every=1", "--seq_sum_norm=48"]
+    rec = tmp_path / "norms.txt"
+    run("grpo.py", base(synth, hf, str(tmp_path / "a")) + ["--max_steps=2", "--loss_agg=seq_sum_const",
+        "--std_norm=False", "--val_data=", "--dump_every=0", "--max_new_tokens=[[0, 16], [1, 24]]"],
+        faults=[f"record_norm={rec}"])
+    norms = {float(x) for x in rec.read_text().split()}
+    assert norms == {24.0}, norms
+    rec.unlink()
+    run("grpo.py", base(synth, hf, str(tmp_path / "b")) + ["--max_steps=1", "--loss_agg=seq_sum_const",
+        "--val_data=", "--dump_every=0", "--seq_sum_norm=100"], faults=[f"record_norm={rec}"])
+    assert {float(x) for x in rec.read_text().split()} == {100.0}
+
+
+def test_group_filter_is_accuracy_by_default(sft_model, tmp_path):
+    # DAPO / OR1 filter groups on accuracy: groups whose rewards differ only by the format reward are not
+    # informative by default (drop_zero_adv trains on none of them); group_filter=reward keeps them
+    synth, hf = sft_model
+    args = ["--max_steps=1", "--val_data=", "--dump_every=0", "--drop_zero_adv=True"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    run("grpo.py", base(synth, hf, a) + args + ["--max_new_tokens=[[0, 24]]"])
-    run("grpo.py", base(synth, hf, b) + args + ["--max_new_tokens=[[0, 24], [5, 48]]"])
-    assert log(a)[1]["gnorm"] > 0 and log(b)[1]["gnorm"] == pytest.approx(log(a)[1]["gnorm"], rel=1e-6)
+    out = run("grpo.py", base(synth, hf, a) + args, faults=["scores=format_only"]).stdout
+    assert log(a)[1]["train_rows"] == 0 and "no informative samples on any rank: update skipped" in out
+    run("grpo.py", base(synth, hf, b) + args + ["--group_filter=reward"], faults=["scores=format_only"])
+    assert log(b)[1]["train_rows"] == 16 and log(b)[1]["gnorm"] > 0
+
+
+def test_a_rank_with_nothing_to_train_on_still_joins(sft_model, tmp_path):
+    # rank 1 has no informative group (all its rewards 0) and drops every sample; rank 0 trains. Rank 1 still runs
+    # zero-weight passes, so the FSDP collectives match, and the step completes on both
+    synth, hf = sft_model
+    a = str(tmp_path / "a")
+    run("grpo.py", base(synth, hf, a) + ["--max_steps=1", "--val_data=", "--dump_every=0", "--drop_zero_adv=True",
+        "--group_filter=reward"], nproc=2, faults=["scores=format_only@0", "scores=zero@1"])
+    m = log(a)[1]
+    assert m["train_rows"] == 8 and m["gnorm"] > 0 and m["skipped"] == 0
 
 
 def test_grpo_nonfinite_step_is_skipped(sft_model, tmp_path):

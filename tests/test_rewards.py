@@ -6,7 +6,7 @@ import time
 import pytest
 
 import rewards
-from rewards import score, score_batch
+from rewards import score, score_batch, to_letter
 
 _real_worker = rewards._verify_worker
 _real_verify_many = rewards.verify_many
@@ -317,3 +317,14 @@ def test_crashed_worker_fails_only_its_own_item(monkeypatch):
     monkeypatch.undo()
     rewards.close()
     assert score("r</think>\\boxed{\\frac{3}{6}}", "0.5")['accuracy'] == 1
+
+
+def test_multiple_choice_letter_with_a_justification_is_not_a_hedge():
+    # a capital in the justification ("because A is wrong") or a unit ("5 A") is not a second option
+    opts = ["3 cm", "5 cm", "7 cm", "9 cm"]
+    for t in ["(B) because A is wrong", "B) 5 cm, since C is wrong", "B. Since A and C fail", "(B), as (A) gives 3 cm"]:
+        assert to_letter(t, opts) == "B", t
+    for t in ["(B) or (C)", "B) or C)", "(B)(C)", "B.C.", "B:C", "B) 7 cm", "(B) and (C)", "B) 5 cm or C"]:
+        assert to_letter(t, opts) is None, t  # the hedges stay hedges
+    assert to_letter("C: I = 5 A", ["I = 2 A", "I = 3 A", "I = 5 A", "I = 7 A"]) == "C"
+    assert to_letter("C) I = 5 A", ["I = 2 A", "I = 3 A", "I = 5 A", "I = 7 A"]) == "C"

@@ -1,7 +1,7 @@
 """viewer.py in a real browser: the pages are rendered by headless Chromium (Debian's chromium, driven over the
 DevTools protocol by viewer.Chromium) and the checks read the DOM after the page's script ran: the samples shown,
 images decoded, token colours, filters, pagination, curves, no JS error, no request leaving the file, and a
-non-blank screenshot. Pages come from synthetic dumps in design.md's format (tests/viewer_dumps.py) and from a
+non-blank screenshot. Pages come from synthetic dumps in viewer.py's formats (tests/viewer_dumps.py) and from a
 tiny real run (data -> SFT -> GRPO -> eval). Hostile model output must show as text and run nothing. Bad input
 stops with file:line. The README's screenshots are PNGs of at most 200 KB."""
 import io
@@ -17,7 +17,7 @@ import viewer_dumps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CI = os.environ.get("CI") == "true"
-# the keys design.md's DUMP FORMATS promise (the real run must write them all)
+# the keys viewer.py's docstring promises (the real run must write them all)
 GROUP_KEYS = {"step", "prompt_index", "id", "question", "images", "answer", "options", "domain", "difficulty",
               "samples"}
 SAMPLE_KEYS = {"response", "pieces", "tokens", "logp", "entropy", "train_logp", "advantage", "reward", "accuracy",
@@ -113,7 +113,7 @@ def assert_screenshot(b):
     assert hi - lo > 100
 
 # -----------------------------------------------------------------------------
-# synthetic dumps in design.md's format
+# synthetic dumps in viewer.py's formats
 
 
 def test_rollouts_page(browser, demo):
@@ -329,7 +329,7 @@ def test_real_run_pages(browser, real):
     with open(f"{real}/grpo/rollouts.jsonl") as f:
         dump = [json.loads(line) for line in f if line.strip()]
     assert dump, "grpo.py --dump_every=1 wrote no rollouts"
-    assert not GROUP_KEYS - set(dump[0]), f"rollouts.jsonl lacks design.md keys {sorted(GROUP_KEYS - set(dump[0]))}"
+    assert not GROUP_KEYS - set(dump[0]), f"rollouts.jsonl lacks the documented keys {sorted(GROUP_KEYS - set(dump[0]))}"
     for g in dump:
         for s in g["samples"]:
             assert not SAMPLE_KEYS - set(s), f"a rollouts.jsonl sample lacks {sorted(SAMPLE_KEYS - set(s))}"

@@ -1,4 +1,4 @@
-"""Synthetic run directories in the dump formats of design.md, for tests/test_viewer.py and the README screenshots
+"""Synthetic run directories in the dump formats of viewer.py's docstring, for tests/test_viewer.py and the README screenshots
 until they are made from speedrun.sh's output:
 
     python tests/viewer_dumps.py out/viewer_demo   # -> out/viewer_demo/{grpo,eval_grpo,eval_sft,entropy}
