@@ -261,27 +261,6 @@ def rollout_round(policy, idx, seeds, max_new, budget):
     return d if tp == 1 else take(d, range(mine.start * group_size, mine.stop * group_size))
 
 
-def mix_in_buffer(train, step):
-    """R1V2 SSB: draw buffer_frac of the update batch from EARLIER steps' non-zero-A samples (|A|-weighted, capped
-    uses and age: rl.SampleBuffer), then remember this step's. Buffered rows get row -1 (not in this step's logs)."""
-    old = buffer.draw(round(buffer_frac / (1 - buffer_frac) * len(train["prompt"])), step,
-                      torch.Generator().manual_seed(seed + 31 * step + rank))
-    buffer.add([dict(prompt=int(train["prompt"][r]), length=int(L), adv=float(train["adv"][r]),
-                     tokens=train["tokens"][r, :L].tolist(), logp=train["logp"][r, :L].tolist())
-                for r, L in enumerate(train["length"].tolist()) if train["adv"][r] != 0], step)
-    if not old:
-        return train
-    W = max(train["tokens"].shape[1], max(len(s["tokens"]) for s in old))
-    rows = dict(prompt=torch.tensor([s["prompt"] for s in old]), length=torch.tensor([s["length"] for s in old]),
-                adv=torch.tensor([s["adv"] for s in old]), row=torch.full((len(old),), -1),
-                tokens=torch.zeros(len(old), W, dtype=torch.long), logp=torch.zeros(len(old), W))
-    for b, s in enumerate(old):
-        L = s["length"]
-        rows["tokens"][b, :L], rows["logp"][b, :L] = torch.tensor(s["tokens"]), torch.tensor(s["logp"])
-    pad = lambda t: torch.nn.functional.pad(t, (0, W - t.shape[1]))  # noqa: E731
-    return cat([dict(train, tokens=pad(train["tokens"]), logp=pad(train["logp"])), rows])
-
-
 def prompt_of(i):  # this step's (input_ids, pixel_values) of item i (a buffered sample's prompt is encoded again)
     if i not in step_prompts:
         step_prompts[i] = encode_prompt(tok, items[i], cfg, think, system_prompt or None)
@@ -432,8 +411,8 @@ while step < max_steps:
                      .nonzero()[:, 0])
     n_groups = len(fresh["prompt"]) // group_size  # the groups trained on
     train = {k: fresh[k] for k in ("prompt", "tokens", "logp", "length", "adv", "row")}
-    if buffer_frac > 0:  # R1V2 Selective Sample Buffer
-        train = mix_in_buffer(train, step)
+    if buffer_frac > 0:  # R1V2 Selective Sample Buffer: earlier steps' non-zero-A samples join the batch (row -1)
+        train = buffer.mix(train, buffer_frac, step, torch.Generator().manual_seed(seed + 31 * step + rank))
     from_buffer = train["row"] < 0
     ids, mask, sampler_logp = make_batch(train["prompt"], train["tokens"], train["logp"], train["length"])
     batch = dict(prompt=train["prompt"], ids=ids, mask=mask, adv=train["adv"].float())

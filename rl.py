@@ -241,6 +241,27 @@ class SampleBuffer:
         self.items = [it for it in self.items if it["uses"] < self.max_uses]
         return out
 
+    def mix(self, batch, frac, step, generator=None):
+        """One SSB step on a batch of padded tensors (prompt, length, adv, row: (N,); tokens, logp: (N, W)): draw
+        round(frac / (1 - frac) * N) samples from earlier steps, so that they are `frac` of the result, remember
+        the batch's non-zero-A rows, and return the batch with the drawn rows appended (row -1: not from this
+        step's rollouts), every row padded to one width."""
+        old = self.draw(round(frac / (1 - frac) * len(batch["prompt"])), step, generator)
+        self.add([dict(prompt=int(batch["prompt"][r]), length=int(L), adv=float(batch["adv"][r]),
+                       tokens=batch["tokens"][r, :L].tolist(), logp=batch["logp"][r, :L].tolist())
+                  for r, L in enumerate(batch["length"].tolist()) if batch["adv"][r] != 0], step)
+        if not old:
+            return batch
+        W = max(batch["tokens"].shape[1], max(s["length"] for s in old))
+        tokens, logp = torch.zeros(len(old), W, dtype=torch.long), torch.zeros(len(old), W)
+        for b, s in enumerate(old):
+            tokens[b, :s["length"]], logp[b, :s["length"]] = torch.tensor(s["tokens"]), torch.tensor(s["logp"])
+        pad = lambda t: torch.nn.functional.pad(t, (0, W - t.shape[1]))  # noqa: E731
+        col = lambda key: torch.tensor([s[key] for s in old])  # noqa: E731
+        out = {k: torch.cat([batch[k], col(k)]) for k in ("prompt", "length", "adv")}
+        return dict(out, row=torch.cat([batch["row"], torch.full((len(old),), -1)]),
+                    tokens=torch.cat([pad(batch["tokens"]), tokens]), logp=torch.cat([pad(batch["logp"]), logp]))
+
     def state_dict(self):
         return dict(max_size=self.max_size, max_uses=self.max_uses, max_age=self.max_age,
                     items=[dict(it) for it in self.items])

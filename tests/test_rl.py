@@ -300,6 +300,30 @@ def test_sample_buffer_caps_uses_and_age():
     assert [it["sample"]["id"] for it in buf.items] == [1, 2]
 
 
+def test_sample_buffer_mix_appends_earlier_rows_as_a_share_of_the_batch():
+    # SampleBuffer.mix is what grpo.py's loop calls: buffer_frac is the share of the RESULT that comes from the
+    # buffer; step 1 has nothing earlier; drawn rows keep their own tokens and sampler log-probs, padded to one width
+    def batch(step, W, advs):
+        N = len(advs)
+        return dict(prompt=torch.arange(N) + 10 * step, length=torch.full((N,), W), adv=torch.tensor(advs),
+                    row=torch.arange(N), tokens=torch.arange(N * W).view(N, W) + 100 * step,
+                    logp=-torch.rand(N, W, generator=torch.Generator().manual_seed(step)))
+    buf, g = rl.SampleBuffer(max_size=16), torch.Generator().manual_seed(0)
+    b1 = batch(1, 3, [1.0, -1.0, 0.0, 0.5, -0.5, 0.0])
+    assert buf.mix(b1, 0.25, step=1, generator=g) is b1 and len(buf) == 4  # the 4 non-zero-A rows are kept
+    b2 = batch(2, 5, [0.0] * 9)
+    out = buf.mix(b2, 0.25, step=2, generator=g)
+    assert len(out["prompt"]) == 12 and (out["row"] == -1).sum() == 3  # 0.25 / 0.75 * 9 = 3 = 25% of 12
+    assert out["tokens"].shape == out["logp"].shape == (12, 5) and torch.equal(out["tokens"][:9], b2["tokens"])
+    assert len(set(out["prompt"][9:].tolist())) == 3  # distinct samples
+    for r in range(9, 12):  # a drawn row is one of step 1's kept rows, with its tokens, log-probs and advantage
+        i = int(out["prompt"][r]) - 10
+        assert b1["adv"][i] != 0 and out["adv"][r] == b1["adv"][i] and out["length"][r] == 3
+        assert torch.equal(out["tokens"][r, :3], b1["tokens"][i]) and not out["tokens"][r, 3:].any()
+        torch.testing.assert_close(out["logp"][r, :3], b1["logp"][i])
+    assert len(buf) == 4  # step 2's rows all had A = 0: none added
+
+
 def test_sample_buffer_draws_in_proportion_to_abs_advantage():
     g = torch.Generator().manual_seed(1234)
     N = 4000
