@@ -233,6 +233,19 @@ def cat(ds):
             for k in ds[0]}
 
 
+def refuse_together(what, fn):
+    """fn() on every rank. The memory budget is agreed, but each rank's prompts are its own, so one rank alone may
+    find they do not fit (sampler.fit_chunks raises MemoryError): then every rank raises, none waits in a collective."""
+    err = out = None
+    try:
+        out = fn()
+    except MemoryError as e:
+        err = e
+    if agree(err is not None):
+        raise err or MemoryError(f"grpo.py: another rank's {what} does not fit the agreed memory budget (its error)")
+    return out
+
+
 def rollout_round(policy, idx, seeds, max_new, budget):
     """group_size samples of each prompt, scored. Returns the round as a batch dict, one row per sample: prompt
     index, tokens (R, max_new), sampler logp / entropy (R, max_new), lengths, truncated, reward, accuracy, format
@@ -241,15 +254,9 @@ def rollout_round(policy, idx, seeds, max_new, budget):
     mine = slice(0, len(idx))
     if tp > 1:
         idx, seeds, mine = tp_union(tp_pg, idx, seeds)
-    err = None
-    try:
-        out, texts, scores, prompts = rollout(policy, tok, [items[i] for i in idx], group_size, max_new, seeds,
-                                              think=think, system=system_prompt or None, temperature=temperature,
-                                              top_p=top_p, budget=budget, score_kw=score_kw, cuda_graph=cuda_graph)
-    except MemoryError as e:  # the budget is agreed, but each rank's prompts are its own: refuse together
-        err = e
-    if agree(err is not None):
-        raise err or MemoryError("grpo.py: another rank's rollout does not fit the agreed memory budget (its error)")
+    out, texts, scores, prompts = refuse_together("rollout", lambda: rollout(
+        policy, tok, [items[i] for i in idx], group_size, max_new, seeds, think=think, system=system_prompt or None,
+        temperature=temperature, top_p=top_p, budget=budget, score_kw=score_kw, cuda_graph=cuda_graph))
     if tp > 1:
         check_same(tp_pg, out.tokens)  # every rank of the group drew the same tokens
     step_prompts.update(zip(idx[mine], prompts[mine]))
@@ -322,9 +329,9 @@ def validate():
     share = val_items[rank // tp::world_size // tp]
     with (tp_rollout_model(model, tp_pg) if tp > 1 else unsharded(model)) as policy:  # collective, even with no items
         budget = agree_min(memory_budget(device))
-        rows = evaluate(policy, tok, share, 1, 0.0, length_at(step), "think" if think else "nothink",
-                        system=system_prompt or None, log=lambda *a: None, tokens=False,
-                        budget=budget) if share else []
+        rows = refuse_together("validation", lambda: evaluate(
+            policy, tok, share, 1, 0.0, length_at(step), "think" if think else "nothink", system=system_prompt or None,
+            log=lambda *a: None, tokens=False, budget=budget) if share else [])
     rows = rows if rank % tp == 0 else []
     correct, total = all_reduce_sum(sum(r["correct"] for r in rows), len(rows))
     return correct / max(total, 1)

@@ -153,11 +153,11 @@ class EntropyControl:
         self.c = min(max(self.c + (self.delta if e < self.target else -self.delta), 0.0), self.c_max)
         return alpha
 
-    def state_dict(self):
-        return dict(target=self.target, delta=self.delta, c_max=self.c_max, c=self.c)
+    def state_dict(self):  # the state only: target, delta and c_max come from the config (a resume may change them)
+        return dict(c=self.c)
 
     def load_state_dict(self, sd):
-        self.target, self.delta, self.c_max, self.c = sd["target"], sd["delta"], sd["c_max"], sd["c"]
+        self.c = sd["c"]
 
 
 # -----------------------------------------------------------------------------
@@ -262,10 +262,8 @@ class SampleBuffer:
         return dict(out, row=torch.cat([batch["row"], torch.full((len(old),), -1)]),
                     tokens=torch.cat([pad(batch["tokens"]), tokens]), logp=torch.cat([pad(batch["logp"]), logp]))
 
-    def state_dict(self):
-        return dict(max_size=self.max_size, max_uses=self.max_uses, max_age=self.max_age,
-                    items=[dict(it) for it in self.items])
+    def state_dict(self):  # the samples only: the caps come from the config (a resume may change them)
+        return dict(items=[dict(it) for it in self.items])
 
     def load_state_dict(self, sd):
-        self.max_size, self.max_uses, self.max_age = sd["max_size"], sd["max_uses"], sd["max_age"]
-        self.items = [dict(it) for it in sd["items"]]
+        self.items = [dict(it) for it in sd["items"]][-self.max_size:]

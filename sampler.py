@@ -220,11 +220,12 @@ def prefill_bytes(cfg, max_tokens, dtype):
 def memory_budget(device):
     """Bytes a rollout may allocate now: free CUDA memory once the allocator has returned what it caches but does
     not use (counting that cached memory as free would count the free space inside segments that still hold live
-    tensors, which one big cache tensor cannot use); on the CPU the available RAM."""
+    tensors, which one big cache tensor cannot use); on the CPU this process's share of the available RAM (the
+    host's ranks share it: torchrun's LOCAL_WORLD_SIZE)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def fit_chunks(cfg, lengths, n, max_new, dtype, budget, mode="sample", prefill_tokens=16384, ban=True):

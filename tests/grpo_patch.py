@@ -5,6 +5,7 @@ FAULTs (`@R`: on rank R only):
     nan_step=S[@R]        the loss of step S (1-based) is NaN
     raise_step=S[@R]      the rank raises inside step S's update
     budget=B[@R]          sampler.memory_budget() reports B bytes
+    oom=1[@R]             sampler.fit_chunks() raises MemoryError (this rank's prompts do not fit the agreed budget)
     scores=zero[@R]       every reward, accuracy and format is 0 (no group is informative)
     scores=format_only[@R]  accuracy 0 everywhere, format alternating 1/0: rewards vary, accuracies do not
     record_norm=PATH      append each loss aggregation's normaliser (norm_const) to PATH, one per line
@@ -47,6 +48,10 @@ for f in faults:
         rl.ppo_clip_loss = patched
     elif key == "budget":
         sampler.memory_budget = lambda device, _b=int(val): _b
+    elif key == "oom":
+        def oom(*a, **k):
+            raise MemoryError(f"injected: rank {rank}'s prompts do not fit the budget")
+        sampler.fit_chunks = oom
     elif key == "scores":
         def fake(texts, *a, _mode=val, **k):
             return [dict(accuracy=0, format=int(_mode == "format_only" and i % 2 == 0), pred=None, timeout=False,

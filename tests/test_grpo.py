@@ -267,9 +267,16 @@ def test_rank_local_faults_are_decided_by_all_ranks(sft_model, tmp_path):
     args = base(synth, hf, a) + ["--max_steps=2", "--val_data=", "--save_every=2"]
     out = run("grpo.py", args, nproc=2, faults=["nan_step=2@1"]).stdout  # a NaN on rank 1 only: both skip
     assert [log(a)[s]["skipped"] for s in (1, 2)] == [0, 1] and "update skipped" in out
-    t0 = time.time()  # the KV-cache budget: rank 1 alone is short of memory; both refuse, with the sizes
+    t0 = time.time()  # the KV-cache budget (agreed: the smallest rank's) is too small: every rank says so, with sizes
     p = run("grpo.py", base(synth, hf, str(tmp_path / "b")), nproc=2, faults=["budget=1000@1"], ok=False)
     assert p.returncode != 0 and "budget is" in p.stderr and time.time() - t0 < 90
+    # rank 1's own prompts alone do not fit, in a rollout and in the validation: both ranks refuse together (rank 0
+    # raising its own error naming the other rank) instead of rank 0 waiting in a collective until the watchdog
+    # stops it
+    for what, extra in (("rollout", ["--val_data="]), ("validation", [])):
+        p = run("grpo.py", base(synth, hf, str(tmp_path / f"b_{what}")) + extra, nproc=2, faults=["oom=1@1"], ok=False)
+        assert p.returncode != 0 and "injected: rank 1's prompts do not fit" in p.stderr
+        assert f"another rank's {what} does not fit" in p.stderr, p.stderr[-3000:]  # rank 0's own error
     t0 = time.time()  # an exception on rank 1 mid-update: both stop within a minute, the last checkpoint intact
     c = str(tmp_path / "c")
     p = run("grpo.py", base(synth, hf, c) + ["--val_data="], nproc=2, faults=["raise_step=3@1"], ok=False)

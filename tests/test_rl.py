@@ -222,9 +222,16 @@ def test_entropy_control_trajectory_and_resume():
     ec = rl.EntropyControl(target=0.2, delta=0.1, c_max=0.25)
     for e in ents[:5]:
         ec.update(e)
-    ec2 = rl.EntropyControl()
+    ec2 = rl.EntropyControl(target=0.2, delta=0.1, c_max=0.25)
     ec2.load_state_dict(json.loads(json.dumps(ec.state_dict())))
     assert [ec2.update(e) for e in ents[5:]] == pytest.approx(want_alpha[5:], abs=1e-9)
+    # the settings are the resumed run's own, not the checkpoint's: a run saved without entropy control (target 0)
+    # and resumed with one must control the entropy (it did not: the checkpoint's target 0 came back)
+    off = rl.EntropyControl(target=0.0, delta=0.1, c_max=0.25)
+    off.update(0.05)
+    on = rl.EntropyControl(target=0.2, delta=0.1, c_max=0.25)
+    on.load_state_dict(json.loads(json.dumps(off.state_dict())))
+    assert on.target == 0.2 and [on.update(0.05) for _ in range(3)] == pytest.approx([0.0, 0.1, 0.2], abs=1e-9)
 
 
 # -----------------------------------------------------------------------------
@@ -340,12 +347,16 @@ def test_sample_buffer_state_dict_round_trip():
     buf = rl.SampleBuffer(max_size=3, max_uses=3, max_age=5)
     buf.add([S(0, 0.5), S(1, -1.5), S(2, 0.0), S(3, 2.5)], step=0)
     buf.draw(1, 1, torch.Generator().manual_seed(3))
-    buf2 = rl.SampleBuffer()
+    buf2 = rl.SampleBuffer(max_size=3, max_uses=3, max_age=5)
     buf2.load_state_dict(json.loads(json.dumps(buf.state_dict())))
-    assert (buf2.max_size, buf2.max_uses, buf2.max_age, buf2.items) == (3, 3, 5, buf.items)
+    assert buf2.items == buf.items
     s1 = buf.draw(2, 2, torch.Generator().manual_seed(7))
     s2 = buf2.draw(2, 2, torch.Generator().manual_seed(7))
     assert s1 == s2 and buf.items == buf2.items
+    # the caps are the resumed run's own: a smaller buffer keeps the newest samples, max_uses=1 applies at once
+    small = rl.SampleBuffer(max_size=1, max_uses=1, max_age=5)
+    small.load_state_dict(json.loads(json.dumps(buf.state_dict())))
+    assert small.items == buf.items[-1:] and len(small.draw(1, 3)) == 1 and len(small) == 0
 
 
 # -----------------------------------------------------------------------------

@@ -242,6 +242,15 @@ def test_budget_chunks_and_refusal(models, prompts):
         generate(m, [(prompts[0][0], None)], max_new_tokens=2)
 
 
+def test_cpu_budget_is_this_ranks_share_of_the_host(monkeypatch):
+    # torchrun's ranks on one host share its RAM: each may plan for 1/LOCAL_WORLD_SIZE of what is available, not all
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    whole = sampler.memory_budget(torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    share = sampler.memory_budget(torch.device("cpu"))
+    assert whole > 0 and 3.5 < whole / share < 4.5
+
+
 def test_compaction_shrinks_batch():
     # many rows end early: compaction must drop them (decode batch shrinks) and not change any output; the static
     # bucketed path (what CUDA graphs replay) gives the same rollouts
