@@ -71,28 +71,29 @@ def sample_next(logits, u, temperature=1.0, top_k=0, top_p=1.0, ban=None):
     p_raw = logp_raw.exp()
     entropy = -(p_raw * logp_raw).sum(dim=-1)
     V = logits.shape[-1]
-    x = logits if ban is None else logits.index_fill(-1, ban, float("-inf"))  # banned ids: never drawn
-    if temperature == 0:  # greedy
-        tok = x.argmax(dim=-1)
+    if temperature == 1.0 and not 0 < top_k < V and top_p >= 1.0:
+        # plain sampling from the policy (the rollouts): reuse the softmax; a banned id gets probability 0 (the cdf
+        # renormalises): one (B, V) copy
+        probs = p_raw if ban is None else p_raw.index_fill(-1, ban, 0.0)
     else:
-        if temperature == 1.0 and not 0 < top_k < V and top_p >= 1.0:
-            # plain sampling from the policy: reuse the softmax; a banned id's probability 0 (the cdf renormalises)
-            probs = p_raw if ban is None else p_raw.index_fill(-1, ban, 0.0)
-        else:
-            x = x / temperature
-            if 0 < top_k < x.shape[-1]:
-                kth = torch.topk(x, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
-                x = x.masked_fill(x < kth, float("-inf"))
-            if top_p < 1.0:  # nucleus (Holtzman et al. 2020): smallest set of top tokens with mass >= top_p
-                srt, order = torch.sort(x, dim=-1, descending=True)
-                p = srt.softmax(dim=-1)
-                drop = (p.cumsum(dim=-1) - p) >= top_p  # the mass BEFORE this token reaches top_p; keeps the top-1
-                x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-            probs = x.softmax(dim=-1)
-        # inverse CDF: the first token whose cumulative probability exceeds u * total. fp64 keeps a 152k vocabulary
-        # exact enough, and a p = 0 token (a flat step of the cdf) can never be the first one above u * total
-        cdf = probs.double().cumsum(dim=-1)
-        tok = torch.searchsorted(cdf, u[:, None].double() * cdf[:, -1:], right=True)[:, 0].clamp(max=V - 1)
+        x = logits if ban is None else logits.index_fill(-1, ban, float("-inf"))  # banned ids: never drawn
+        if temperature == 0:  # greedy
+            tok = x.argmax(dim=-1)
+            return tok, logp_raw.gather(-1, tok[:, None])[:, 0], entropy
+        x = x / temperature
+        if 0 < top_k < V:
+            kth = torch.topk(x, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+            x = x.masked_fill(x < kth, float("-inf"))
+        if top_p < 1.0:  # nucleus (Holtzman et al. 2020): smallest set of top tokens with mass >= top_p
+            srt, order = torch.sort(x, dim=-1, descending=True)
+            p = srt.softmax(dim=-1)
+            drop = (p.cumsum(dim=-1) - p) >= top_p  # the mass BEFORE this token reaches top_p; keeps the top-1
+            x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        probs = x.softmax(dim=-1)
+    # inverse CDF: the first token whose cumulative probability exceeds u * total. fp64 keeps a 152k vocabulary
+    # exact enough, and a p = 0 token (a flat step of the cdf) can never be the first one above u * total
+    cdf = probs.double().cumsum(dim=-1)
+    tok = torch.searchsorted(cdf, u[:, None].double() * cdf[:, -1:], right=True)[:, 0].clamp(max=V - 1)
     return tok, logp_raw.gather(-1, tok[:, None])[:, 0], entropy
 
 

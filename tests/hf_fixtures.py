@@ -9,6 +9,7 @@ model.py, so a test that compares the two checks model.py against references no 
     write_original_layout(hf, dir, ...)  -> the same weights as an OpenGVLab `InternVLChatModel` checkpoint
     write_tokenizer(dir)                 -> tokenizer.json + tokenizer_config.json with <IMG_CONTEXT> at IMG_CONTEXT_ID
     make_batch(tiles_per_row, T, ...)    -> (input_ids (B,T), pixel_values (N_tiles,3,H,W) or None)
+    rand_prompt(g, n_text, n_tiles)      -> one (input_ids list, pixel_values or None) prompt for sampler.generate
     hf_logits(hf, input_ids, pv)         -> (B,T,vocab) reference logits
     rel_err(a, b)                        -> max|a-b| / max|b|
 """
@@ -241,3 +242,12 @@ def rel_err(a, b):
     a, b = a.detach().float(), b.detach().float()
     assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def rand_prompt(g, n_text, n_tiles):
+    # text tokens, an image span of n_tiles tiles after the first two tokens, more text
+    ids = torch.randint(0, N_REGULAR, (n_text,), generator=g).tolist()
+    if n_tiles:
+        ids = ids[:2] + [IMG_START_ID] + [IMG_CONTEXT_ID] * (TOKENS_PER_TILE * n_tiles) + [IMG_END_ID] + ids[2:]
+    pv = torch.randn(n_tiles, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) if n_tiles else None
+    return ids, pv

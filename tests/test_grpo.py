@@ -13,6 +13,8 @@ import time
 import pytest
 import torch
 
+from tiny_sft import tiny_sft
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRPO = ["--prompts_per_step=4", "--group_size=4", "--max_new_tokens=[[0, 24]]", "--micro_batch=8", "--val_n=8",
         "--eval_every=2", "--save_every=2", "--max_steps=4", "--lr=1e-3", "--dump_every=2"]
@@ -31,22 +33,7 @@ def run(script, args, nproc=1, ok=True, faults=None, timeout=400):
 
 @pytest.fixture(scope="module")
 def sft_model(tmp_path_factory):
-    sys.path.insert(0, ROOT)
-    from data.prepare import prepare
-    d = tmp_path_factory.mktemp("grpo")
-    synth = str(d / "synth")
-    prepare(synth, n_sft=64, n_rl=32, n_val=8, n_test=8)
-    # short traces, so that a tiny model learns the answer format in a few steps and rewards vary within groups
-    with open(f"{synth}/sft.jsonl") as f, open(f"{synth}/short.jsonl", "w") as g:
-        for line in f:
-            s = json.loads(line)
-            s["solution"] = "<think>\nI look.\n</think>\n\n\\boxed{" + s["answer"] + "}"
-            g.write(json.dumps(s) + "\n")
-    run("sft.py", [f"--out_dir={d}/sft", f"--data={synth}/short.jsonl", f"--val_data=",
-                   f"--tokenizer={synth}/tokenizer", "--n_layer=1", "--n_embd=32", "--n_head=2", "--n_kv_head=1",
-                   "--vit_hidden=32", "--vit_layers=1", "--vit_heads=2", "--max_steps=40", "--batch_size=16",
-                   "--lr=1e-2", "--warmup_frac=0.1"])
-    return synth, f"{d}/sft/hf"
+    return tiny_sft(str(tmp_path_factory.mktemp("grpo")))
 
 
 def base(synth, hf, out):

@@ -38,6 +38,15 @@ def show():
     TABLE.clear()
 
 
+def tiny_model(cfg, train, ac):  # seeded, with the training switches and activation checkpointing as given
+    torch.manual_seed(0)
+    m = VLM(cfg)
+    set_trainable(m, *train)
+    if ac:
+        apply_activation_checkpointing(m)
+    return m
+
+
 def sft_config(B, T, train, ac):
     return dict(max_len=T, batch_size=B, grad_accum=1, train_vit=train[0], train_connector=train[1],
                 train_llm=train[2], activation_checkpointing=ac, val_data="")
@@ -58,11 +67,7 @@ CASES = [("all trained", {}, (1, 1, 1), False),
 def test_one_process_states_and_activations(name, kw, train, ac):
     cfg, B, T = tiny_cfg(**kw), 3, 40
     tiles = plan.image_tiles(cfg)  # one image per sample: max_tiles + thumbnail
-    torch.manual_seed(0)
-    m = VLM(cfg)
-    set_trainable(m, *train)
-    if ac:
-        apply_activation_checkpointing(m)
+    m = tiny_model(cfg, train, ac)
     got = measure_train(m, cfg, B, T, tiles)
     d = plan.plan_run("sft", sft_config(B, T, train, ac), cfg, gpus=1, device="cpu")
     tr = d["phases"]["train"]
@@ -80,11 +85,7 @@ def test_one_process_bf16_activations():
                           (dict(vit_norm="rms_norm", vit_qk_norm=True), (1, 1, 1), False)):
         cfg, B, T = tiny_cfg(**kw), 2, 48
         tiles = plan.image_tiles(cfg)
-        torch.manual_seed(0)
-        m = VLM(cfg)
-        set_trainable(m, *train)
-        if ac:
-            apply_activation_checkpointing(m)
+        m = tiny_model(cfg, train, ac)
         m = m.to(torch.bfloat16)
         ids, px, tgt = batch(cfg, B, T, tiles)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -159,11 +160,7 @@ def test_one_process_training_step_peak():
                                 (dict(vocab_size=64, mlp_hidden=1024, n_layer=4), 2, 800, (0, 1, 0), True)):
         cfg = tiny_cfg(**kw)
         tiles = plan.image_tiles(cfg)
-        torch.manual_seed(0)
-        m = VLM(cfg)
-        set_trainable(m, *train)
-        if ac:
-            apply_activation_checkpointing(m)
+        m = tiny_model(cfg, train, ac)
         ids, px, tgt = batch(cfg, B, T, tiles)
         logp, ent = m(ids, px, targets=tgt)  # the first micro-batch creates the gradients
         (-(logp.sum()) + 0.01 * ent.sum()).backward()

@@ -18,7 +18,6 @@ import sampler
 from model import VLM, VLMConfig
 from sampler import generate
 
-TPT = hx.TOKENS_PER_TILE
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -30,15 +29,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def rand_prompt(g, n_text, n_tiles):
-    # text tokens, an image span of n_tiles tiles somewhere after the first token, more text
-    ids = torch.randint(0, hx.N_REGULAR, (n_text,), generator=g).tolist()
-    if n_tiles:
-        ids = ids[:2] + [hx.IMG_START_ID] + [hx.IMG_CONTEXT_ID] * (TPT * n_tiles) + [hx.IMG_END_ID] + ids[2:]
-    pv = torch.randn(n_tiles, 3, hx.IMAGE_SIZE, hx.IMAGE_SIZE, generator=g) if n_tiles else None
-    return ids, pv
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +47,7 @@ def models(hf_dir):
 @pytest.fixture(scope="module")
 def prompts():
     g = torch.Generator().manual_seed(1)
-    return [rand_prompt(g, 7, 1), rand_prompt(g, 3, 0), rand_prompt(g, 12, 2), rand_prompt(g, 5, 1)]
+    return [hx.rand_prompt(g, 7, 1), hx.rand_prompt(g, 3, 0), hx.rand_prompt(g, 12, 2), hx.rand_prompt(g, 5, 1)]
 
 
 def rows(out):

@@ -17,6 +17,7 @@ import torch
 import hf_fixtures as hx
 import kernels
 import tp_worker
+from tiny_sft import tiny_sft
 from model import VLM, VLMConfig
 from sampler import generate
 from tp import check_tp, split_dim, tp_config, tp_slice
@@ -211,24 +212,9 @@ def test_cli_tp2_prints_the_one_process_text_on_rank0(hf_dirs, tmp_path, capsys)
 
 @pytest.fixture(scope="module")
 def sft_tp_model(tmp_path_factory):
-    # tests/test_grpo.py's fixture with 2 kv heads (tp=2 splits them): a tiny SFT'd model whose rewards vary within
+    # test_grpo.py's fixture with 2 kv heads (tp=2 splits them): a tiny SFT'd model whose rewards vary within
     # groups, so the update has real gradients (Adam's first step is ~lr * sign(g): float noise must not decide it)
-    from data.prepare import prepare
-    d = tmp_path_factory.mktemp("tp_grpo")
-    synth = str(d / "synth")
-    prepare(synth, n_sft=64, n_rl=32, n_val=8, n_test=8)
-    with open(f"{synth}/sft.jsonl") as f, open(f"{synth}/short.jsonl", "w") as g:
-        for line in f:
-            s = json.loads(line)
-            s["solution"] = "<think>\nI look.\n</think>\n\n\\boxed{" + s["answer"] + "}"
-            g.write(json.dumps(s) + "\n")
-    p = subprocess.run([sys.executable, "sft.py", f"--out_dir={d}/sft", f"--data={synth}/short.jsonl", "--val_data=",
-                        f"--tokenizer={synth}/tokenizer", "--n_layer=1", "--n_embd=32", "--n_head=2", "--n_kv_head=2",
-                        "--vit_hidden=32", "--vit_layers=1", "--vit_heads=2", "--max_steps=40", "--batch_size=16",
-                        "--lr=1e-2", "--warmup_frac=0.1"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return synth, f"{d}/sft/hf"
+    return tiny_sft(str(tmp_path_factory.mktemp("tp_grpo")), n_kv_head=2)
 
 
 def test_grpo_step_tp2_equals_tp1(sft_tp_model, tmp_path):

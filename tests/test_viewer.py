@@ -14,6 +14,7 @@ import pytest
 
 import viewer
 import viewer_dumps
+from tiny_sft import tiny_sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CI = os.environ.get("CI") == "true"
@@ -268,7 +269,7 @@ def test_bad_input(tmp_path, capsys):
     assert "log.jsonl:2: incomplete last line" in capsys.readouterr().err
     sample = {"response": "ab", "pieces": ["a", "b"], "entropy": [0.1], "logp": [-1, -2]}
     (g / "rollouts.jsonl").write_text(json.dumps({"step": 1, "samples": [sample]}) + "\n")
-    assert f"rollouts.jsonl:1: sample 0: 'entropy' must be a list with one number per piece (2), got 1" in error(g)
+    assert "rollouts.jsonl:1: sample 0: 'entropy' must be a list with one number per piece (2), got 1" in error(g)
     (g / "rollouts.jsonl").write_text("\n" + json.dumps({"step": 1, "response": "old", "reward": 1}) + "\n")
     assert "rollouts.jsonl:2: no 'samples' list (one line per sample" in error(g)
     (g / "rollouts.jsonl").write_text("[1, 2]\n")
@@ -302,19 +303,9 @@ def run(script, args):
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    from data.prepare import prepare
     d = str(tmp_path_factory.mktemp("viewer_real"))
-    synth = f"{d}/synth"
-    prepare(synth, n_sft=64, n_rl=16, n_val=4, n_test=8)
-    # short traces with a critical word, so that a tiny model learns the format in a few steps
-    with open(f"{synth}/sft.jsonl") as f, open(f"{synth}/short.jsonl", "w") as g:
-        for line in f:
-            s = json.loads(line)
-            s["solution"] = "<think>\nI look. Wait, I count.\n</think>\n\n\\boxed{" + s["answer"] + "}"
-            g.write(json.dumps(s) + "\n")
-    run("sft.py", [f"--out_dir={d}/sft", f"--data={synth}/short.jsonl", "--val_data=", f"--tokenizer={synth}/tokenizer",
-                   "--n_layer=1", "--n_embd=32", "--n_head=2", "--n_kv_head=1", "--vit_hidden=32", "--vit_layers=1",
-                   "--vit_heads=2", "--max_steps=40", "--batch_size=16", "--lr=1e-2", "--warmup_frac=0.1"])
+    # a critical word in every trace, so that the pages have critical tokens to mark
+    synth, _ = tiny_sft(d, n_rl=16, n_val=4, thought="I look. Wait, I count.")
     run("grpo.py", [f"--out_dir={d}/grpo", f"--init_from={d}/sft/hf", f"--data={synth}/rl.jsonl",
                     f"--val_data={synth}/val.jsonl", "--prompts_per_step=4", "--group_size=4",
                     "--max_new_tokens=[[0, 24]]", "--micro_batch=16", "--val_n=4", "--eval_every=2",

@@ -23,23 +23,13 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import hf_fixtures as hx  # noqa: E402
 
-TPT = hx.TOKENS_PER_TILE
-
-
-def rand_prompt(g, n_text, n_tiles):
-    # text tokens, an image span of n_tiles tiles after the first two tokens, more text
-    ids = torch.randint(0, hx.N_REGULAR, (n_text,), generator=g).tolist()
-    if n_tiles:
-        ids = ids[:2] + [hx.IMG_START_ID] + [hx.IMG_CONTEXT_ID] * (TPT * n_tiles) + [hx.IMG_END_ID] + ids[2:]
-    pv = torch.randn(n_tiles, 3, hx.IMAGE_SIZE, hx.IMAGE_SIZE, generator=g) if n_tiles else None
-    return ids, pv
 
 
 def prompts():
     """Ragged prompts (3..23 tokens) with 1, 0, 2 and 1 tiles, and two text-only ones."""
     g = torch.Generator().manual_seed(1)
-    return [rand_prompt(g, 7, 1), rand_prompt(g, 3, 0), rand_prompt(g, 12, 2), rand_prompt(g, 5, 1),
-            rand_prompt(g, 9, 0), rand_prompt(g, 4, 0)]
+    return [hx.rand_prompt(g, 7, 1), hx.rand_prompt(g, 3, 0), hx.rand_prompt(g, 12, 2), hx.rand_prompt(g, 5, 1),
+            hx.rand_prompt(g, 9, 0), hx.rand_prompt(g, 4, 0)]
 
 
 EOS = list(range(0, hx.N_REGULAR, 5))  # 24 of 128 ids: rows end at different steps, so compaction runs
