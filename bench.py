@@ -27,7 +27,7 @@ import torch
 
 from configurator import configure
 from model import VLM, VLMConfig
-import kernels
+import decode_kernels
 import sampler
 
 # ----------------------------------------------------------------------------- config
@@ -379,7 +379,7 @@ def gpu_bench():
                     except torch.OutOfMemoryError:
                         continue
                     lens = torch.full((B,), L, device=dev)
-                    t_tr = timeit(lambda: kernels.decode_attention(q, kc, vc, lens, len_bound=L))
+                    t_tr = timeit(lambda: decode_kernels.decode_attention(q, kc, vc, lens, len_bound=L))
                     t_sd = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(
                         q[:, :, None], kc, vc, enable_gqa=True))
                     nbytes = 2 * B * K * L * D * esize
@@ -387,7 +387,7 @@ def gpu_bench():
                     n = min(B, 8)
                     pk, pv, gk, gv = kc[:B // n], vc[:B // n], kc[:, :, :64], vc[:, :, :64]
                     plen, glen = torch.full((B // n,), L, device=dev), torch.full((B,), min(64, L), device=dev)
-                    t_sh = timeit(lambda: kernels.prefix_attention(q, pk, pv, plen, gk, gv, glen, n,
+                    t_sh = timeit(lambda: decode_kernels.prefix_attention(q, pk, pv, plen, gk, gv, glen, n,
                                                                    torch.arange(B, device=dev), gen_bound=64))
                     sh_bytes = 2 * (B // n * L + B * min(64, L)) * K * D * esize
                     attn_rows.append([shape, B, L, f"{t_tr * 1e6:.1f}", f"{nbytes / t_tr / 1e9:.0f}",

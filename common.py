@@ -38,6 +38,7 @@ from datetime import timedelta
 
 import numpy as np
 import torch
+from tqdm import tqdm
 import torch.nn as nn
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -602,6 +603,7 @@ def save_checkpoint(out_dir, step, model, optimizer, state, config, keep_last=No
     if rank == 0:
         _write_json(os.path.join(tmp, "state.json"), meta)
         _write_json(os.path.join(tmp, "model_config.json"), model_cfg)
+        write_env(tmp)
     _barrier()  # every rank's files are in tmp
 
     if rank == 0:
@@ -680,7 +682,8 @@ def export_hf(model, out_dir, tok=None, dtype=None):
     rank = _rank()
 
     def gathered():  # the same collectives in the same order on every rank
-        for name, p in model.named_parameters():  # a tied lm_head is wte's parameter: listed once
+        params = list(model.named_parameters())  # a tied lm_head is wte's parameter: listed once
+        for name, p in tqdm(params, desc=f"export {out_dir}", unit="tensor", disable=rank != 0, leave=False):
             t = _full_tensor(p)
             yield name, (t.to("cpu", dtype or t.dtype) if rank == 0 else None)
 
@@ -690,6 +693,7 @@ def export_hf(model, out_dir, tok=None, dtype=None):
             write_hf_checkpoint(out_dir, model.cfg, stream)
             if tok is not None:
                 tok.save_pretrained(out_dir)
+            write_env(out_dir)
         except Exception as e:  # finish the collectives so no rank is left waiting, then fail everywhere
             err = e
     for _ in stream:
@@ -714,6 +718,83 @@ def _raise_if_any_failed(err, what):
     failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
     if failed:
         raise RuntimeError(f"rank {_rank()}: {what} failed on rank {failed[0][0]}: {failed[0][1]}")
+
+# -----------------------------------------------------------------------------
+# what a run ran on: env.json in every run directory, checkpoint and export
+
+_PACKAGES = ("torch", "transformers", "triton", "tokenizers", "safetensors", "numpy", "pillow", "math-verify", "tqdm")
+_ENV = None
+
+
+def _cmd(args):
+    import subprocess
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment():
+    """What this process runs on, for env.json: Python, the packages that decide the numbers, GPUs and driver, the
+    code (git commit, dirty or not) and the command line. Computed once per process."""
+    global _ENV
+    if _ENV is None:
+        import importlib.metadata
+        import platform
+
+        def version(name):
+            try:
+                return importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                return None
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = _cmd(["git", "-C", here, "rev-parse", "HEAD"])
+        dirty = _cmd(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"])
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+            if torch.cuda.is_available() else []
+        driver = _cmd(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if gpus else None
+        _ENV = {"python": platform.python_version(), "platform": platform.platform(),
+                "packages": dict({n: version(n) for n in _PACKAGES}, torch=torch.__version__),  # with its +cpu/+cuXXX
+                "torch_cuda": torch.version.cuda,
+                "gpus": gpus, "gpu_count": len(gpus), "driver": driver.splitlines()[0] if driver else None,
+                "cpu_count": os.cpu_count(), "git_commit": commit, "git_dirty": None if dirty is None else bool(dirty),
+                "command": [sys.executable] + sys.argv, "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return _ENV
+
+
+def write_env(directory):
+    """Rank 0: directory/env.json (the run's environment(), see above). Written atomically."""
+    if _rank() != 0:
+        return
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, ".env.json.tmp")
+    _write_json(tmp, json.dumps(environment(), indent=2))
+    os.replace(tmp, os.path.join(directory, "env.json"))
+
+
+def wandb_init(enabled, project, name, config, out_dir, resume):
+    """Rank 0 with enabled: import wandb and start the run, or, when resuming, continue the run this out_dir started
+    (its id is kept in out_dir/wandb_run_id.txt). Call it before any heavy work: a missing wandb stops the job at
+    once, on every rank. Returns the wandb module (rank 0, enabled) or None."""
+    if not enabled:
+        return None
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError("wandb_log=True needs wandb: pip install -r requirements-extras.txt") from e
+    if _rank() != 0:
+        return None
+    id_path = os.path.join(out_dir, "wandb_run_id.txt")
+    run_id = open(id_path).read().strip() if resume and os.path.isfile(id_path) else None
+    if resume and run_id is None:
+        print0(f"wandb: {id_path} missing: starting a new wandb run rather than continuing the old one")
+    run = wandb.init(project=project, name=name, config=config, id=run_id, resume="must" if run_id else None)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(id_path, "w") as f:
+        f.write(run.id + "\n")
+    return wandb
 
 # -----------------------------------------------------------------------------
 # model, tokenizer and data set-up shared by the training scripts

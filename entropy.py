@@ -39,7 +39,9 @@ from statistics import NormalDist
 import torch
 from torch.distributed.checkpoint import CheckpointException
 
-from common import load_inference_model, print0
+from tqdm import tqdm
+
+from common import load_inference_model, print0, write_env
 from configurator import configure
 from data.common import CRITICAL_WORDS, load_jsonl
 from eval import evaluate, summarize
@@ -130,7 +132,7 @@ def decode(model, tok, items, k, temperature, max_new_tokens, seed=0, batch_prom
     """eval.evaluate's generation and scoring (the same prompts, stop rule and seeds, so the accuracy is the one
     eval.py would get); its rows carry each response's tokens and per-token entropies."""
     return evaluate(model, tok, items, k, temperature, max_new_tokens, "think" if think else "nothink", seed,
-                    batch_prompts, system, top_p, log=lambda *a: None, budget=budget)
+                    batch_prompts, system, top_p, progress=False, budget=budget)
 
 
 def _mean(x):
@@ -428,6 +430,7 @@ def write_outputs(out_dir, rows, sel, threshold=2.0, config=None, title=""):
     sel has an 'hf' export). sel: select_checkpoint's dict. Returns the report written to entropy.json."""
     corr = {key: correlations(rows, key) for key in ("critical_entropy", "critical_entropy_per_response")}
     os.makedirs(out_dir, exist_ok=True)
+    write_env(out_dir)
     report = {"rows": rows, "correlation": corr, "selection": sel, "config": config or {}}
     with open(os.path.join(out_dir, "entropy.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -460,7 +463,7 @@ if __name__ == "__main__":
         group, rank, dev = init_tp(tp, seed)
         device = str(dev)
     rows = []
-    for path in paths:
+    for path in tqdm(paths, desc="checkpoints", unit="ckpt", disable=int(os.environ.get("RANK", 0)) != 0):
         row = measure(path, items, device=device, tokenizer=tokenizer, k=k, temperature=temperature, top_p=top_p,
                       max_new_tokens=max_new_tokens, seed=seed, batch_prompts=batch_prompts, think=think,
                       system=system_prompt or None, words=critical_words, threshold=threshold, group=group)

@@ -22,12 +22,13 @@ import json
 import math
 import os
 import sys
-import time
 from collections import Counter
 
 import torch
 
-from common import load_inference_model, print0
+from tqdm import tqdm
+
+from common import load_inference_model, print0, write_env
 from configurator import configure
 from data.common import load_jsonl, token_pieces
 from rewards import score_batch, to_letter
@@ -192,12 +193,14 @@ def rescore(rows, think=True):
 
 
 def evaluate(model, tok, items, k, temperature, max_new_tokens, mode, seed=0, batch_prompts=64, system=None,
-             top_p=1.0, log=print0, tokens=True, budget=None):
+             top_p=1.0, progress=True, tokens=True, budget=None):
     """Generate k responses per item and score them (rollout.py: the same path as the RL reward). Returns one row
     per (item, run); with tokens=True each row also holds the response's token pieces and their entropies (for
     viewer.py and entropy.py). Item i's samples are seeded by (seed, i), whatever the batching. budget: the sampler's
-    memory budget (None: measured per call; a TP group passes one agreed value, so its ranks chunk alike)."""
-    rows, t0 = [], time.time()
+    memory budget (None: measured per call; a TP group passes one agreed value, so its ranks chunk alike). progress:
+    a progress bar on rank 0."""
+    rows = []
+    bar = tqdm(total=len(items), desc="eval", unit="item", disable=not progress or int(os.environ.get("RANK", 0)) != 0)
     for b in range(0, len(items), batch_prompts):
         # a chunk at a time: a benchmark's images as tiles (up to 13 x 3 x 448 x 448 fp32 each) do not fit at once
         chunk = items[b:b + batch_prompts]
@@ -216,7 +219,8 @@ def evaluate(model, tok, items, k, temperature, max_new_tokens, mode, seed=0, ba
                 row.update(tokens=out.response(r), pieces=token_pieces(tok, out.response(r)),
                            entropies=out.entropies[r, :L].tolist())
             rows.append(row)
-        log(f"eval: {min(b + batch_prompts, len(items))}/{len(items)} items, {time.time() - t0:.1f} s")
+        bar.update(len(chunk))
+    bar.close()
     return rows
 
 
@@ -259,6 +263,7 @@ if __name__ == "__main__":
         out = out_dir or os.path.join(ckpt_path, f"eval_{stem}_{mode}")
         title = f"{ckpt_path} on {data} ({mode}, k={k}, T={temperature}, max_new_tokens={max_new_tokens})"
     os.makedirs(out, exist_ok=True)
+    write_env(out)
     s = summarize(rows, max(r["run"] for r in rows) + 1)
     s["config"] = config
     with open(os.path.join(out, "responses_rescored.jsonl" if responses else "responses.jsonl"), "w") as f:

@@ -37,7 +37,8 @@ import torch
 
 from common import (agree, agree_max, agree_min, all_reduce_sum, autocast_ctx, build_model, check_disk,
                     checkpoint_bytes, compute_cleanup, compute_init, ensure_synth_data, export_hf, get_lr,
-                    latest_checkpoint, load_checkpoint, load_tokenizer, log_jsonl, print0, save_checkpoint)
+                    latest_checkpoint, load_checkpoint, load_tokenizer, log_jsonl, print0, save_checkpoint, wandb_init,
+                    write_env)
 from configurator import configure
 from data.common import critical_token_ids, encode_prompt, load_jsonl, prompt_length, token_pieces
 from rl import (EntropyControl, SampleBuffer, agg_loss, dynamic_sampling_rounds, group_advantages, informative_groups,
@@ -138,6 +139,8 @@ if plan:
     sys.exit(0)
 ddp, rank, local_rank, world_size, device = compute_init(seed, dist_timeout_s, heartbeat_timeout_s)
 print0(json.dumps(config, indent=1))
+write_env(out_dir)  # what this run ran on (also written into every checkpoint and the export)
+wandb = wandb_init(wandb_log, wandb_project, wandb_run_name, config, out_dir, resume=init_from == "resume")
 if data.startswith("data/synth/") or val_data.startswith("data/synth/"):
     ensure_synth_data()
 assert loss_agg in ("seq_mean_token_mean", "token_mean", "seq_sum_const"), loss_agg
@@ -331,7 +334,7 @@ def validate():
         budget = agree_min(memory_budget(device))
         rows = refuse_together("validation", lambda: evaluate(
             policy, tok, share, 1, 0.0, length_at(step), "think" if think else "nothink", system=system_prompt or None,
-            log=lambda *a: None, tokens=False, budget=budget) if share else [])
+            progress=False, tokens=False, budget=budget) if share else [])
     rows = rows if rank % tp == 0 else []
     correct, total = all_reduce_sum(sum(r["correct"] for r in rows), len(rows))
     return correct / max(total, 1)
@@ -366,11 +369,11 @@ def save():
                     rank_state={"buffer": buffer.state_dict()})  # each rank's own buffer
 
 
-if wandb_log and rank == 0:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 if step == 0 and val_items and eval_every > 0:
-    log_jsonl(out_dir, {"step": 0, "val_accuracy": validate()})
+    acc = validate()
+    log_jsonl(out_dir, {"step": 0, "val_accuracy": acc})
+    if wandb:
+        wandb.log({"val_accuracy": acc}, step=0)
 
 while step < max_steps:
     t_step = time.time()
@@ -526,7 +529,7 @@ while step < max_steps:
                f"{mx['clip_frac']:.3f} kl {mx['approx_kl']:.4f} gnorm {mx['gnorm']:.2f} | ent {mean_ent:.3f} "
                f"crit-ent {ce} | rollout {t_rollout:.1f}s ({mx['rollout_tok_per_s']:,.0f} tok/s) logp {t_logp:.1f}s "
                f"update {t_update:.1f}s")
-    if wandb_log and rank == 0:
+    if wandb:
         wandb.log({k: v for k, v in mx.items() if v is not None}, step=step)
     if dump_every and step % dump_every == 0 and rank == 0:
         at = {r: i for i, r in enumerate(train["row"].tolist()) if 0 <= r < dump_groups * group_size}
@@ -535,6 +538,8 @@ while step < max_steps:
         acc = validate()
         print0(f"step {step}: val accuracy {acc:.4f}")
         log_jsonl(out_dir, {"step": step, "val_accuracy": acc})
+        if wandb:
+            wandb.log({"val_accuracy": acc}, step=step)
     if step % save_every == 0 or step == max_steps:
         save()
 

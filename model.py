@@ -28,11 +28,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-try:  # optional, GPU only: used for the uncached causal forward when present
-    from flash_attn import flash_attn_func
-except ImportError:
-    flash_attn_func = None
-
 
 @dataclass
 class VLMConfig:
@@ -264,9 +259,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             y = cache.attend(self.layer_idx, q, k, v)  # writes k, v into the cache, attends over the row's prefix
-        elif flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
-        else:
+        else:  # the trainer and the sampler's prefill both attend through SDPA (its flash backend on a GPU)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 

@@ -18,7 +18,7 @@ from collections import Counter
 
 import torch
 
-from common import load_inference_model, print0
+from common import environment, load_inference_model, print0
 from configurator import configure
 from data.common import load_jsonl
 from eval import evaluate
@@ -73,7 +73,8 @@ if __name__ == "__main__":
     report = {"ckpt": path, "data": data, "n": n, "prompts": len(items), "kept": kept,
               "dropped_unsolved": hist[0], "dropped_always_solved": hist[n],
               "histogram": {str(k): hist[k] for k in range(n + 1)},
-              "counts": {s["src"]: solved[j] for j, s in enumerate(items)}, "config": config}
+              "counts": {s["src"]: solved[j] for j, s in enumerate(items)}, "config": config,
+              "env": environment()}
     counts_path = os.path.splitext(out_path)[0] + "_counts.json"
     with open(counts_path, "w") as f:
         json.dump(report, f, indent=1)

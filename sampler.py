@@ -1,7 +1,7 @@
 """
 Batched rollouts for GRPO: P prompts x n samples. Each prompt's ViT + prefill runs once and its K/V is stored once,
 shared by its n samples; all rows then decode together from a static cache, sampling on device, and rows that hit
-EOS stop costing work (they are compacted out at sync points). The decode kernels are in kernels.py.
+EOS stop costing work (they are compacted out at sync points). The decode kernels are in decode_kernels.py.
 
     from sampler import generate
     out = generate(model, [(input_ids, pixel_values), ...], n=8, max_new_tokens=512, eos_token_id=[im_end],
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import cache_append, prefix_attention
+from decode_kernels import cache_append, prefix_attention
 
 # -----------------------------------------------------------------------------
 # the result

@@ -31,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 
 from common import (all_reduce_sum, autocast_ctx, build_model, check_disk, checkpoint_bytes, compute_cleanup,
                     compute_init, ensure_synth_data, export_hf, get_lr, latest_checkpoint, list_checkpoints,
-                    load_checkpoint, load_tokenizer, log_jsonl, print0, save_checkpoint)
+                    load_checkpoint, load_tokenizer, log_jsonl, print0, save_checkpoint, wandb_init, write_env)
 from configurator import configure
 from data.common import collate, load_jsonl, load_sft_data
 
@@ -101,6 +101,8 @@ if plan:
     sys.exit(0)
 ddp, rank, local_rank, world_size, device = compute_init(seed, dist_timeout_s, heartbeat_timeout_s)
 print0(json.dumps(config, indent=1))
+write_env(out_dir)  # what this run ran on (also written into every checkpoint and the export)
+wandb = wandb_init(wandb_log, wandb_project, wandb_run_name, config, out_dir, resume=init_from == "resume")
 if data.startswith("data/synth/") or val_data.startswith("data/synth/"):
     ensure_synth_data()  # the embedded default renders itself on first use (rank 0; the others wait)
 
@@ -245,11 +247,6 @@ def evaluate():
     return tot / max(n, 1)
 
 
-if wandb_log and rank == 0:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-
-
 def save():
     state = {"epoch": epoch, "pos": pos, "tokenizer": tok.name_or_path}
     if early_stop_patience > 0:
@@ -288,7 +285,7 @@ def validate():
             best["bad"] += 1
         rec.update(best_val_loss=best["val"], best_step=best["step"])
     log_jsonl(out_dir, rec)
-    if wandb_log and rank == 0:
+    if wandb:
         wandb.log({"val_loss": vl}, step=step)
     return early_stop_patience > 0 and best["bad"] >= early_stop_patience
 
@@ -346,7 +343,7 @@ while step < total_steps and not stop:
     if step % log_every == 0 or step == 1 or step == total_steps:
         print0(f"step {step}/{total_steps} | loss {loss_val:.4f} | lr {lr_now:.2e} | gnorm {gnorm:.3f} | "
                f"{n_seen / dt:,.0f} tok/s | {dt * 1000:.0f} ms")
-        if wandb_log and rank == 0:
+        if wandb:
             wandb.log({"loss": loss_val, "lr": lr_now, "gnorm": gnorm, "tok_per_s": n_seen / dt}, step=step)
     if val_items and (step % eval_every == 0 or step == total_steps):
         stop = validate()

@@ -32,6 +32,8 @@ import random
 import sys
 import time
 
+from tqdm import tqdm
+
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.common import IM_END, SPECIAL_TOKENS, THINK_END, THINK_START, build_prompt_text
@@ -49,6 +51,7 @@ def render_split(split, n, seed, p_wait, seen, out, blind="", blind_frac=0.0):
     brng = random.Random(seed + 1)  # its own stream: the scenes and questions are the same with or without it
     os.makedirs(os.path.join(out, "images", split), exist_ok=True)
     records, samples, dupes = [], [], 0
+    bar = tqdm(total=n, desc=f"render {split}", unit="sample", leave=False)
     while len(records) < n:
         i = len(records)
         # domains round-robin, difficulty at random: every domain is equally represented
@@ -74,6 +77,8 @@ def render_split(split, n, seed, p_wait, seen, out, blind="", blind_frac=0.0):
         rec.update(domain=s["domain"], difficulty=s["difficulty"])
         records.append(rec)
         samples.append(s)
+        bar.update(1)
+    bar.close()
     with open(os.path.join(out, f"{split}.jsonl"), "w") as f:
         for rec in records:
             f.write(json.dumps(rec) + "\n")

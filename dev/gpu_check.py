@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
+import decode_kernels  # noqa: E402
 from configurator import configure  # noqa: E402
 from model import VLM, VLMConfig, load_config  # noqa: E402
 import sampler  # noqa: E402
@@ -88,23 +88,23 @@ def check_kernels():
         q = torch.randn(B, H, D, device=dev, generator=g).to(dtype)
         kc, vc = (torch.randn(B, K, L, D, device=dev, generator=g).to(dtype) for _ in range(2))
         lens = torch.randint(1, L + 1, (B,), device=dev, generator=g)
-        ref = kernels.decode_attention(q, kc, vc, lens, use_triton=False)
-        err = (kernels.decode_attention(q, kc, vc, lens, use_triton=True).float() - ref.float()).abs().max().item()
+        ref = decode_kernels.decode_attention(q, kc, vc, lens, use_triton=False)
+        err = (decode_kernels.decode_attention(q, kc, vc, lens, use_triton=True).float() - ref.float()).abs().max().item()
         P, Lg = B // n, 16
         plen = torch.randint(1, L + 1, (P,), device=dev, generator=g)
         glen = torch.randint(1, Lg + 1, (B,), device=dev, generator=g)
         gk, gv = kc[:, :, :Lg].contiguous(), vc[:, :, :Lg].contiguous()
         slot = torch.randperm(B, device=dev, generator=g)[:B - 1]  # compacted: one row finished
         args = (q[:B - 1], kc[:P], vc[:P], plen, gk[:B - 1], gv[:B - 1], glen[:B - 1], n, slot)
-        ref2 = kernels.prefix_attention(*args, use_triton=False)
-        err2 = (kernels.prefix_attention(*args, use_triton=True).float() - ref2.float()).abs().max().item()
+        ref2 = decode_kernels.prefix_attention(*args, use_triton=False)
+        err2 = (decode_kernels.prefix_attention(*args, use_triton=True).float() - ref2.float()).abs().max().item()
         k, v = torch.randn(B, K, 1, D, device=dev, dtype=dtype), torch.randn(B, K, 1, D, device=dev, dtype=dtype)
         a, b = kc.clone(), kc.clone()
-        kernels.cache_append(a, vc.clone(), k, v, lens - 1, use_triton=False)
-        kernels.cache_append(b, vc.clone(), k, v, lens - 1, use_triton=True)
+        decode_kernels.cache_append(a, vc.clone(), k, v, lens - 1, use_triton=False)
+        decode_kernels.cache_append(b, vc.clone(), k, v, lens - 1, use_triton=True)
         ok = err < 2e-2 and err2 < 2e-2 and torch.equal(a, b)
-        t_tr = timeit(lambda: kernels.decode_attention(q, kc, vc, lens, len_bound=L), iters=3 if smoke else 20)
-        t_ref = timeit(lambda: kernels.decode_attention(q, kc, vc, lens, use_triton=False), iters=3 if smoke else 20)
+        t_tr = timeit(lambda: decode_kernels.decode_attention(q, kc, vc, lens, len_bound=L), iters=3 if smoke else 20)
+        t_ref = timeit(lambda: decode_kernels.decode_attention(q, kc, vc, lens, use_triton=False), iters=3 if smoke else 20)
         report["kernels"].append(dict(shape=name, heads=H, kv_heads=K, head_dim=D, batch=B, context=L,
                                       decode_err=err, prefix_err=err2, append_exact=torch.equal(a, b), ok=ok,
                                       triton_us=t_tr * 1e6, reference_us=t_ref * 1e6))

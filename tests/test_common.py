@@ -122,7 +122,7 @@ def test_save_load_round_trip(tmp_path):
     path = save_checkpoint(str(tmp_path), 3, m, opt, {"epoch": 1, "pos": 17}, {"lr": 1e-2, "run": "x"})
     after_save = draws()
     assert path == str(tmp_path / "ckpt_0000003") and latest_checkpoint(str(tmp_path)) == path
-    assert sorted(os.listdir(path)) == [".metadata", "__0_0.distcp", "model_config.json", "rank0.pt",
+    assert sorted(os.listdir(path)) == [".metadata", "__0_0.distcp", "env.json", "model_config.json", "rank0.pt",
                                         "state.json"]
     with open(os.path.join(path, "model_config.json")) as f:
         assert VLMConfig(**json.load(f)) == m.cfg  # eval can rebuild the model from the checkpoint alone

@@ -19,6 +19,7 @@ import entropy
 from entropy import (accuracy_se, correlations, critical_positions, pearson, pearson_ci, ranks, resolve_ckpts,
                      response_stats,
                      select_checkpoint, spearman)
+from test_install import check_env_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # single-process DCP
@@ -335,6 +336,7 @@ def test_end_to_end_two_checkpoints(tiny_run, tmp_path):
     with Image.open(os.path.join(out, "entropy.png")) as im:
         assert im.format == "PNG" and im.size[0] > 100
     assert f"selected: {rows[best]['ckpt']}" in p.stdout
+    check_env_json(out, script="entropy.py")
     # the selected ckpt_* exported as an HF directory, with the same weights, for connector_tune.py
     from common import load_inference_model
     assert sel["hf"] == os.path.join(out, "hf")
@@ -364,7 +366,7 @@ def test_same_decodes_as_eval_and_bad_checkpoint(tiny_run, tmp_path):
     items = load_jsonl(f"{synth}/val.jsonl")[:3]
     model, tok, _ = load_inference_model(hf, "cpu")
     mine = entropy.decode(model, tok, items, 2, 1.0, 12, seed=3)
-    ref = evalmod.evaluate(model, tok, items, 2, 1.0, 12, "think", seed=3, log=lambda *a: None)
+    ref = evalmod.evaluate(model, tok, items, 2, 1.0, 12, "think", seed=3, progress=False)
     assert [(r["id"], r["run"], r["correct"], r["n_tokens"]) for r in mine] == \
            [(r["id"], r["run"], r["correct"], r["n_tokens"]) for r in ref]
     assert [sum(r["entropies"]) / len(r["entropies"]) for r in mine] == \

@@ -16,6 +16,7 @@ from PIL import Image
 import eval as ev
 from data.common import build_prompt_text, load_jsonl
 from data.convert_bench import convert, split_choices
+from test_install import check_env_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # a Hugging Face image cell
@@ -312,7 +313,7 @@ def test_evaluate_multi_image_mmmu(mmmu_dir, tiny_model, tmp_path):
     convert("mmmu", mmmu_dir, out)
     items = ev.load_items(out)
     model, tok, _ = load_inference_model(tiny_model, "cpu")
-    rows = ev.evaluate(model, tok, items, 2, 1.0, 6, "nowait", batch_prompts=2, log=lambda *a: None)
+    rows = ev.evaluate(model, tok, items, 2, 1.0, 6, "nowait", batch_prompts=2, progress=False)
     assert [(r["id"], r["run"]) for r in rows] == [(s["id"], i) for s in items for i in range(2)]
     assert all(0 < r["n_tokens"] <= 6 and r["correct"] == 0 for r in rows)  # random weights: never a \boxed answer
     s = ev.summarize(rows, 2)
@@ -335,6 +336,7 @@ def test_eval_end_to_end_on_converted_mmk12(mmk12_file, tiny_model, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["n_items"] == 2 and s["k"] == 2 and len(s["accuracy_per_run"]) == 2 and "pass@2" in s
     assert s["n_by_domain"] == {"math": 2, "physics": 2} and 0 < s["mean_tokens"] <= 8
+    check_env_json(str(out), script="eval.py")
     # the same responses re-scored without the model (as --responses does) give the same scores
     again = ev.rescore(ev.read_responses(str(out / "responses.jsonl")))
     assert [r["correct"] for r in again] == [r["correct"] for r in rows] and ev.summarize(again, 2)["accuracy"] == \

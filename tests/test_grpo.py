@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tiny_sft import tiny_sft
+from test_install import check_env_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRPO = ["--prompts_per_step=4", "--group_size=4", "--max_new_tokens=[[0, 24]]", "--micro_batch=8", "--val_n=8",
@@ -77,6 +78,8 @@ def test_grpo_runs_logs_and_resumes_exactly(sft_model, tmp_path):
     assert m[1]["t_logp"] < 0.05  # no separate log-prob pass on-policy
     assert "step 4/4 | reward" in out and "| loss " in out and " lr 1.0e-03 " in out
     assert os.path.isfile(os.path.join(a, "hf", "model.safetensors"))
+    for d in (a, os.path.join(a, "hf"), os.path.join(a, "ckpt_0000004")):
+        check_env_json(d, script="grpo.py")
     with open(os.path.join(a, "rollouts.jsonl")) as f:
         dump = [json.loads(line) for line in f]
     assert [d["step"] for d in dump] == [2, 2, 4, 4] and len(dump[0]["samples"]) == 4

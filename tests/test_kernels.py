@@ -1,12 +1,12 @@
 """
-kernels.py: each Triton kernel against its PyTorch reference (under TRITON_INTERPRET=1 on CPU, set by conftest.py),
+decode_kernels.py: each Triton kernel against its PyTorch reference (under TRITON_INTERPRET=1 on CPU, set by conftest.py),
 including the tensor-parallel shapes (fewer heads per rank), and the kernels compiled for sm_90 by Triton's own ptxas.
 """
 import pytest
 import torch
 
-import kernels
-from kernels import cache_append, decode_attention
+import decode_kernels
+from decode_kernels import cache_append, decode_attention
 
 # -----------------------------------------------------------------------------
 # kernels: Triton (interpreter) == reference
@@ -90,7 +90,7 @@ def test_prefix_attention_matches_copied_rows(G, n, n_kv):
     glen = torch.tensor([1, 9, 4, 7, 2])
     want = copied_rows_attention(q, pk, pv, plen, gk, gv, glen, n, slot)
     for use in (False, True):
-        y = kernels.prefix_attention(q, pk, pv, plen, gk, gv, glen, n, slot, use_triton=use)
+        y = decode_kernels.prefix_attention(q, pk, pv, plen, gk, gv, glen, n, slot, use_triton=use)
         torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
     # every row active, in order, equal lengths, and a host bound on the generated length (the sampler's case before
     # its first compaction)
@@ -99,12 +99,12 @@ def test_prefix_attention_matches_copied_rows(G, n, n_kv):
     full, six, every = torch.full((P,), Lp), torch.full((P * n,), 6), torch.arange(P * n)
     want = copied_rows_attention(qa, pk, pv, full, ga, va, six, n, every)
     for use in uses:
-        y = kernels.prefix_attention(qa, pk, pv, full, ga, va, six, n, every, use_triton=use, gen_bound=6)
+        y = decode_kernels.prefix_attention(qa, pk, pv, full, ga, va, six, n, every, use_triton=use, gen_bound=6)
         torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
     # sensitive to both parts: one prompt position or one generated position fewer changes the rows that use them
-    y = kernels.prefix_attention(q, pk, pv, plen, gk, gv, glen, n, slot, use_triton=False)
-    assert not torch.allclose(kernels.prefix_attention(q, pk, pv, plen - 1, gk, gv, glen, n, slot), y, atol=1e-3)
-    fewer = kernels.prefix_attention(q, pk, pv, plen, gk, gv, (glen - 1).clamp(min=1), n, slot)
+    y = decode_kernels.prefix_attention(q, pk, pv, plen, gk, gv, glen, n, slot, use_triton=False)
+    assert not torch.allclose(decode_kernels.prefix_attention(q, pk, pv, plen - 1, gk, gv, glen, n, slot), y, atol=1e-3)
+    fewer = decode_kernels.prefix_attention(q, pk, pv, plen, gk, gv, (glen - 1).clamp(min=1), n, slot)
     torch.testing.assert_close(fewer[0], y[0])  # row 0 has one generated token either way
     assert not torch.allclose(fewer[1:], y[1:], atol=1e-3)
 
@@ -115,21 +115,21 @@ sys.path.insert(0, os.getcwd())
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels
+import decode_kernels
 def build(fn, types, consts):
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
 for dt, bn in (("bf16", 64), ("fp32", 32)):
     for bg in (16, 64 if dt == "bf16" else 32):  # a shared prefix packs samples x GQA group query rows
-        k = build(kernels._decode_attn_split_kernel,
+        k = build(decode_kernels._decode_attn_split_kernel,
                   dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", Lens="*i64", MidO="*fp32", MidLse="*fp32", scale="fp32"),
                   dict(BLOCK_G=bg, BLOCK_N=bn, BLOCK_D=128, PRECISION="ieee" if dt == "fp32" else "tf32",
                        WHILE_LOOP=False))
         assert k.metadata.shared <= 100 * 1024, (dt, bg, k.metadata.shared)
         print(dt, bg, k.metadata.shared)
-    build(kernels._decode_attn_reduce_kernel, dict(MidO="*fp32", MidLse="*fp32", Out=f"*{dt}"),
+    build(decode_kernels._decode_attn_reduce_kernel, dict(MidO="*fp32", MidLse="*fp32", Out=f"*{dt}"),
           dict(BLOCK_S=16, BLOCK_D=128))
-    build(kernels._cache_append_kernel, dict(K=f"*{dt}", V=f"*{dt}", Kc=f"*{dt}", Vc=f"*{dt}", Lens="*i64"),
+    build(decode_kernels._cache_append_kernel, dict(K=f"*{dt}", V=f"*{dt}", Kc=f"*{dt}", Vc=f"*{dt}", Lens="*i64"),
           dict(BLOCK_D=128))
 print("COMPILED")
 """

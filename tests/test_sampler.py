@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import hf_fixtures as hx
-import kernels
+import decode_kernels
 import sampler
 from model import VLM, VLMConfig
 from sampler import generate
@@ -152,9 +152,9 @@ def test_triton_path_matches_reference_path(models, prompts, monkeypatch):
     # the whole sampler with the Triton decode kernels (interpreter) gives the same rollouts as the reference
     _, m = models
     kw = dict(n=2, max_new_tokens=4, temperature=1.0, seed=5, sync_every=2)
-    monkeypatch.setattr(kernels, "USE_TRITON", False)
+    monkeypatch.setattr(decode_kernels, "USE_TRITON", False)
     a = generate(m, prompts[1:3], **kw)
-    monkeypatch.setattr(kernels, "USE_TRITON", True)
+    monkeypatch.setattr(decode_kernels, "USE_TRITON", True)
     b = generate(m, prompts[1:3], **kw)
     c = generate(m, prompts[1:3], cuda_graph=True, **kw)  # the static path: tensor positions, full-length bounds
     same(a, b)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from test_install import check_env_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--n_kv_head=1", "--vit_hidden=32", "--vit_layers=1",
@@ -61,6 +62,8 @@ def test_sft_trains_and_resumes_exactly(synth, tmp_path):
     assert len(full) == 6 and full[-1] < full[0], full  # it learns
     assert "val loss" in out
     assert os.path.isfile(os.path.join(a, "hf", "config.json")) and os.path.isfile(os.path.join(a, "hf", "tokenizer.json"))
+    for d in (a, os.path.join(a, "hf"), os.path.join(a, "ckpt_0000006")):  # the run, its export, its checkpoints
+        check_env_json(d, script="sft.py")
     shutil.copytree(a, b)
     interrupt_and_resume(b, ["--batch_size=4"], synth, 1)
     assert losses(b) == full  # bit-exact: same data order, optimizer state, schedule
@@ -75,6 +78,7 @@ def test_sft_fsdp_two_processes(synth, tmp_path):
     run(["--batch_size=4"], one, synth)
     run(["--batch_size=2"], two, synth, nproc=2)  # same global batch of 4, sharded over 2 ranks
     assert os.path.isfile(os.path.join(two, "hf", "config.json"))
+    check_env_json(two, world_size=2, script="sft.py")
     assert losses(two) == pytest.approx(losses(one), rel=1e-4)
     resumed = str(tmp_path / "resumed")
     shutil.copytree(two, resumed)

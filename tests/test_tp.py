@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import hf_fixtures as hx
-import kernels
+import decode_kernels
 import tp_worker
 from tiny_sft import tiny_sft
 from model import VLM, VLMConfig
@@ -102,13 +102,13 @@ def test_kernels_at_tp_shapes(n_kv):
     pk, pv = torch.randn(P, n_kv, Lp, D), torch.randn(P, n_kv, Lp, D)
     gk, gv = torch.randn(P * n, n_kv, Lg, D), torch.randn(P * n, n_kv, Lg, D)
     plen, glen, slot = torch.tensor([Lp, 4]), torch.tensor([1, 6, 3, 2, 5, 4]), torch.arange(P * n)
-    y = [kernels.prefix_attention(q, pk, pv, plen, gk, gv, glen, n, slot, use_triton=u) for u in (False, True)]
+    y = [decode_kernels.prefix_attention(q, pk, pv, plen, gk, gv, glen, n, slot, use_triton=u) for u in (False, True)]
     torch.testing.assert_close(y[1], y[0], atol=1e-5, rtol=1e-5)
     k, v = torch.randn(P * n, n_kv, 1, D), torch.randn(P * n, n_kv, 1, D)
     caches = []
     for use in (False, True):
         kc, vc = gk.clone(), gv.clone()
-        kernels.cache_append(kc, vc, k, v, glen - 1, use_triton=use)  # each row's next position
+        decode_kernels.cache_append(kc, vc, k, v, glen - 1, use_triton=use)  # each row's next position
         caches.append((kc, vc))
     assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
     assert not torch.equal(caches[1][0], gk)  # (the append did write)
@@ -123,11 +123,11 @@ def test_generate_tp2_equals_one_process(worker, hf_dirs):
         m = VLM.from_pretrained(d)
         ps = tp_worker.prompts()
         for name, (idx, kw, triton) in tp_worker.CASES.items():
-            kernels.USE_TRITON = True if triton else False
+            decode_kernels.USE_TRITON = True if triton else False
             try:
                 ref = generate(m, [ps[i] for i in idx], **kw)
             finally:
-                kernels.USE_TRITON = None
+                decode_kernels.USE_TRITON = None
             for r in range(2):
                 tok, logp, ent, length, trunc = worker[r][d][name]
                 assert torch.equal(tok, ref.tokens) and torch.equal(length, ref.lengths), (d, name, r)

@@ -46,15 +46,15 @@ CASES = {  # name: (prompt indices, generate kwargs, Triton kernels on)
 
 
 def run_case(model, name):
-    import kernels
+    import decode_kernels
     from sampler import generate
     idx, kw, triton = CASES[name]
     ps = prompts()
-    kernels.USE_TRITON = True if triton else False
+    decode_kernels.USE_TRITON = True if triton else False
     try:
         out = generate(model, [ps[i] for i in idx], **kw)
     finally:
-        kernels.USE_TRITON = None
+        decode_kernels.USE_TRITON = None
     return out.tokens, out.logprobs, out.entropies, out.lengths, out.truncated
 
 

@@ -38,9 +38,9 @@ def want_triton(x, use_triton=None):
     if use is None:
         use = x.is_cuda
     if use and triton is None:
-        raise RuntimeError("kernels.py: Triton requested but triton is not installed")
+        raise RuntimeError("decode_kernels.py: Triton requested but triton is not installed")
     if use and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("kernels.py: Triton on CPU tensors needs TRITON_INTERPRET=1 set before importing triton")
+        raise RuntimeError("decode_kernels.py: Triton on CPU tensors needs TRITON_INTERPRET=1 set before importing triton")
     return use
 
 # -----------------------------------------------------------------------------
