@@ -1,5 +1,6 @@
 """
-Connector-only tuning after RL: the last training stage of Skywork-R1V3 (section 4; RECIPE.md section 4).
+Connector-only tuning after RL: the last training stage of Skywork-R1V3 (section 4; docs/recipe.md,
+"Connector-only tuning").
 The ViT and the LLM are frozen (no gradients, no optimizer state); only the MLP connector trains, on multi-domain
 SFT data, with early stopping on validation loss. The report: MMMU 74.5 after RL -> 76.0 after connector tuning.
 

@@ -1,6 +1,6 @@
 """
 Critical-token entropy across checkpoints, and checkpoint selection by it (Skywork-R1V3 section 5 and Fig. 5;
-RECIPE.md section 5).
+docs/recipe.md, "Critical-token entropy").
 
     python entropy.py --ckpts='out/grpo/ckpt_*'                        # every GRPO checkpoint on data/synth/val.jsonl
     python entropy.py --ckpts='out/grpo/ckpt_*' --limit=64 --k=2      # quicker: 64 items x 2 samples
@@ -21,9 +21,10 @@ table), entropy.png (critical-token entropy and accuracy against step), selected
 export_hf, selected_hf.txt (an HF directory of it: the path itself, or out_dir/hf exported from a ckpt_*), for
 speedrun.sh: `python connector_tune.py --init_from=$(cat out/entropy/selected_hf.txt)`.
 
-Choices the report leaves open (ours, RECIPE.md section 5): the position is the first token of each occurrence;
-the aggregate is the mean over all occurrences (the mean of per-response means is reported beside it); words match
-case-insensitively as whole words, so "Waiting" and "Hmmm" do not count; "But wait" counts once, as "But wait".
+Choices the report leaves open (ours; docs/recipe.md, "Critical-token entropy"): the position is the first token of
+each occurrence; the aggregate is the mean over all occurrences (the mean of per-response means is reported beside
+it); words match case-insensitively as whole words, so "Waiting" and "Hmmm" do not count; "But wait" counts once,
+as "But wait".
 """
 import ast
 import glob
@@ -41,8 +42,9 @@ from torch.distributed.checkpoint import CheckpointException
 
 from tqdm import tqdm
 
-from common import load_inference_model, print0, write_env
-from configurator import configure
+from plumbing import load_inference_model, print0, write_env
+from plumbing.hf import save_pretrained
+from plumbing.configurator import configure
 from data.common import CRITICAL_WORDS, load_jsonl
 from eval import evaluate, summarize
 
@@ -332,9 +334,9 @@ def measure(path, items, **kw):
     try:
         dtype = torch.bfloat16 if kw["device"].startswith("cuda") else torch.float32
         if group is not None:
-            from common import agree_min
+            from plumbing import agree_min
             from sampler import memory_budget
-            from tp import load_tp_inference_model
+            from plumbing.tp import load_tp_inference_model
             model, tok, resolved = load_tp_inference_model(path, group, torch.device(kw["device"]), dtype,
                                                            kw["tokenizer"])
             budget = agree_min(memory_budget(torch.device(kw["device"])))  # the same chunks on every rank
@@ -420,7 +422,7 @@ def export_selected(path, out, tokenizer=""):
         return path
     model, tok, _ = load_inference_model(path, "cpu", tokenizer=tokenizer)
     shutil.rmtree(out, ignore_errors=True)  # a previous run's export
-    model.save_pretrained(out)
+    save_pretrained(model, out)
     tok.save_pretrained(out)
     return out
 
@@ -458,8 +460,8 @@ if __name__ == "__main__":
            f"words {critical_words}")
     group = None
     if tp > 1:  # every rank decodes every checkpoint on its TP shard, together; then rank 0 alone goes on
-        from common import compute_cleanup
-        from tp import init_tp
+        from plumbing import compute_cleanup
+        from plumbing.tp import init_tp
         group, rank, dev = init_tp(tp, seed)
         device = str(dev)
     rows = []

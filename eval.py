@@ -1,6 +1,6 @@
 """
-Benchmark evaluation (RECIPE.md section 6): generate with sampler.py, score with rewards.py (the same code the
-RL reward uses: text after </think>, last \\boxed{}, Math-Verify / option letters).
+Benchmark evaluation (docs/recipe.md, "Evaluation"): generate with sampler.py, score with rewards.py (the same
+code the RL reward uses: text after </think>, last \\boxed{}, Math-Verify / option letters).
 
     python eval.py --ckpt=out/sft/hf --data=data/synth/test.jsonl                  # greedy, think mode
     python eval.py --ckpt=out/grpo --k=5 --temperature=1.0 --max_new_tokens=16384 --data=/data/mmk12.jsonl
@@ -28,8 +28,8 @@ import torch
 
 from tqdm import tqdm
 
-from common import load_inference_model, print0, write_env
-from configurator import configure
+from plumbing import load_inference_model, print0, write_env
+from plumbing.configurator import configure
 from data.common import load_jsonl, token_pieces
 from rewards import score_batch, to_letter
 from rollout import rollout
@@ -242,9 +242,9 @@ if __name__ == "__main__":
             sys.exit(f"eval.py: error: {e}")
         budget = None
         if tp > 1:  # every rank loads its TP shard and generates every item with the others; rank 0 writes
-            from common import agree_min, compute_cleanup
+            from plumbing import agree_min, compute_cleanup
             from sampler import memory_budget
-            from tp import check_same, init_tp, load_tp_inference_model
+            from plumbing.tp import check_same, init_tp, load_tp_inference_model
             group, rank, dev = init_tp(tp, seed)
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
             model, tok, ckpt_path = load_tp_inference_model(ckpt, group, dev, dtype, tokenizer)

@@ -1,5 +1,6 @@
 """
-GRPO with verifiable rewards: the RL stage of Skywork-R1V3 (section 3; RECIPE.md sections 3, 5, 7).
+GRPO with verifiable rewards: the RL stage of Skywork-R1V3 (section 3; docs/recipe.md: "GRPO", "Critical-token
+entropy", "R1V2 and Skywork-OR1").
 
 CPU, the embedded default (starts from the checkpoint `python sft.py` exported to out/sft/hf):
     python grpo.py
@@ -7,7 +8,7 @@ One GPU, a real checkpoint:
     python grpo.py --init_from=out/sft_1b/hf --data=/data/mmk12_rl.jsonl --max_new_tokens='[[0, 4096]]'
 8 GPUs with FSDP2 (Skywork-R1V3-38B: add --tp=8 --offload=True, see the README):
     torchrun --standalone --nproc_per_node=8 grpo.py config/grpo_r1v3.py
-The memory plan of a configuration, without loading weights: add --plan=True (--plan_gpus, --plan_gpu_gb, ...).
+The memory plan of a command, without loading weights: add --plan=True (tools/plan.py: --plan_gpus, --plan_gpu_gb).
 Resume: the same command with --init_from=resume (reads out_dir's latest checkpoint).
 
 One step, top to bottom in the loop below (the defaults reproduce R1V3):
@@ -35,17 +36,17 @@ import time
 
 import torch
 
-from common import (agree, agree_max, agree_min, all_reduce_sum, autocast_ctx, build_model, check_disk,
+from plumbing import (agree, agree_max, agree_min, all_reduce_sum, autocast_ctx, build_model, check_disk,
                     checkpoint_bytes, compute_cleanup, compute_init, ensure_synth_data, export_hf, get_lr,
                     latest_checkpoint, load_checkpoint, load_tokenizer, log_jsonl, print0, save_checkpoint, wandb_init,
                     write_env)
-from configurator import configure
+from plumbing.configurator import configure
 from data.common import critical_token_ids, encode_prompt, load_jsonl, prompt_length, token_pieces
 from rl import (EntropyControl, SampleBuffer, agg_loss, dynamic_sampling_rounds, group_advantages, informative_groups,
                 kl_k3, overlong_penalty, ppo_clip_loss, zero_truncated)
 from rollout import rollout
 from sampler import memory_budget, unsharded
-from tp import check_same, check_tp, tp_group, tp_rollout_model, tp_union
+from plumbing.tp import check_same, check_tp, tp_group, tp_rollout_model, tp_union
 
 # -----------------------------------------------------------------------------
 # config: every global below can be set by a config file or --key=value
@@ -64,7 +65,7 @@ group_size = 8  # samples per prompt: GRPO's group (n in the papers; --n would c
 temperature = 1.0  # OR1: 1.0 (0.6 stagnated)
 top_p = 1.0
 max_new_tokens = [[0, 160]]  # [[from_step, length], ...]: R1V3 grows 4096 -> 8192; the default's traces are <= 123
-# reward (RECIPE.md section 3)
+# reward (docs/recipe.md, "GRPO")
 acc_weight = 0.8
 fmt_weight = 0.2
 truncated_zero = False  # OR1: truncated responses get reward 0
@@ -123,20 +124,15 @@ export = True
 seed = 1337
 dist_timeout_s = 600  # a collective that waits longer than this stops the run (common.compute_init)
 heartbeat_timeout_s = 60  # a rank silent this long (killed, machine lost) stops every rank (0: no watchdog)
-plan = False  # print the memory plan for plan_gpus GPUs and exit
-plan_gpus = 8
-plan_gpus_per_node = 8
-plan_gpu_gb = 80.0
 wandb_log = False
 wandb_project = "nanor1v"
 wandb_run_name = "grpo"
+if "--plan=True" in sys.argv[1:]:  # the memory plan of this command, without loading weights (tools/plan.py)
+    os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools",
+                              "plan.py")] + sys.argv)
 config = configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
 
-if plan:
-    from plan import print_plan
-    print_plan("grpo", config)
-    sys.exit(0)
 ddp, rank, local_rank, world_size, device = compute_init(seed, dist_timeout_s, heartbeat_timeout_s)
 print0(json.dumps(config, indent=1))
 write_env(out_dir)  # what this run ran on (also written into every checkpoint and the export)
@@ -196,10 +192,10 @@ params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, beta2), eps=1e-8, weight_decay=weight_decay)
 ent_ctl = EntropyControl(entropy_target, entropy_delta, entropy_cmax)
 buffer = SampleBuffer(buffer_size, buffer_max_uses, buffer_max_age)
-step, epoch, pos = 0, 0, 0
+step, cursor = 0, dict(epoch=0, pos=0)  # the data position: epoch, and the next draw in its permutation
 if resume_path:
     step, state, _ = load_checkpoint(resume_path, model, optimizer)
-    epoch, pos = state["epoch"], state["pos"]
+    cursor.update(epoch=state["epoch"], pos=state["pos"])
     ent_ctl.load_state_dict(state["entropy_control"])
     if "rank" in state:  # each rank's own buffer (a run resumed on more ranks starts the new ranks' empty)
         buffer.load_state_dict(state["rank"]["buffer"])
@@ -211,14 +207,14 @@ check_disk(out_dir, checkpoint_bytes(n_params + tied, n_train),
 
 def next_prompts():
     """This rank's share of the next prompts_per_step prompts, with one seed per prompt. One permutation per epoch
-    from (seed, epoch): resumable by (epoch, pos), and a prompt's seed names its draw, not its rank."""
-    global epoch, pos
-    if pos + prompts_per_step > len(items):
-        epoch, pos = epoch + 1, 0
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    draws = list(range(pos, pos + prompts_per_step))[rank::world_size]
-    pos += prompts_per_step
-    return [order[d] for d in draws], [seed * 1_000_003 + epoch * len(items) + d for d in draws]
+    from (seed, epoch): resumable by the cursor, and a prompt's seed names its draw, not its rank."""
+    if cursor["pos"] + prompts_per_step > len(items):
+        cursor.update(epoch=cursor["epoch"] + 1, pos=0)
+    ep, start = cursor["epoch"], cursor["pos"]
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed * 1000 + ep)).tolist()
+    draws = list(range(start, start + prompts_per_step))[rank::world_size]
+    cursor["pos"] = start + prompts_per_step
+    return [order[d] for d in draws], [seed * 1_000_003 + ep * len(items) + d for d in draws]
 
 
 def length_at(step):
@@ -236,6 +232,18 @@ def cat(ds):
             for k in ds[0]}
 
 
+def group_rows(g):
+    return range(g * group_size, (g + 1) * group_size)
+
+
+def rollout_policy():
+    """The weights rollouts and validation generate with, for one phase (a context manager, collective): the FSDP2
+    shards gathered once (sampler.unsharded), or with tp > 1 this rank's TP shards made from them (tp.py)."""
+    if tp > 1:
+        return tp_rollout_model(model, tp_pg)
+    return unsharded(model)
+
+
 def refuse_together(what, fn):
     """fn() on every rank. The memory budget is agreed, but each rank's prompts are its own, so one rank alone may
     find they do not fit (sampler.fit_chunks raises MemoryError): then every rank raises, none waits in a collective."""
@@ -249,11 +257,13 @@ def refuse_together(what, fn):
     return out
 
 
-def rollout_round(policy, idx, seeds, max_new, budget):
-    """group_size samples of each prompt, scored. Returns the round as a batch dict, one row per sample: prompt
-    index, tokens (R, max_new), sampler logp / entropy (R, max_new), lengths, truncated, reward, accuracy, format
-    (R,) and the texts / preds for the dumps. tp > 1: the TP group generates the union of its ranks' prompts
-    together (only indices and seeds travel; each rank encodes the union's images) and this rank keeps its rows."""
+def rollout_round(policy, max_new, budget):
+    """1-2. group_size samples of each of this rank's next prompts, scored, and their advantages. Returns the round
+    as a batch dict, one row per sample: prompt index, tokens (R, max_new), sampler logp / entropy (R, max_new),
+    lengths, truncated, reward, accuracy, format, adv (R,) and the texts / preds for the dumps. tp > 1: the TP group
+    generates the union of its ranks' prompts together (only indices and seeds travel; each rank encodes the
+    union's images) and this rank keeps its rows."""
+    idx, seeds = next_prompts()
     mine = slice(0, len(idx))
     if tp > 1:
         idx, seeds, mine = tp_union(tp_pg, idx, seeds)
@@ -268,7 +278,49 @@ def rollout_round(policy, idx, seeds, max_new, budget):
              ent=out.entropies, length=out.lengths, truncated=out.truncated, reward=f("reward"),
              accuracy=f("accuracy"), format=f("format"), timeout=f("timeout"), text=texts,
              pred=[s["pred"] for s in scores])
-    return d if tp == 1 else take(d, range(mine.start * group_size, mine.stop * group_size))
+    d = take(d, range(mine.start * group_size, mine.stop * group_size))
+    if truncated_zero:  # OR1: a truncated response gets reward 0
+        d["reward"] = zero_truncated(d["reward"], d["truncated"])
+    if overlong_buffer > 0:  # DAPO: a soft length penalty over the last overlong_buffer tokens of the budget
+        d["reward"] = d["reward"] + overlong_penalty(d["length"], max_new, overlong_buffer, overlong_penalty_max)
+    # 2. advantages per group (groups never straddle ranks: each rank rolls out whole groups)
+    d["adv"] = group_advantages(d["reward"], group_size, std_norm=std_norm)
+    return d
+
+
+def sample_step(policy, max_new, budget):
+    """1. This step's rollouts: one round, or with DAPO dynamic sampling more rounds until every rank holds its
+    share of informative groups. Returns (every rollout of the step, the kept groups as (round, group) pairs, the
+    number of rounds); each rollout's `row` is its row in the first."""
+    rounds = []
+
+    def draw(r):
+        d = rollout_round(policy, max_new, budget)
+        d["row"] = torch.arange(len(d["prompt"])) + sum(len(x["prompt"]) for x in rounds)
+        rounds.append(d)
+        return informative_groups(d[group_filter], group_size)
+
+    want = prompts_per_step // world_size
+    if dynamic_sampling:
+        kept, n_rounds = dynamic_sampling_rounds(draw, want, max_sample_rounds, agree_min)
+    else:
+        draw(0)
+        kept, n_rounds = [(0, g) for g in range(want)], 1
+    return rounds, kept, n_rounds
+
+
+def training_rows(rounds, kept):
+    """The samples the update trains on: the kept groups (without the uninformative ones with drop_zero_adv), then
+    with buffer_frac > 0 earlier steps' samples (R1V2 Selective Sample Buffer; their row is -1). Also returns the
+    number of this step's groups trained on."""
+    fresh = cat([take(rounds[r], group_rows(g)) for r, g in kept] or [take(rounds[0], [])])
+    if drop_zero_adv:  # OR1: only groups whose accuracy (or reward) varies carry a useful gradient
+        keep = informative_groups(fresh[group_filter], group_size).repeat_interleave(group_size)
+        fresh = take(fresh, keep.nonzero()[:, 0])
+    train = {k: fresh[k] for k in ("prompt", "tokens", "logp", "length", "adv", "row")}
+    if buffer_frac > 0:
+        train = buffer.mix(train, buffer_frac, step, torch.Generator().manual_seed(seed + 31 * step + rank))
+    return train, len(fresh["prompt"]) // group_size
 
 
 def prompt_of(i):  # this step's (input_ids, pixel_values) of item i (a buffered sample's prompt is encoded again)
@@ -277,60 +329,169 @@ def prompt_of(i):  # this step's (input_ids, pixel_values) of item i (a buffered
     return step_prompts[i]
 
 
-def make_batch(prompt, tokens, logp, length):
+def make_batch(train):
     """Training sequences = prompt + response, right-padded: ids (N, T); mask (N, T) = 1 where position t predicts a
-    response token; old (N, T) the sampler's log-prob of that token at the same position."""
-    ids_p = [prompt_of(i)[0] for i in prompt.tolist()]
-    T = max((len(p) + int(L) for p, L in zip(ids_p, length)), default=1)
-    N = len(ids_p)
-    ids, mask, old = torch.zeros(N, T, dtype=torch.long), torch.zeros(N, T), torch.zeros(N, T)  # N may be 0
-    for b, (p, L) in enumerate(zip(ids_p, length.tolist())):
-        ids[b, :len(p)], ids[b, len(p):len(p) + L] = torch.tensor(p), tokens[b, :L]
-        mask[b, len(p) - 1:len(p) - 1 + L], old[b, len(p) - 1:len(p) - 1 + L] = 1, logp[b, :L]
-    return ids, mask, old
+    response token; sampler_logp (N, T) the sampler's log-prob of that token at the same position."""
+    ids_p = [prompt_of(i)[0] for i in train["prompt"].tolist()]
+    N, T = len(ids_p), max((len(p) + int(L) for p, L in zip(ids_p, train["length"])), default=1)
+    ids, mask, sampler_logp = torch.zeros(N, T, dtype=torch.long), torch.zeros(N, T), torch.zeros(N, T)  # N may be 0
+    for b, (p, L) in enumerate(zip(ids_p, train["length"].tolist())):
+        resp = slice(len(p) - 1, len(p) - 1 + L)  # the positions that predict the response's tokens
+        ids[b, :len(p)], ids[b, len(p):len(p) + L] = torch.tensor(p), train["tokens"][b, :L]
+        mask[b, resp], sampler_logp[b, resp] = 1, train["logp"][b, :L]
+    return dict(prompt=train["prompt"], ids=ids, mask=mask, adv=train["adv"].float(), sampler_logp=sampler_logp,
+                from_buffer=train["row"] < 0)
 
 
-def micro_batches(batch, rows):
-    """Rows sorted by length (less padding), micro_batch at a time; every rank runs the same number of forwards
-    (FSDP): a rank with fewer gets None (forward's one-token pass, weight 0)."""
+def micro_batches(batch, rows, **extra):
+    """The rows as micro-batches on the device, sorted by length (less padding), micro_batch rows each: ids, mask,
+    pix, adv and each (N, T) tensor of `extra` (pi_old, the KL reference), cut to the longest row. Every rank runs
+    the same number of forwards (FSDP): a rank with fewer gets padding micro-batches, one row whose mask is all 0."""
     rows = sorted(rows, key=lambda r: int(batch["mask"][r].sum()))
-    mbs = [rows[k:k + micro_batch] for k in range(0, len(rows), micro_batch)]
-    return mbs + [None] * (agree_max(len(mbs)) - len(mbs))
+    chunks = [rows[k:k + micro_batch] for k in range(0, len(rows), micro_batch)]
+    chunks += [[]] * (agree_max(len(chunks)) - len(chunks))
+    for mb in chunks:
+        if not mb:  # padding: its forward reaches every FSDP unit (dummy_vision), its loss is 0
+            yield dict(rows=[], ids=torch.zeros(1, 1, dtype=torch.long, device=device),
+                       mask=torch.zeros(1, 1, device=device), pix=None, adv=torch.zeros(1, device=device),
+                       **{k: torch.zeros(1, 1, device=device) for k in extra})
+            continue
+        T = int(max(batch["mask"][r].nonzero().max() for r in mb)) + 2
+        pix = [prompt_of(i)[1] for i in batch["prompt"][mb].tolist()]
+        pix = [p for p in pix if p is not None]
+        yield dict(rows=mb, ids=batch["ids"][mb, :T].to(device), mask=batch["mask"][mb, :T].to(device),
+                   pix=torch.cat(pix).to(device) if pix else None, adv=batch["adv"][mb].to(device),
+                   **{k: v[mb, :T].to(device) for k, v in extra.items()})
 
 
-def forward(m, batch, rows):
-    """(logp, entropy, mask) of the rows' response tokens under m: (b, T) each, T trimmed to the longest row."""
-    if rows is None:  # a one-token pass (weight 0): its graph reaches every FSDP unit, so the collectives match
-        ids, mask = torch.zeros(1, 1, dtype=torch.long, device=device), torch.zeros(1, 1, device=device)
-        with autocast_ctx(device):
-            logp, ent = m(ids, None, targets=ids, dummy_vision=ddp)
-        return logp, ent, mask
-    T = int(max(batch["mask"][r].nonzero().max() for r in rows)) + 2
-    ids, mask = batch["ids"][rows, :T].to(device), batch["mask"][rows, :T].to(device)
-    pix = [prompt_of(i)[1] for i in batch["prompt"][rows].tolist()]
-    pix = torch.cat([p for p in pix if p is not None]).to(device) if any(p is not None for p in pix) else None
-    with autocast_ctx(device):  # lm_head only at the response positions
-        logp, ent = m(ids, pix, targets=torch.roll(ids, -1, 1), target_mask=mask, dummy_vision=ddp)
-    return logp, ent, mask
+def forward(net, mb):
+    """(logp, entropy) (b, T) of a micro-batch's response tokens under net (lm_head only at those positions)."""
+    with autocast_ctx(device):
+        return net(mb["ids"], mb["pix"], targets=torch.roll(mb["ids"], -1, 1), target_mask=mb["mask"],
+                   dummy_vision=ddp)
 
 
 @torch.no_grad()
-def policy_logp(m, batch):
-    """Log-probs of every batch row's response tokens under m (the off-policy pi_old, or the KL reference)."""
+def policy_logp(net, batch):
+    """Log-probs of every batch row's response tokens under net (the off-policy pi_old, or the KL reference)."""
     out = torch.zeros_like(batch["mask"])
     for mb in micro_batches(batch, list(range(len(batch["prompt"])))):
-        logp, _, _ = forward(m, batch, mb)
-        if mb is not None:
-            out[mb, :logp.shape[1]] = logp.float().cpu()
+        logp, _ = forward(net, mb)
+        out[mb["rows"], :logp.shape[1]] = logp[:len(mb["rows"])].float().cpu()
     return out
 
 
-def validate():
+def optimizer_step(batch, rows, old_logp, ref_logp, ent_coef, train_logp):
+    """One optimizer step on this rank's `rows` of the batch, all ranks together: each micro-batch's loss uses the
+    normaliser of the whole mini-batch over all ranks, so micro-batches and ranks add up exactly. On-policy,
+    pi_old is the forward's own log-probs, detached (ratio 1); they go into train_logp. Returns the step's stats."""
+    n_tok, n_seq = all_reduce_sum(batch["mask"][rows].sum(), len(rows))
+    denom = n_tok if loss_agg == "token_mean" else n_seq
+    sums = dict(loss=0.0, clip=0.0, kl=0.0, tokens=0.0)
+    extra = {} if on_policy else dict(old=old_logp)
+    if kl_coef > 0:
+        extra["ref"] = ref_logp
+    for mb in micro_batches(batch, rows, **extra):
+        logp, ent = forward(model, mb)
+        mask = mb["mask"]
+        old = logp.detach() if on_policy else mb["old"]
+        loss, st = ppo_clip_loss(logp, old, mb["adv"], mask, eps_low, eps_high, loss_agg, norm_const, denom,
+                                 clip_ratio_c)
+        if kl_coef > 0:  # k3 KL to the initial policy (GRPO, DeepSeekMath eq. 4)
+            loss = loss + kl_coef * agg_loss(kl_k3(logp, mb["ref"]), mask, loss_agg, norm_const, denom)
+        if ent_coef > 0:  # entropy bonus: minus, so the step raises the entropy
+            loss = loss - ent_coef * agg_loss(ent, mask, loss_agg, norm_const, denom)
+        # FSDP averages gradients over ranks; the loss is already the global mean: scale back by world_size
+        (loss * world_size).backward()
+        w = float(mask.sum())
+        sums["loss"] += loss.item()
+        sums["clip"] += st["clip_frac"].item() * w
+        sums["kl"] += st["approx_kl"].item() * w
+        sums["tokens"] += w
+        if on_policy:
+            train_logp[mb["rows"], :logp.shape[1]] = logp.detach()[:len(mb["rows"])].float().cpu()
+    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+    tot = dict(zip(sums, all_reduce_sum(*sums.values())))
+    finite = bool(torch.isfinite(torch.tensor([tot["loss"], gnorm])).all())
+    if agree(not finite):  # every rank skips, or none
+        print0(f"step {step + 1}: non-finite loss {tot['loss']} or grad norm {gnorm}: update skipped")
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return dict(loss=tot["loss"], clip_frac=tot["clip"] / max(tot["tokens"], 1),
+                approx_kl=tot["kl"] / max(tot["tokens"], 1), gnorm=gnorm, skipped=int(not finite))
+
+
+def ppo_update(batch, old_logp, ref_logp, ent_coef):
+    """4. ppo_epochs passes x mini_batches optimizer steps over the batch (1 x 1 = on-policy). Returns the stats
+    averaged over the steps (with the count of skipped ones) and the trainer's log-probs (N, T)."""
+    n_rows = len(batch["prompt"])
+    train_logp = torch.zeros_like(batch["mask"]) if on_policy else old_logp.clone()  # for the mismatch, the dumps
+    stats = dict(loss=0.0, clip_frac=0.0, approx_kl=0.0, gnorm=0.0, skipped=0)
+    if agree_max(n_rows) == 0:
+        print0(f"step {step + 1}: no informative samples on any rank: update skipped")
+        return dict(stats, skipped=1), train_logp
+    n_steps = ppo_epochs * mini_batches
+    for ppo_epoch in range(ppo_epochs):
+        order = list(range(n_rows))
+        if mini_batches > 1:
+            order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + step * 100 + ppo_epoch))
+            order = order.tolist()
+        for k in range(mini_batches):
+            st = optimizer_step(batch, order[k::mini_batches], old_logp, ref_logp, ent_coef, train_logp)
+            stats["skipped"] += st.pop("skipped")
+            for key, v in st.items():
+                stats[key] += v / n_steps
+    return stats, train_logp
+
+
+def step_metrics(seen, kept, n_groups, batch, stats, ent, diff, times):
+    """The step's log record: rollout, reward and loss statistics over all ranks (every rank calls it)."""
+    generated = torch.arange(seen["tokens"].shape[1])[None] < seen["length"][:, None]
+    crit = torch.isin(seen["tokens"], critical_ids) & generated
+    acc_g = seen["accuracy"].view(-1, group_size)
+    sums = dict(n=len(seen["prompt"]), reward=seen["reward"].sum(), accuracy=seen["accuracy"].sum(),
+                format=seen["format"].sum(), resp_len=seen["length"].sum(), truncated=seen["truncated"].sum(),
+                timeouts=seen["timeout"].sum(), all_correct=(acc_g.min(1).values == 1).sum(),
+                all_wrong=(acc_g.max(1).values == 0).sum(), kept=len(kept), trained=n_groups,
+                train_rows=len(batch["prompt"]), buffer_rows=batch["from_buffer"].sum(),
+                crit_sum=seen["ent"][crit].sum(), crit_n=crit.sum(), mis_sum=diff.sum(), mis_n=diff.numel())
+    t = dict(zip(sums, all_reduce_sum(*sums.values())))  # over all ranks
+    G = t["n"] / group_size
+    critical_entropy = t["crit_sum"] / t["crit_n"] if t["crit_n"] else None
+    mx = {"step": step, **{k: t[k] / t["n"] for k in ("reward", "accuracy", "format", "resp_len", "truncated")},
+          "all_correct": t["all_correct"] / G, "all_wrong": t["all_wrong"] / G, "loss": stats["loss"],
+          "lr": optimizer.param_groups[0]["lr"], "clip_frac": stats["clip_frac"], "approx_kl": stats["approx_kl"],
+          "gnorm": stats["gnorm"], "entropy": ent["mean"], "high_entropy_share": ent["high_share"],
+          "critical_entropy": critical_entropy, "critical_count": int(t["crit_n"]), "entropy_coef": ent["coef"],
+          "verifier_timeouts": int(t["timeouts"]), "logp_mismatch": agree_max(float(diff.max()) if diff.numel() else 0.0),
+          "logp_mismatch_mean": t["mis_sum"] / max(t["mis_n"], 1), "sample_rounds": times["rounds"],
+          "groups_kept": t["trained"] / G, "groups_trained": int(t["trained"]), "train_rows": int(t["train_rows"]),
+          "buffer_rows": int(t["buffer_rows"]), "skipped": stats["skipped"], "t_rollout": times["rollout"],
+          "t_logp": times["logp"], "t_update": times["update"], "t_step": time.time() - times["start"],
+          "rollout_tok_per_s": t["resp_len"] / max(times["rollout"], 1e-9), "informative_groups": int(t["kept"])}
+    if device.type == "cuda":  # this step's peak, rollout and update together
+        mx["mem_peak_gb"] = agree_max(torch.cuda.max_memory_allocated(device)) / 2**30  # GB = 2^30, as plan.py
+    return mx
+
+
+def print_step(mx):
+    ce = "-" if mx["critical_entropy"] is None else f"{mx['critical_entropy']:.3f}"
+    print0(f"step {mx['step']}/{max_steps} | reward {mx['reward']:.3f} acc {mx['accuracy']:.3f} fmt {mx['format']:.3f} "
+           f"| loss {mx['loss']:.4f} lr {mx['lr']:.1e} | all-correct {mx['all_correct']:.2f} all-wrong "
+           f"{mx['all_wrong']:.2f} | len {mx['resp_len']:.0f} trunc {mx['truncated']:.2f} | clip "
+           f"{mx['clip_frac']:.3f} kl {mx['approx_kl']:.4f} gnorm {mx['gnorm']:.2f} | ent {mx['entropy']:.3f} "
+           f"crit-ent {ce} | rollout {mx['t_rollout']:.1f}s ({mx['rollout_tok_per_s']:,.0f} tok/s) "
+           f"logp {mx['t_logp']:.1f}s update {mx['t_update']:.1f}s")
+
+
+def validation_accuracy():
     """Greedy accuracy on the first val_n validation items: each TP group (each rank at tp=1) takes a share; its
     ranks generate it together, and the group's first rank counts it."""
     from eval import evaluate
     share = val_items[rank // tp::world_size // tp]
-    with (tp_rollout_model(model, tp_pg) if tp > 1 else unsharded(model)) as policy:  # collective, even with no items
+    with rollout_policy() as policy:  # collective, even with no items
         budget = agree_min(memory_budget(device))
         rows = refuse_together("validation", lambda: evaluate(
             policy, tok, share, 1, 0.0, length_at(step), "think" if think else "nothink", system=system_prompt or None,
@@ -340,22 +501,34 @@ def validate():
     return correct / max(total, 1)
 
 
-def dump(seen, adv_seen, train_logp):
-    """The first dump_groups groups of this step's rollouts, for viewer.py (the format: viewer.py's docstring);
-    train_logp: {row of seen: the trainer's log-probs of its tokens}."""
+def validate():
+    """Validation accuracy, printed and logged (log.jsonl, wandb)."""
+    acc = validation_accuracy()
+    print0(f"step {step}: val accuracy {acc:.4f}")
+    log_jsonl(out_dir, {"step": step, "val_accuracy": acc})
+    if wandb:
+        wandb.log({"val_accuracy": acc}, step=step)
+
+
+def dump(seen, train, train_logp, mask):
+    """The first dump_groups groups of this step's rollouts, for viewer.py (the format: viewer.py's docstring), with
+    the trainer's log-probs of the rows that were trained on."""
+    at = {r: i for i, r in enumerate(train["row"].tolist()) if 0 <= r < dump_groups * group_size}
     with open(os.path.join(out_dir, "rollouts.jsonl"), "a") as f:
         for g in range(min(dump_groups, len(seen["prompt"]) // group_size)):
             it, samples = items[int(seen["prompt"][g * group_size])], []
-            for r in range(g * group_size, (g + 1) * group_size):
+            for r in group_rows(g):
                 L = int(seen["length"][r])
                 ids = seen["tokens"][r, :L].tolist()
                 crit = torch.isin(seen["tokens"][r, :L], critical_ids).nonzero()[:, 0].tolist()
+                trained = train_logp[at[r]][mask[at[r]].bool()].tolist() if r in at else None
+                finish = "length" if seen["truncated"][r] else "eos"
                 samples.append(dict(response=seen["text"][r], pieces=token_pieces(tok, ids), tokens=ids,
                                     logp=seen["logp"][r, :L].tolist(), entropy=seen["ent"][r, :L].tolist(),
-                                    train_logp=train_logp.get(r), advantage=float(adv_seen[r]),
+                                    train_logp=trained, advantage=float(seen["adv"][r]),
                                     reward=float(seen["reward"][r]), accuracy=int(seen["accuracy"][r]),
                                     format=int(seen["format"][r]), pred=seen["pred"][r], n_tokens=L,
-                                    finish_reason="length" if seen["truncated"][r] else "eos", critical=crit))
+                                    finish_reason=finish, critical=crit))
             f.write(json.dumps(dict(step=step, prompt_index=int(seen["prompt"][g * group_size]), id=it["id"],
                                     question=it["question"], images=it["images"], answer=it["answer"],
                                     options=it.get("options"), domain=it.get("domain"),
@@ -363,183 +536,70 @@ def dump(seen, adv_seen, train_logp):
 
 
 def save():
-    state = {"epoch": epoch, "pos": pos, "tokenizer": tok.name_or_path, "init_from": init_path,
+    state = {**cursor, "tokenizer": tok.name_or_path, "init_from": init_path,
              "entropy_control": ent_ctl.state_dict()}
     save_checkpoint(out_dir, step, model, optimizer, state, config, keep_last=keep_last or None,
                     rank_state={"buffer": buffer.state_dict()})  # each rank's own buffer
 
 
 if step == 0 and val_items and eval_every > 0:
-    acc = validate()
-    log_jsonl(out_dir, {"step": 0, "val_accuracy": acc})
-    if wandb:
-        wandb.log({"val_accuracy": acc}, step=0)
+    validate()
 
 while step < max_steps:
-    t_step = time.time()
-    lr_now = get_lr(step, max_steps, lr, warmup_steps, lr * min_lr_frac)
+    t_start = time.time()
     for grp in optimizer.param_groups:
-        grp["lr"] = lr_now
-    max_len = length_at(step)
+        grp["lr"] = get_lr(step, max_steps, lr, warmup_steps, lr * min_lr_frac)
+    max_new = length_at(step)
     step_prompts.clear()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    # 1. rollout + score, on weights gathered once for the phase (tp > 1: the TP shards made from them, tp.py). DAPO
-    # dynamic sampling: more rounds until every rank holds its share of informative groups
+    # 1-2. rollouts, rewards and advantages, on weights gathered once for the phase
     t0 = time.time()
-    rounds, want = [], prompts_per_step // world_size
-    with (tp_rollout_model(model, tp_pg) if tp > 1 else unsharded(model)) as policy:
+    with rollout_policy() as policy:
         budget = agree_min(memory_budget(device))  # measured after the gather; the smallest rank's, for all
-
-        def draw(r):
-            d = rollout_round(policy, *next_prompts(), max_len, budget)
-            d["row"] = torch.arange(len(d["prompt"])) + sum(len(x["prompt"]) for x in rounds)  # its row in `seen`
-            if truncated_zero:  # OR1: a truncated response gets reward 0
-                d["reward"] = zero_truncated(d["reward"], d["truncated"])
-            if overlong_buffer > 0:  # DAPO: a soft length penalty over the last overlong_buffer tokens of the budget
-                d["reward"] = d["reward"] + overlong_penalty(d["length"], max_len, overlong_buffer,
-                                                             overlong_penalty_max)
-            rounds.append(d)
-            return informative_groups(d[group_filter], group_size)
-
-        if dynamic_sampling:
-            kept, n_rounds = dynamic_sampling_rounds(draw, want, max_sample_rounds, agree_min)
-        else:
-            draw(0)
-            kept, n_rounds = [(0, g) for g in range(want)], 1
-    seen = cat(rounds)  # every rollout of the step, for the logs
-    fresh = cat([take(rounds[r], range(g * group_size, (g + 1) * group_size)) for r, g in kept]) if kept else \
-        take(rounds[0], [])  # this rank found no informative group
+        rounds, kept, n_rounds = sample_step(policy, max_new, budget)
+    seen = cat(rounds)  # every rollout of the step, for the logs and dumps
+    train, n_groups = training_rows(rounds, kept)
+    batch = make_batch(train)
     t_rollout = time.time() - t0
-
-    # 2. advantages per group (groups never straddle ranks: each rank rolls out whole groups), then the data options
-    fresh["adv"] = group_advantages(fresh["reward"], group_size, std_norm=std_norm)
-    adv_seen = torch.cat([group_advantages(d["reward"], group_size, std_norm=std_norm) for d in rounds])
-    if drop_zero_adv:  # OR1: only groups whose accuracy (or reward) varies carry a useful gradient
-        fresh = take(fresh, informative_groups(fresh[group_filter], group_size).repeat_interleave(group_size)
-                     .nonzero()[:, 0])
-    n_groups = len(fresh["prompt"]) // group_size  # the groups trained on
-    train = {k: fresh[k] for k in ("prompt", "tokens", "logp", "length", "adv", "row")}
-    if buffer_frac > 0:  # R1V2 Selective Sample Buffer: earlier steps' non-zero-A samples join the batch (row -1)
-        train = buffer.mix(train, buffer_frac, step, torch.Generator().manual_seed(seed + 31 * step + rank))
-    from_buffer = train["row"] < 0
-    ids, mask, sampler_logp = make_batch(train["prompt"], train["tokens"], train["logp"], train["length"])
-    batch = dict(prompt=train["prompt"], ids=ids, mask=mask, adv=train["adv"].float())
 
     # 3. pi_old: on-policy, the update's own forward (below); off-policy, a pass before any optimizer step (buffered
     # samples keep the log-probs of the policy that generated them). The KL reference: the initial policy's pass.
     t0 = time.time()
-    old_logp = None if on_policy else torch.where(from_buffer[:, None], sampler_logp, policy_logp(model, batch))
+    old_logp = None
+    if not on_policy:
+        old_logp = torch.where(batch["from_buffer"][:, None], batch["sampler_logp"], policy_logp(model, batch))
     ref_logp = policy_logp(ref_model, batch) if kl_coef > 0 else None
-    mean_ent = seen["ent"][torch.arange(seen["ent"].shape[1])[None] < seen["length"][:, None]]
-    ent_sum, ent_n, hi_n = all_reduce_sum(mean_ent.sum(), mean_ent.numel(), (mean_ent > high_entropy).sum())
-    mean_ent = ent_sum / max(ent_n, 1)
-    ent_coef = ent_ctl.update(mean_ent) if entropy_target > 0 else entropy_coef  # OR1 adaptive, or constant
+    tokens_ent = seen["ent"][torch.arange(seen["ent"].shape[1])[None] < seen["length"][:, None]]
+    ent_sum, ent_n, hi_n = all_reduce_sum(tokens_ent.sum(), tokens_ent.numel(), (tokens_ent > high_entropy).sum())
+    ent = dict(mean=ent_sum / max(ent_n, 1), high_share=hi_n / max(ent_n, 1))
+    ent["coef"] = ent_ctl.update(ent["mean"]) if entropy_target > 0 else entropy_coef  # OR1 adaptive, or constant
     t_logp = time.time() - t0
 
-    # 4. PPO update: ppo_epochs x mini_batches optimizer steps (1 x 1 = on-policy), each over the micro-batches
+    # 4. the PPO update
     t0 = time.time()
-    n_rows, stats, skipped, n_opt = len(batch["prompt"]), dict(loss=0.0, clip=0.0, kl=0.0, gnorm=0.0), 0, 0
-    train_logp = torch.zeros_like(mask) if on_policy else old_logp.clone()  # the trainer's: mismatch, dumps
-    n_passes = ppo_epochs if agree_max(n_rows) > 0 else 0
-    if not n_passes:
-        print0(f"step {step + 1}: no informative samples on any rank: update skipped")
-        skipped = 1
-    for epoch_i in range(n_passes):
-        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + step * 100 + epoch_i)).tolist() \
-            if mini_batches > 1 else list(range(n_rows))
-        for k in range(mini_batches):
-            mini = perm[k::mini_batches]
-            # the normaliser of the WHOLE mini-batch over all ranks, so micro-batches and ranks add up exactly
-            n_tok, n_seq = all_reduce_sum(batch["mask"][mini].sum(), len(mini))
-            denom = n_tok if loss_agg == "token_mean" else n_seq
-            loss_sum, clip, kl, nt = 0.0, 0.0, 0.0, 0.0
-            for mb in micro_batches(batch, mini):
-                logp, ent, m = forward(model, batch, mb)
-                old = logp.detach() if on_policy else old_logp[mb, :logp.shape[1]].to(device) if mb else logp.detach()
-                adv = batch["adv"][mb].to(device) if mb else torch.zeros(1, device=device)
-                loss, st = ppo_clip_loss(logp, old, adv, m, eps_low, eps_high, loss_agg, norm_const, denom,
-                                         clip_ratio_c)
-                if kl_coef > 0:  # k3 KL to the initial policy (GRPO, DeepSeekMath eq. 4)
-                    ref = ref_logp[mb, :logp.shape[1]].to(device) if mb else logp.detach()
-                    loss = loss + kl_coef * agg_loss(kl_k3(logp, ref), m, loss_agg, norm_const, denom)
-                if ent_coef > 0:  # entropy bonus: minus, so the step raises the entropy
-                    loss = loss - ent_coef * agg_loss(ent, m, loss_agg, norm_const, denom)
-                # FSDP averages gradients over ranks; the loss is already the global mean: scale back by world_size
-                (loss * (world_size if mb else 0.0)).backward()
-                if mb:
-                    w = float(m.sum())
-                    loss_sum, clip, kl, nt = loss_sum + loss.item(), clip + st["clip_frac"].item() * w, \
-                        kl + st["approx_kl"].item() * w, nt + w
-                    if on_policy:
-                        train_logp[mb, :logp.shape[1]] = logp.detach().float().cpu()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-            loss_g, clip_g, kl_g, nt_g = all_reduce_sum(loss_sum, clip, kl, nt)
-            if agree(not (torch.isfinite(torch.tensor([loss_g, gnorm])).all())):  # every rank skips, or none
-                print0(f"step {step + 1}: non-finite loss {loss_g} or grad norm {gnorm}: update skipped")
-                skipped += 1
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            n_opt += 1
-            for key, v in (("loss", loss_g), ("clip", clip_g / max(nt_g, 1)), ("kl", kl_g / max(nt_g, 1)),
-                           ("gnorm", gnorm)):
-                stats[key] += v / (ppo_epochs * mini_batches)
+    stats, train_logp = ppo_update(batch, old_logp, ref_logp, ent["coef"])
     t_update = time.time() - t0
     step += 1
-    diff = (train_logp - sampler_logp).abs()[mask.bool() & ~from_buffer[:, None]]  # trainer vs sampler, fresh rows
 
     # 5. log, dump, validate, checkpoint
-    generated = torch.arange(seen["tokens"].shape[1])[None] < seen["length"][:, None]
-    crit = torch.isin(seen["tokens"], critical_ids) & generated
-    acc_g = seen["accuracy"].view(-1, group_size)
-    sums = dict(n=len(seen["prompt"]), reward=seen["reward"].sum(), accuracy=seen["accuracy"].sum(),
-                format=seen["format"].sum(), resp_len=seen["length"].sum(), truncated=seen["truncated"].sum(),
-                timeouts=seen["timeout"].sum(), all_correct=(acc_g.min(1).values == 1).sum(),
-                all_wrong=(acc_g.max(1).values == 0).sum(), kept=len(kept), trained=n_groups,
-                train_rows=len(batch["prompt"]),
-                buffer_rows=from_buffer.sum(), crit_sum=seen["ent"][crit].sum(), crit_n=crit.sum(),
-                mis_sum=diff.sum(), mis_n=diff.numel())
-    t = dict(zip(sums, all_reduce_sum(*sums.values())))  # over all ranks
-    G = t["n"] / group_size
-    if dynamic_sampling and t["kept"] < prompts_per_step:
-        print0(f"step {step}: only {t['kept']:.0f} of {prompts_per_step} informative groups after {n_rounds} rounds")
-    mx = {"step": step, **{k: t[k] / t["n"] for k in ("reward", "accuracy", "format", "resp_len", "truncated")},
-          "all_correct": t["all_correct"] / G, "all_wrong": t["all_wrong"] / G, "loss": stats["loss"], "lr": lr_now,
-          "clip_frac": stats["clip"], "approx_kl": stats["kl"], "gnorm": stats["gnorm"], "entropy": mean_ent,
-          "high_entropy_share": hi_n / max(ent_n, 1),
-          "critical_entropy": t["crit_sum"] / t["crit_n"] if t["crit_n"] else None, "critical_count": int(t["crit_n"]),
-          "entropy_coef": ent_coef, "verifier_timeouts": int(t["timeouts"]),
-          "logp_mismatch": agree_max(float(diff.max()) if diff.numel() else 0.0),
-          "logp_mismatch_mean": t["mis_sum"] / max(t["mis_n"], 1), "sample_rounds": n_rounds,
-          "groups_kept": t["trained"] / G, "groups_trained": int(t["trained"]), "train_rows": int(t["train_rows"]),
-          "buffer_rows": int(t["buffer_rows"]), "skipped": skipped, "t_rollout": t_rollout, "t_logp": t_logp,
-          "t_update": t_update, "t_step": time.time() - t_step,
-          "rollout_tok_per_s": t["resp_len"] / max(t_rollout, 1e-9)}
-    if device.type == "cuda":  # this step's peak, rollout and update together
-        mx["mem_peak_gb"] = agree_max(torch.cuda.max_memory_allocated(device)) / 2**30  # GB = 2^30, as plan.py
+    fresh = batch["mask"].bool() & ~batch["from_buffer"][:, None]
+    diff = (train_logp - batch["sampler_logp"]).abs()[fresh]  # trainer vs sampler log-probs, this step's rows
+    mx = step_metrics(seen, kept, n_groups, batch, stats, ent, diff, dict(
+        start=t_start, rollout=t_rollout, logp=t_logp, update=t_update, rounds=n_rounds))
+    if dynamic_sampling and mx["informative_groups"] < prompts_per_step:
+        print0(f"step {step}: only {mx['informative_groups']} of {prompts_per_step} informative groups after "
+               f"{n_rounds} rounds")
     log_jsonl(out_dir, mx)
     if step % log_every == 0:
-        ce = f"{mx['critical_entropy']:.3f}" if mx["critical_entropy"] is not None else "-"
-        print0(f"step {step}/{max_steps} | reward {mx['reward']:.3f} acc {mx['accuracy']:.3f} fmt {mx['format']:.3f} "
-               f"| loss {mx['loss']:.4f} lr {lr_now:.1e} | all-correct {mx['all_correct']:.2f} all-wrong "
-               f"{mx['all_wrong']:.2f} | len {mx['resp_len']:.0f} trunc {mx['truncated']:.2f} | clip "
-               f"{mx['clip_frac']:.3f} kl {mx['approx_kl']:.4f} gnorm {mx['gnorm']:.2f} | ent {mean_ent:.3f} "
-               f"crit-ent {ce} | rollout {t_rollout:.1f}s ({mx['rollout_tok_per_s']:,.0f} tok/s) logp {t_logp:.1f}s "
-               f"update {t_update:.1f}s")
+        print_step(mx)
     if wandb:
         wandb.log({k: v for k, v in mx.items() if v is not None}, step=step)
     if dump_every and step % dump_every == 0 and rank == 0:
-        at = {r: i for i, r in enumerate(train["row"].tolist()) if 0 <= r < dump_groups * group_size}
-        dump(seen, adv_seen, {r: train_logp[i][mask[i].bool()].tolist() for r, i in at.items()})
+        dump(seen, train, train_logp, batch["mask"])
     if val_items and eval_every > 0 and (step % eval_every == 0 or step == max_steps):
-        acc = validate()
-        print0(f"step {step}: val accuracy {acc:.4f}")
-        log_jsonl(out_dir, {"step": step, "val_accuracy": acc})
-        if wandb:
-            wandb.log({"val_accuracy": acc}, step=step)
+        validate()
     if step % save_every == 0 or step == max_steps:
         save()
 

@@ -1,7 +1,7 @@
 """
 The whole model in one file: InternViT (vision) -> MLP connector with pixel shuffle -> Qwen2-style LLM.
 
-This is the architecture of Skywork-R1V3-38B and of the InternVL3 family (RECIPE.md section 1), at any size:
+This is the architecture of Skywork-R1V3-38B and of the InternVL3 family (shapes: docs/models.md), at any size:
   vision   InternViT: conv patch embedding + CLS + learned positions, pre-norm blocks (LayerNorm or RMSNorm),
            optional QK-norm, layer-scale, GELU MLP. Features from the last layer, CLS dropped.
   connector pixel shuffle (ratio 0.5, InternVL's "v2" order): 1024 patches -> 256 tokens of 4x width, then
@@ -10,16 +10,10 @@ This is the architecture of Skywork-R1V3-38B and of the InternVL3 family (RECIPE
            optional per-head QK-norm (Qwen3, so InternVL3.5 fits later), tied or untied embeddings.
 The tile features overwrite the embeddings of the <IMG_CONTEXT> tokens, in order.
 
-Loading reads both checkpoint layouts found in the wild through an explicit key map that asserts every
-tensor is used and every shape matches (STYLE.md rule 4): the transformers-native one (`model.vision_tower.*`,
-`model.multi_modal_projector.*`, `model.language_model.*`, `lm_head`) and the original `InternVLChatModel`
-one (`vision_model.*` with fused qkv, `mlp1.*`, `language_model.*`). Saving writes the transformers-native
-layout, so a trained policy loads in transformers and serving engines.
-No training or distributed code lives here.
+Loading and saving Hugging Face checkpoints (both layouts, the checked key map) is in plumbing/hf.py. No file I/O,
+training or distributed code lives here.
 """
-import json
 import math
-import os
 import re
 from dataclasses import dataclass, fields
 
@@ -31,7 +25,7 @@ import torch.utils.checkpoint
 
 @dataclass
 class VLMConfig:
-    # vision tower (InternViT). Defaults are the tiny VLM of the embedded synthetic task (RECIPE.md section 8).
+    # vision tower (InternViT). Defaults: the tiny VLM of the embedded task (docs/recipe.md, "The embedded default").
     image_size: int = 64
     patch_size: int = 8
     vit_hidden: int = 128
@@ -340,8 +334,9 @@ def token_logprobs(hidden, weight, targets, chunk=1024, with_entropy=True, tempe
         raise ValueError(f"model.py token_logprobs: target ids must be in [0, {V}); got min "
                          f"{targets.min().item()} max {targets.max().item()} "
                          "(replace ignore-index padding with a real id and mask it)")
-    if B * T == 0:
-        z = hidden.new_zeros(B, T, dtype=torch.float32)
+    if B * T == 0:  # still in the graph of hidden and weight (zero gradients): an FSDP rank whose micro-batch is
+        # all padding (grpo.py) runs the same backward collectives as the others
+        z = hidden.new_zeros(B, T, dtype=torch.float32) + 0.0 * (hidden.float().sum() + weight.float().sum())
         return z, (z if with_entropy else None)
     h, tgt, w32 = hidden.reshape(B * T, C), targets.reshape(B * T), weight.float()  # the cast once, not per chunk
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
@@ -393,9 +388,9 @@ class VLM(nn.Module):
         """
         input_ids (B, T) with the <IMG_CONTEXT> tokens already expanded; pixel_values (N_tiles, 3, H, W) or None
         (or precomputed image_embeds (N_tiles * tokens_per_tile, n_embd)). The tile features overwrite the
-        image-token embeddings in row-major order over the batch. cache: a KVCache (see below); the caller
-        advances cache.lens afterwards. Returns logits (B, T, vocab); or the final hidden states (B, T, n_embd)
-        when return_hidden; or, given targets (B, T) (the token each position predicts), (logp, entropy) of
+        image-token embeddings in row-major order over the batch. cache: an object with attend(layer, q, k, v)
+        (sampler.DecodeCache; tests/kv_cache.py), with pos the rows' positions (B, T). Returns logits (B, T, vocab);
+        or the final hidden states (B, T, n_embd) when return_hidden; or, given targets (B, T) (the token each position predicts), (logp, entropy) of
         shape (B, T) each, computed in chunks so the full fp32 logits never exist (see token_logprobs); with
         target_mask (B, T) only at its positions (0 elsewhere: a prompt's positions need no lm_head).
         dummy_vision: with no images, still run the vision tower on one blank tile and add 0 x its output, so
@@ -418,10 +413,8 @@ class VLM(nn.Module):
             s = self.cfg.image_size
             blank = torch.zeros(1, 3, s, s, device=x.device, dtype=x.dtype)
             x = x + 0.0 * self.image_features(blank).sum()
-        if pos is None:
+        if pos is None:  # a cached forward passes each row's positions
             pos = torch.arange(T, device=x.device)[None].expand(B, T)
-            if cache is not None:
-                pos = pos + cache.lens[:, None]
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for block in self.llm.blocks:
             x = block(x, cos, sin, cache)
@@ -437,434 +430,11 @@ class VLM(nn.Module):
             return zeros.masked_scatter(sel, logp[0]), zeros.masked_scatter(sel, ent[0])
         return self.llm.lm_head(x)
 
-    # --- Hugging Face checkpoints -------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", image_token_id=None):
-        """Load a local HF directory (transformers-native or original InternVLChatModel layout, single file or
-        sharded). Built on the meta device and given the loaded tensors: one copy in memory, in `dtype`."""
-        cfg, layout = load_config(path, image_token_id)
-        sd = hf_state_dict(path, cfg, layout, dtype)
-        with torch.device("meta"):
-            model = cls(cfg)
-        model.load_state_dict(sd, strict=True, assign=True)  # the loaded tensors become the parameters
-        model.llm.tie_weights()  # assign replaced the shared parameter: tie again
-        return model.to(device)
-
-    def save_pretrained(self, path, state_dict=None, max_shard_bytes=5 * 2**30):
-        """Write the transformers-native InternVL layout (config.json + safetensors). state_dict: a full state dict
-        of this model (e.g. gathered from FSDP shards); default: this model's own tensors."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        sd = state_dict if state_dict is not None else self.state_dict()
-        out = {}
-        for name, t in sd.items():
-            if self.cfg.tie_embeddings and name == "llm.lm_head.weight":
-                continue  # tied: transformers re-ties it from the embedding
-            hf = hf_names(name, self.cfg, "native")
-            parts = t.chunk(len(hf), dim=0) if len(hf) > 1 else [t]  # un-fuse the ViT's qkv
-            for n, p in zip(hf, parts):
-                out[n] = p.detach().to("cpu").contiguous()
-        # shard by size, as transformers does, with an index when there is more than one file
-        shards, cur, size = [], {}, 0
-        for n, t in out.items():
-            nbytes = t.numel() * t.element_size()
-            if cur and size + nbytes > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[n], size = t, size + nbytes
-        shards.append(cur)
-        for f in os.listdir(path):  # stale shards of an earlier save would be picked up by loaders
-            if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".safetensors.index.json")):
-                os.remove(os.path.join(path, f))
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
-                weight_map.update({n: fname for n in shard})
-            total = sum(t.numel() * t.element_size() for t in out.values())
-            with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        dtype = next(iter(out.values())).dtype
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(hf_config(self.cfg, str(dtype).replace("torch.", "")), f, indent=2)
-
-
-# -----------------------------------------------------------------------------
-# A plain static KV cache (one row per sequence): the model's own, for cached-vs-uncached tests and simple decoding.
-# The sampler has its own cache with each prompt's K/V stored once for its n samples (sampler.DecodeCache).
-
-
-class KVCache:
-    """Preallocated K/V for all layers: k, v (n_layer, B, n_kv_head, max_len, head_dim); lens (B,) tokens stored
-    per row. attend() writes the new k/v of each row at its own position and attends over that row's prefix.
-    The caller advances lens after the forward."""
-
-    def __init__(self, cfg, batch_size, max_len, dtype=torch.float32, device="cpu"):
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lens = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.max_len = max_len
-
-    def append(self, layer_idx, k, v):  # k, v (B, Hkv, T, hd) -> written at positions lens[b] + t
-        B, H, T, D = k.shape
-        idx = (self.lens[:, None] + torch.arange(T, device=k.device))[:, None, :, None].expand(B, H, T, D)
-        self.k[layer_idx].scatter_(2, idx, k.to(self.k.dtype))
-        self.v[layer_idx].scatter_(2, idx, v.to(self.v.dtype))
-
-    def attend(self, layer_idx, q, k, v):  # q (B, H, T, hd) -> y (B, H, T, hd)
-        self.append(layer_idx, k, v)
-        T = q.shape[2]
-        L = int(self.lens.max()) + T  # keys beyond the longest row are never needed
-        assert L <= self.max_len, f"KV cache overflow: need {L} positions, have {self.max_len}"
-        keys, vals = self.k[layer_idx][:, :, :L], self.v[layer_idx][:, :, :L]
-        qpos = self.lens[:, None] + torch.arange(T, device=q.device)  # (B, T) absolute positions
-        mask = torch.arange(L, device=q.device)[None, None, :] <= qpos[:, :, None]  # (B, T, L) causal + ragged
-        y = F.scaled_dot_product_attention(q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask[:, None],
-                                           enable_gqa=q.shape[1] != keys.shape[1])
-        return y
-
-
-# -----------------------------------------------------------------------------
-# Checkpoint key maps and configs. Rules are applied to OUR parameter names, so every parameter of the model
-# has exactly one place in the checkpoint; load_weights then checks the checkpoint holds exactly those tensors.
-
-NATIVE_RULES = [  # (pattern on our name, replacement in the transformers-native layout)
-    (r"^vit\.cls$", "model.vision_tower.embeddings.cls_token"),
-    (r"^vit\.patch\.", "model.vision_tower.embeddings.patch_embeddings.projection."),
-    (r"^vit\.pos$", "model.vision_tower.embeddings.position_embeddings"),
-    (r"^vit\.blocks\.(\d+)\.attn\.proj\.", r"model.vision_tower.encoder.layer.\1.attention.projection_layer."),
-    (r"^vit\.blocks\.(\d+)\.attn\.", r"model.vision_tower.encoder.layer.\1.attention."),
-    (r"^vit\.blocks\.(\d+)\.ls(\d)$", r"model.vision_tower.encoder.layer.\1.lambda_\2"),
-    (r"^vit\.blocks\.(\d+)\.norm1\.", r"model.vision_tower.encoder.layer.\1.layernorm_before."),
-    (r"^vit\.blocks\.(\d+)\.norm2\.", r"model.vision_tower.encoder.layer.\1.layernorm_after."),
-    (r"^vit\.blocks\.(\d+)\.mlp\.", r"model.vision_tower.encoder.layer.\1.mlp."),
-    (r"^vit\.norm\.", "model.vision_tower.layernorm."),
-    (r"^connector\.norm\.", "model.multi_modal_projector.layer_norm."),
-    (r"^connector\.fc1\.", "model.multi_modal_projector.linear_1."),
-    (r"^connector\.fc2\.", "model.multi_modal_projector.linear_2."),
-    (r"^llm\.wte\.", "model.language_model.embed_tokens."),
-    (r"^llm\.blocks\.(\d+)\.attn_norm\.", r"model.language_model.layers.\1.input_layernorm."),
-    (r"^llm\.blocks\.(\d+)\.mlp_norm\.", r"model.language_model.layers.\1.post_attention_layernorm."),
-    (r"^llm\.blocks\.(\d+)\.attn\.", r"model.language_model.layers.\1.self_attn."),
-    (r"^llm\.blocks\.(\d+)\.mlp\.", r"model.language_model.layers.\1.mlp."),
-    (r"^llm\.norm\.", "model.language_model.norm."),
-    (r"^llm\.lm_head\.", "lm_head."),
-]
-ORIGINAL_RULES = [  # the OpenGVLab InternVLChatModel layout (Skywork-R1V3-38B, InternVL3-*)
-    (r"^vit\.cls$", "vision_model.embeddings.class_embedding"),
-    (r"^vit\.patch\.", "vision_model.embeddings.patch_embedding."),
-    (r"^vit\.pos$", "vision_model.embeddings.position_embedding"),
-    (r"^vit\.blocks\.", "vision_model.encoder.layers."),  # block internals share InternViT's names
-    (r"^connector\.norm\.", "mlp1.0."),
-    (r"^connector\.fc1\.", "mlp1.1."),
-    (r"^connector\.fc2\.", "mlp1.3."),
-    (r"^llm\.wte\.", "language_model.model.embed_tokens."),
-    (r"^llm\.blocks\.(\d+)\.attn_norm\.", r"language_model.model.layers.\1.input_layernorm."),
-    (r"^llm\.blocks\.(\d+)\.mlp_norm\.", r"language_model.model.layers.\1.post_attention_layernorm."),
-    (r"^llm\.blocks\.(\d+)\.attn\.", r"language_model.model.layers.\1.self_attn."),
-    (r"^llm\.blocks\.(\d+)\.mlp\.", r"language_model.model.layers.\1.mlp."),
-    (r"^llm\.norm\.", "language_model.model.norm."),
-    (r"^llm\.lm_head\.", "language_model.lm_head."),
-]
-# transformers 4.x saved the -hf repos without the "model." prefix; map those names onto the 5.x ones
-LEGACY_NATIVE = [(r"^language_model\.lm_head\.", "lm_head."), (r"^language_model\.model\.", "model.language_model."),
-                 (r"^language_model\.", "model.language_model."), (r"^vision_tower\.", "model.vision_tower."),
-                 (r"^multi_modal_projector\.", "model.multi_modal_projector.")]
-
-
-def hf_names(name, cfg, layout):
-    """Our parameter name -> its tensor name(s) in a checkpoint; a list of three for the transformers-native
-    ViT, which stores q, k and v separately where we (and the original) keep one fused qkv."""
-    rules = NATIVE_RULES if layout == "native" else ORIGINAL_RULES
-    for pat, rep in rules:
-        if re.search(pat, name):
-            out = re.sub(pat, rep, name)
-            if layout == "native" and re.search(r"attention\.qkv\.", out):
-                return [out.replace(".qkv.", f".{p}_proj.") for p in "qkv"]
-            return [out]
-    raise KeyError(f"no checkpoint name rule for parameter {name}")
-
-
-def load_config(path, image_token_id=None):
-    """config.json of either layout -> (VLMConfig, layout). The original layout also covers Skywork's R1V releases
-    (architectures ["SkyworkR1VChatModel"], model_type "skywork_chat"): their modeling code (vLLM's skyworkr1v.py,
-    adapted from Skywork's modeling_skywork_chat.py) has the same modules as InternVLChatModel (vision_model = an
-    InternVisionModel, mlp1 = Sequential(LayerNorm, Linear, GELU, Linear), language_model = Qwen2ForCausalLM) and
-    loads the checkpoint's names onto them unchanged, so ORIGINAL_RULES map both."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path}: no config.json (expected a local Hugging Face model directory)")
-    with open(cfg_path) as f:
-        c = json.load(f)
-    archs = c.get("architectures") or []
-    original = (c.get("model_type") in ("internvl_chat", "skywork_chat")
-                or any(a in ("InternVLChatModel", "SkyworkR1VChatModel") for a in archs))
-    if original:
-        v, t = c["vision_config"], c["llm_config"]
-        image_size = c.get("force_image_size") or v["image_size"]
-        kw = dict(image_size=image_size, patch_size=v["patch_size"], vit_qkv_bias=v.get("qkv_bias", True),
-                  vit_qk_norm=v.get("qk_normalization", False), vit_norm=v.get("norm_type", "layer_norm"),
-                  vit_eps=v.get("layer_norm_eps", 1e-6), max_tiles=c.get("max_dynamic_patch", 12),
-                  use_thumbnail=c.get("use_thumbnail", True), tie_embeddings=t.get("tie_word_embeddings", False))
-        if c.get("select_layer", -1) != -1 or c.get("ps_version", "v2") != "v2":
-            raise ValueError(f"{cfg_path}: only select_layer=-1 and ps_version='v2' are supported")
-        if image_token_id is None:
-            image_token_id = _token_id_from_tokenizer(path, "<IMG_CONTEXT>")
-    else:
-        if c.get("model_type") != "internvl":
-            raise ValueError(f"{cfg_path}: model_type {c.get('model_type')!r} is neither 'internvl' "
-                             "(transformers-native) nor 'internvl_chat' / 'skywork_chat' (original InternVL layout)")
-        v, t = c["vision_config"], c["text_config"]
-        size = lambda s: s[0] if isinstance(s, (list, tuple)) else s  # noqa: E731
-        tie = c.get("tie_word_embeddings", t.get("tie_word_embeddings", False))
-        kw = dict(image_size=size(v["image_size"]), patch_size=size(v["patch_size"]),
-                  vit_qkv_bias=v.get("attention_bias", False), vit_qk_norm=v.get("use_qk_norm", False),
-                  vit_norm=v.get("norm_type", "layer_norm"), vit_eps=v.get("layer_norm_eps", 1e-6),
-                  vit_final_norm=not v.get("use_mean_pooling", True), tie_embeddings=tie,
-                  **c.get("nanor1v", {}))  # our own extras (tiling) round-trip through this key
-        for key, want in (("vision_feature_layer", -1), ("vision_feature_select_strategy", "default"),
-                          ("projector_hidden_act", "gelu")):
-            if c.get(key, want) != want:
-                raise ValueError(f"{cfg_path}: {key}={c[key]!r} is not supported (only {want!r})")
-        if image_token_id is None:
-            image_token_id = c.get("image_token_id")
-    if v.get("hidden_act", "gelu") != "gelu" or t.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{cfg_path}: unsupported activations {v.get('hidden_act')}/{t.get('hidden_act')}")
-    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    # InternVL3 ships rope_scaling {"type": "dynamic", "factor": 2.0} (dynamic NTK). transformers computes its
-    # inv_freq with seq_len = max_position_embeddings, where the NTK base factor is (factor - (factor - 1))^... = 1,
-    # and recomputes it only for sequences longer than that: up to max_position_embeddings it IS the default RoPE,
-    # which is what model.py implements. Longer sequences would differ (generation stays far below 32768).
-    if rope_type not in ("default", "dynamic"):
-        raise ValueError(f"{cfg_path}: rope scaling {rope} is not supported")
-    if image_token_id is None:
-        raise ValueError(f"{path}: cannot find the <IMG_CONTEXT> token id; pass image_token_id=")
-    llm_qk_norm = t.get("model_type", "qwen2").startswith("qwen3")
-    cfg = VLMConfig(
-        vit_hidden=v["hidden_size"], vit_layers=v["num_hidden_layers"], vit_heads=v["num_attention_heads"],
-        vit_mlp=v["intermediate_size"], downsample_ratio=c.get("downsample_ratio", 0.5),
-        vocab_size=t["vocab_size"], n_embd=t["hidden_size"], n_layer=t["num_hidden_layers"],
-        n_head=t["num_attention_heads"], n_kv_head=t.get("num_key_value_heads", t["num_attention_heads"]),
-        head_dim=t.get("head_dim") or 0, mlp_hidden=t["intermediate_size"], rms_eps=t.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", t.get("rope_theta", 1e6)),
-        qkv_bias=t.get("attention_bias", not llm_qk_norm), llm_qk_norm=llm_qk_norm,
-        max_position_embeddings=t.get("max_position_embeddings", 32768), image_token_id=int(image_token_id), **kw)
-    return cfg, "original" if original else "native"
-
-
-def _token_id_from_tokenizer(path, token):
-    # the original layout keeps the <IMG_CONTEXT> id only in the tokenizer files
-    for fname, key in (("tokenizer.json", "added_tokens"), ("tokenizer_config.json", "added_tokens_decoder")):
-        p = os.path.join(path, fname)
-        if os.path.isfile(p):
-            with open(p) as f:
-                added = json.load(f).get(key) or {}
-            items = added if isinstance(added, list) else [dict(v, id=int(k)) for k, v in added.items()]
-            for tok in items:
-                if tok.get("content") == token:
-                    return int(tok["id"])
-    return None
-
-
-def _open_checkpoint(path, layout):
-    """{canonical tensor name: (file, name stored in the file)} over a single model.safetensors or a sharded
-    one with an index. transformers 4.x saved the -hf repos under older names: they are mapped onto 5.x's."""
-    from safetensors import safe_open
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            stored = {n: os.path.join(path, fn) for n, fn in json.load(f)["weight_map"].items()}
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        single = os.path.join(path, "model.safetensors")
-        with safe_open(single, "pt") as f:
-            stored = {n: single for n in f.keys()}
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    files = {}
-    for n, fn in stored.items():
-        canon = n
-        if layout == "native" and not n.startswith(("model.", "lm_head.")):
-            for pat, rep in LEGACY_NATIVE:
-                if re.search(pat, n):
-                    canon = re.sub(pat, rep, n)
-                    break
-        files[canon] = (fn, n)
-    return files
-
-
-def hf_state_dict(path, cfg, layout, dtype=torch.float32):
-    """Read a checkpoint into a state dict with OUR names (CPU, in `dtype`), through the key map. Any missing,
-    unexpected or mis-shaped tensor is an error that names it: a silent partial load is the worst bug this repo
-    can have. Fused tensors (the ViT's qkv in the native layout) are concatenated here. Single-process loading;
-    FSDP loading reads the same plan one unit at a time (common.build_model)."""
-    plan = checkpoint_plan(path, cfg, layout)  # every check that needs no tensor data, before reading any
-    sd = read_checkpoint_tensors(plan, [n for n in plan if n != "__head__"], dtype)
-    if cfg.tie_embeddings:
-        sd["llm.lm_head.weight"] = sd["llm.wte.weight"]
-    return sd
-
-
-def hf_config(cfg, dtype="float32"):
-    """VLMConfig -> a transformers-native InternVLConfig dict (loads in InternVLForConditionalGeneration)."""
-    text = dict(model_type="qwen3" if cfg.llm_qk_norm else "qwen2", vocab_size=cfg.vocab_size,
-                hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
-                num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
-                hidden_act="silu", max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_eps,
-                rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                attention_bias=cfg.qkv_bias, tie_word_embeddings=cfg.tie_embeddings, use_sliding_window=False)
-    vision = dict(model_type="internvl_vision", hidden_size=cfg.vit_hidden, num_hidden_layers=cfg.vit_layers,
-                  num_attention_heads=cfg.vit_heads, intermediate_size=cfg.vit_mlp, hidden_act="gelu",
-                  image_size=[cfg.image_size] * 2, patch_size=[cfg.patch_size] * 2, norm_type=cfg.vit_norm,
-                  layer_norm_eps=cfg.vit_eps, use_qk_norm=cfg.vit_qk_norm, attention_bias=cfg.vit_qkv_bias,
-                  use_mean_pooling=not cfg.vit_final_norm, layer_scale_init_value=cfg.vit_layer_scale)
-    return dict(architectures=["InternVLForConditionalGeneration"], model_type="internvl", dtype=dtype,
-                vision_config=vision, text_config=text, image_token_id=cfg.image_token_id,
-                image_seq_length=cfg.tokens_per_tile, downsample_ratio=cfg.downsample_ratio,
-                projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default",
-                tie_word_embeddings=cfg.tie_embeddings,
-                nanor1v=dict(max_tiles=cfg.max_tiles, use_thumbnail=cfg.use_thumbnail))
-
 
 def config_from_dict(d):
+    """A VLMConfig from its dict (the model_config.json beside every checkpoint), refusing keys it does not know."""
     known = {f.name for f in fields(VLMConfig)}
     unknown = set(d) - known
     if unknown:
         raise ValueError(f"unknown model config keys {sorted(unknown)}")
     return VLMConfig(**d)
-
-
-# --- loading and saving one piece at a time (FSDP: common.build_model / common.export_hf) ---------------------------
-
-
-def checkpoint_plan(path, cfg, layout):
-    """Match a checkpoint against the model config without reading any tensor data (names and shapes come from the
-    safetensors headers): every parameter has its tensor(s), nothing is left over, every shape matches; errors name
-    the tensor. Returns {our name: [(file, stored name), ...]} (three parts for the native ViT's q, k, v, in that
-    order) plus, when the config ties lm_head but the checkpoint stores it too, "__head__": [(file, stored name)],
-    which read_checkpoint_tensors compares with the embedding."""
-    from safetensors import safe_open
-
-    files = _open_checkpoint(path, layout)
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        shapes = {n: p.shape for n, p in VLM(cfg).named_parameters()}  # a tied lm_head appears once (wte)
-    wanted = {}  # checkpoint name -> (our name, part index, number of parts)
-    for name in shapes:
-        hf = hf_names(name, cfg, layout)
-        for i, n in enumerate(hf):
-            wanted[n] = (name, i, len(hf))
-    head = hf_names("llm.lm_head.weight", cfg, layout)[0]
-    extra_head = cfg.tie_embeddings and head in files  # tied, but the checkpoint stores lm_head too
-    missing = sorted(set(wanted) - set(files))
-    unexpected = sorted(files[n][1] for n in set(files) - set(wanted) - ({head} if extra_head else set()))
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the model config: {len(missing)} missing "
-                         f"{missing[:8]}, {len(unexpected)} unexpected {unexpected[:8]}")
-    plan = {name: [None] * len(hf_names(name, cfg, layout)) for name in shapes}
-    by_file = {}
-    for n, (fn, stored) in files.items():
-        by_file.setdefault(fn, []).append((n, stored))
-    for fn, names in by_file.items():
-        with safe_open(fn, "pt") as f:
-            for n, stored in names:
-                got = tuple(f.get_slice(stored).get_shape())
-                if n == head and extra_head:
-                    expect, plan["__head__"] = tuple(shapes["llm.wte.weight"]), [(fn, stored)]
-                else:
-                    name, i, k = wanted[n]
-                    expect = (shapes[name][0] // k,) + tuple(shapes[name][1:])
-                    plan[name][i] = (fn, stored)
-                if got != expect:
-                    raise ValueError(f"{fn}: tensor {stored} has shape {got}, the model expects {expect} for "
-                                     f"{'the tied lm_head' if n == head and extra_head else name}")
-    return plan
-
-
-def read_checkpoint_tensors(plan, names, dtype=None):
-    """Read the tensors of our parameters `names` (all of them, or one FSDP unit) through a checkpoint_plan ->
-    {name: CPU tensor} in `dtype` (None: as stored). The files are opened for this call only, so their pages leave
-    this process's memory map when it returns. A tied config whose checkpoint also stores lm_head: that tensor must
-    equal the embedding (checked when "llm.wte.weight" is read)."""
-    from safetensors import safe_open
-
-    jobs = {}  # file -> [(our name, part index, stored name)]
-    for name in names:
-        for i, (fn, stored) in enumerate(plan[name]):
-            jobs.setdefault(fn, []).append((name, i, stored))
-    check_head = "__head__" in plan and "llm.wte.weight" in names
-    if check_head:
-        fn, stored = plan["__head__"][0]
-        jobs.setdefault(fn, []).append(("__head__", 0, stored))
-    parts = {name: [None] * len(plan[name]) for name in list(names) + (["__head__"] if check_head else [])}
-    for fn, items in jobs.items():
-        with safe_open(fn, "pt") as f:
-            for name, i, stored in items:
-                parts[name][i] = f.get_tensor(stored)
-    if check_head and not torch.equal(parts.pop("__head__")[0], parts["llm.wte.weight"][0]):
-        fn, stored = plan["__head__"][0]
-        raise ValueError(f"{fn}: {stored} differs from the embedding but the config ties them "
-                         "(set tie_word_embeddings=false in config.json)")
-    out = {}
-    for name in names:
-        t = parts.pop(name)
-        t = t[0] if len(t) == 1 else torch.cat(t, dim=0)  # the native ViT's q, k, v -> our fused qkv
-        out[name] = t if dtype is None else t.to(dtype)
-    return out
-
-
-def hf_export_tensors(cfg, name, t):
-    """One of our parameters -> [(name, tensor)] in the transformers-native layout (save_pretrained's names): the
-    fused ViT qkv is split into q, k, v; a tied lm_head is not stored (transformers re-ties it)."""
-    if cfg.tie_embeddings and name == "llm.lm_head.weight":
-        return []
-    hf = hf_names(name, cfg, "native")
-    parts = t.chunk(len(hf), dim=0) if len(hf) > 1 else [t]
-    return [(n, p.contiguous()) for n, p in zip(hf, parts)]
-
-
-def write_hf_checkpoint(path, cfg, tensors, max_shard_bytes=5 * 2**30):
-    """Stream (our name, CPU tensor) pairs into a transformers-native directory: safetensors shards of at most
-    max_shard_bytes, written as they fill (memory: one shard + one tensor), then the index and config.json. The
-    same files as VLM.save_pretrained. Stale model*.safetensors from an earlier save are removed first."""
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    for f in os.listdir(path):  # stale shards of an earlier save would be picked up by loaders
-        if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".safetensors.index.json")):
-            os.remove(os.path.join(path, f))
-    shard, size, files, weight_map, total, dtype = {}, 0, [], {}, 0, None
-
-    def flush():
-        fname = f"model-tmp-{len(files) + 1:05d}.safetensors"
-        save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
-        files.append(fname)
-        weight_map.update({n: fname for n in shard})
-        shard.clear()
-
-    for name, t in tensors:
-        for n, p in hf_export_tensors(cfg, name, t):
-            nbytes = p.numel() * p.element_size()
-            if shard and size + nbytes > max_shard_bytes:
-                flush()
-                size = 0
-            shard[n], size, total, dtype = p, size + nbytes, total + nbytes, dtype or p.dtype
-    if shard or not files:
-        flush()
-    if len(files) == 1:
-        os.replace(os.path.join(path, files[0]), os.path.join(path, "model.safetensors"))
-    else:  # final names once the count is known, as transformers names them
-        final = {f: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, f in enumerate(files)}
-        for f in files:
-            os.replace(os.path.join(path, f), os.path.join(path, final[f]))
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total},
-                       "weight_map": {n: final[fn] for n, fn in weight_map.items()}}, f, indent=2)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config(cfg, str(dtype).replace("torch.", "")), f, indent=2)

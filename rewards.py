@@ -1,5 +1,5 @@
 """
-Verifiable rewards for GRPO and evaluation (RECIPE.md sections 3, 6, 7).
+Verifiable rewards for GRPO and evaluation (docs/recipe.md: "GRPO", "Evaluation", "R1V2 and Skywork-OR1").
 
     from rewards import decode_response, score, score_batch, close
     text = decode_response(tok, token_ids)     # the one way to turn a sampled response into text for scoring
@@ -79,7 +79,7 @@ def decode_response(tok, token_ids):
     return strip_stops(text, tuple(stops))
 
 # -----------------------------------------------------------------------------
-# answer extraction (RECIPE.md section 6: strip everything before </think>, take the last \boxed{})
+# answer extraction (docs/recipe.md, "Evaluation": strip everything before </think>, take the last \boxed{})
 
 def split_think(text, think=True):
     """-> (final answer part or None, format_ok). think=True needs a </think>; only text after the last one

@@ -491,8 +491,8 @@ tp = 1  # > 1: under torchrun --nproc_per_node=tp, the ranks hold TP shards and 
 
 def main(argv=None):
     import sys
-    from common import load_inference_model
-    from configurator import config_keys, configure
+    from plumbing import load_inference_model
+    from plumbing.configurator import config_keys, configure
     from data.common import build_prompt_ids, critical_token_ids, load_image, stop_token_ids, vision_token_ids
     from rewards import decode_response
     c = {k: globals()[k] for k in config_keys(globals())}  # the module globals above are the defaults
@@ -504,8 +504,8 @@ def main(argv=None):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     group, rank, budget = None, 0, None
     if c["tp"] > 1:  # every rank loads its TP shard (tp.py) and generates with the others; rank 0 prints
-        from common import agree_min, compute_cleanup
-        from tp import check_same, init_tp, load_tp_inference_model
+        from plumbing import agree_min, compute_cleanup
+        from plumbing.tp import check_same, init_tp, load_tp_inference_model
         group, rank, device = init_tp(c["tp"], c["seed"])
         model, tok, path = load_tp_inference_model(c["ckpt"], group, device, dtype, c["tokenizer"])
         budget = agree_min(memory_budget(device))  # one value for the group: the same chunks on every rank

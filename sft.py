@@ -1,5 +1,5 @@
 """
-Cold-start SFT (Skywork-R1V3 section 2; RECIPE.md section 2), and any general SFT of the VLM.
+Cold-start SFT (Skywork-R1V3 section 2; docs/recipe.md, "Cold-start SFT"), and any general SFT of the VLM.
 Loss on the assistant's tokens only; ViT / connector / LLM each trainable or frozen.
 
 CPU, the embedded default (tiny VLM from scratch on the synthetic task; renders the data first if missing):
@@ -29,10 +29,10 @@ import time
 import torch
 import torch.distributed.checkpoint as dcp
 
-from common import (all_reduce_sum, autocast_ctx, build_model, check_disk, checkpoint_bytes, compute_cleanup,
+from plumbing import (all_reduce_sum, autocast_ctx, build_model, check_disk, checkpoint_bytes, compute_cleanup,
                     compute_init, ensure_synth_data, export_hf, get_lr, latest_checkpoint, list_checkpoints,
                     load_checkpoint, load_tokenizer, log_jsonl, print0, save_checkpoint, wandb_init, write_env)
-from configurator import configure
+from plumbing.configurator import configure
 from data.common import collate, load_jsonl, load_sft_data
 
 # -----------------------------------------------------------------------------
@@ -48,7 +48,7 @@ balance_domains = False  # True: repeat each domain's train samples up to the la
 think = True  # R1V3: the assistant turn opens with "<think>\n"
 system_prompt = ""
 max_len = 400  # tokens per sample, prompt + response
-# optimisation (RECIPE.md section 2 for real models: lr 1e-5, cosine, warmup 3%, global batch 64)
+# optimisation (docs/recipe.md, "Cold-start SFT", for real models: lr 1e-5, cosine, warmup 3%, global batch 64)
 batch_size = 32  # samples per micro-batch per process
 grad_accum = 1  # micro-batches per step; global batch = batch_size * grad_accum * world_size
 epochs = 2.0  # the default: 2 x 8000 samples = 500 steps of 32
@@ -85,20 +85,15 @@ export = True  # write out_dir/hf at the end
 seed = 1337
 dist_timeout_s = 600  # a collective that waits longer than this stops the run (common.compute_init)
 heartbeat_timeout_s = 60  # a rank silent this long (killed, machine lost) stops every rank (0: no watchdog)
-plan = False  # print the memory plan for plan_gpus GPUs (plan.py) and exit, without loading weights
-plan_gpus = 8
-plan_gpus_per_node = 8
-plan_gpu_gb = 80.0
 wandb_log = False
 wandb_project = "nanor1v"
 wandb_run_name = "sft"
+if "--plan=True" in sys.argv[1:]:  # the memory plan of this command, without loading weights (tools/plan.py)
+    os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools",
+                              "plan.py")] + sys.argv)
 config = configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
 
-if plan:
-    from plan import print_plan
-    print_plan("connector_tune" if not (train_vit or train_llm) else "sft", config)
-    sys.exit(0)
 ddp, rank, local_rank, world_size, device = compute_init(seed, dist_timeout_s, heartbeat_timeout_s)
 print0(json.dumps(config, indent=1))
 write_env(out_dir)  # what this run ran on (also written into every checkpoint and the export)

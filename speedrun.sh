@@ -35,12 +35,12 @@ evaluate selected "$SELECTED"
 stage connector_tune $LAUNCH connector_tune.py --init_from="$SELECTED" --out_dir=out/connector_tune
 evaluate connector_tune out/connector_tune/hf
 # the viewer pages (viewer.py: one HTML file each, opens from disk)
-$PY viewer.py out/grpo > /dev/null
-$PY viewer.py out/eval_sft > /dev/null
-$PY viewer.py out/eval_grpo --compare=out/eval_sft > /dev/null
-$PY viewer.py out/eval_selected > /dev/null
-$PY viewer.py out/eval_connector_tune --compare=out/eval_selected > /dev/null
-$PY viewer.py out/entropy > /dev/null
+$PY tools/viewer.py out/grpo > /dev/null
+$PY tools/viewer.py out/eval_sft > /dev/null
+$PY tools/viewer.py out/eval_grpo --compare=out/eval_sft > /dev/null
+$PY tools/viewer.py out/eval_selected > /dev/null
+$PY tools/viewer.py out/eval_connector_tune --compare=out/eval_selected > /dev/null
+$PY tools/viewer.py out/entropy > /dev/null
 $PY - "$(declare -p T)" <<'PYEOF'
 import json, re, sys
 t = {k: int(v) for k, v in re.findall(r'\[(\w+)\]="?(\d+)', sys.argv[1])}

@@ -1,5 +1,5 @@
-# Connector-only tuning after RL of a 38B InternVL3-layout model (Skywork-R1V3 section 4; RECIPE.md section 4), one
-# 8-GPU node:
+# Connector-only tuning after RL of a 38B InternVL3-layout model (Skywork-R1V3 section 4; docs/recipe.md,
+# "Connector-only tuning"), one 8-GPU node:
 #   torchrun --standalone --nproc_per_node=8 connector_tune.py config/connector_tune_r1v3_38b.py --init_from=out/grpo_38b/hf
 # The report's values: only the connector trains; 2 epochs, global batch 64, lr 1e-5, cosine, warmup 3%, max length
 # 16384, early stopping on validation loss; ~10K samples from 20 domains (maths ... law).

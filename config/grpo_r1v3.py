@@ -1,4 +1,4 @@
-# GRPO as in Skywork-R1V3 section 3 (RECIPE.md section 3), on one 8-GPU node:
+# GRPO as in Skywork-R1V3 section 3 (docs/recipe.md, "GRPO"), on one 8-GPU node:
 #   torchrun --standalone --nproc_per_node=8 grpo.py config/grpo_r1v3.py --init_from=out/sft_8b/hf
 # 1024 rollouts per step = 32 prompts x 32 samples; one optimizer step per rollout batch (on-policy);
 # clip eps 0.2, no KL, reward 0.8 acc + 0.2 format, lr 1e-5 (1e-6 is the safe alternative), all modules trained,

@@ -1,4 +1,5 @@
-# Cold-start SFT of a 38B InternVL3-layout model (Skywork-R1V3 section 2; RECIPE.md section 2) on one 8-GPU node:
+# Cold-start SFT of a 38B InternVL3-layout model (Skywork-R1V3 section 2; docs/recipe.md, "Cold-start SFT"),
+# on one 8-GPU node:
 #   torchrun --standalone --nproc_per_node=8 sft.py config/sft_r1v3_38b.py --init_from=/models/InternVL3-38B
 # The report gives no epochs / lr / batch for this stage: these are ours (lr 1e-5, cosine, warmup 3%, global batch 64).
 init_from = "/models/InternVL3-38B"  # a local directory (original or transformers-native layout)
@@ -14,7 +15,7 @@ min_lr_frac = 0.0
 warmup_frac = 0.03
 weight_decay = 0.05
 grad_clip = 1.0
-train_vit = False  # RECIPE.md: ViT optional; connector + LLM trained
+train_vit = False  # ours: ViT optional; connector + LLM trained (docs/recipe.md, "Cold-start SFT")
 train_connector = True
 train_llm = True
 activation_checkpointing = True

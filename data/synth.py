@@ -1,12 +1,12 @@
 """
-Procedural visual-reasoning task: the embedded default data set (RECIPE.md section 8).
+Procedural visual-reasoning task: the embedded default data set (docs/recipe.md, "The embedded default").
 
 A scene is a 4x4 grid of 16 px cells on a 64x64 image; some cells hold a coloured shape
 (red/green/blue/yellow x circle/square/triangle), drawn large and without anti-aliasing so a tiny
 ViT trained from scratch can read them. Every question needs the image and a few reasoning steps;
 every answer is verifiable (an integer, or a letter for multiple choice). Each sample carries a
 short chain-of-thought trace; a fraction of traces make a slip and fix it with "Wait, ..." (so the
-entropy of critical tokens, RECIPE.md section 5, has something to measure), and some add a
+entropy of critical tokens, docs/recipe.md "Critical-token entropy", has something to measure), and some add a
 "Hmm," check or an "Alternatively," second route. The traces are scratchpads built for a tiny model (see
 "pieces of the chain-of-thought traces" below): a one-token-per-cell grid code, then a key, the cells' values and
 a running tally, or a look-up.

@@ -1,12 +1,12 @@
 """
 Finding 5 over several GRPO runs: does critical-token entropy rank the checkpoints (Skywork-R1V3 section 5,
-Fig. 5; RECIPE.md section 5)? One report from each run's entropy.py output (val split, k samples at T=1) and the
-greedy test eval of each of its checkpoints (eval.py). `bash dev/experiments.sh entropy` makes the inputs and runs
-this; the results are in dev/LOG.md (2026-12-01).
+Fig. 5; docs/recipe.md, "Critical-token entropy")? One report from each run's entropy.py output (val split,
+k samples at T=1) and the greedy test eval of each of its checkpoints (eval.py). `bash dev/experiments.sh entropy`
+makes the inputs and runs this; the results are in dev/LOG.md (2026-12-01).
 
     python dev/finding5.py                                   # the layout dev/experiments.sh writes (out/exp/)
     python dev/finding5.py --entropy_dir='out/f5_entropy_s{seed}' --test_dir='out/f5_test_s{seed}/{ckpt}'
-    python viewer.py out/finding5                            # the page: rows by seed, correlations, selection
+    python tools/viewer.py out/finding5                            # the page: rows by seed, correlations, selection
 
 Writes out_dir/entropy.json in entropy.py's format (viewer.py's entropy page): rows (entropy.py's, plus seed,
 accuracy_se, test_accuracy, test_accuracy_se), correlation, selection, config, and per_checkpoint (one line a
@@ -32,7 +32,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configurator import configure  # noqa: E402
+from plumbing.configurator import configure  # noqa: E402
 from entropy import accuracy_se, correlations, select_checkpoint  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -211,4 +211,4 @@ if __name__ == "__main__":
     with open(os.path.join(out_dir, "finding5.md"), "w") as f:
         f.write(md)
     print(md)
-    print(f"wrote {out_dir}/entropy.json and finding5.md (python viewer.py {out_dir})")
+    print(f"wrote {out_dir}/entropy.json and finding5.md (python tools/viewer.py {out_dir})")

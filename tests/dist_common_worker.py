@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import VLM, VLMConfig  # noqa: E402
+from plumbing.hf import load_pretrained
 
 
 def tiny_cfg():
@@ -51,7 +52,7 @@ def draws():
 
 def main():
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from common import (apply_activation_checkpointing, apply_fsdp, compute_cleanup, compute_init, export_hf,
+    from plumbing import (apply_activation_checkpointing, apply_fsdp, compute_cleanup, compute_init, export_hf,
                         latest_checkpoint, load_checkpoint, save_checkpoint, set_trainable)
     out = sys.argv[1]
     ddp, rank, local_rank, world, device = compute_init(seed=0)
@@ -134,7 +135,7 @@ def main():
     # 5. HF export from the sharded model loads back with the same tensors
     export_hf(model2, os.path.join(out, "hf"))
     if rank == 0:
-        back = VLM.from_pretrained(os.path.join(out, "hf"))
+        back = load_pretrained(os.path.join(out, "hf"))
         close({k: v.detach() for k, v in back.state_dict().items()}, p2, "export_hf round trip", atol=0)
     compute_cleanup()
     print(f"WORKER OK rank {rank}")

@@ -63,8 +63,9 @@ def main():
         spec = json.load(f)
     base_rss = status_kb("VmRSS")  # after the torch import, before anything else (mode rss)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from common import build_model, compute_cleanup, compute_init, export_hf, load_checkpoint, save_checkpoint
+    from plumbing import build_model, compute_cleanup, compute_init, export_hf, load_checkpoint, save_checkpoint
     from model import VLM
+    from plumbing.hf import load_pretrained
     ddp, rank, _, world, device = compute_init(seed=0)
     assert ddp and world == 2 and device.type == "cpu", (ddp, world, device)
 
@@ -98,7 +99,7 @@ def main():
 
         ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(0))
         for d in spec["dirs"]:
-            ref = VLM.from_pretrained(d).eval()
+            ref = load_pretrained(d).eval()
             model, n_params, n_train = build_model(d, None, device, fsdp=True, train=(False, True, True),
                                                    activation_checkpointing=True)
             equal(full(model), ref.state_dict(), f"sharded vs single-process load of {d}")
@@ -114,7 +115,7 @@ def main():
                 f"logits max diff {err:.1e}")
         # offload=True (CPUOffloadPolicy; on this CPU-only machine host and device are the same memory)
         model_off, _, _ = build_model(spec["dirs"][0], None, device, fsdp=True, offload=True)
-        equal(full(model_off), VLM.from_pretrained(spec["dirs"][0]).state_dict(), "offload=True load")
+        equal(full(model_off), load_pretrained(spec["dirs"][0]).state_dict(), "offload=True load")
         del model_off
         # resume: built on meta and sharded; the weights come from the DCP checkpoint
         want = full(model)
@@ -134,7 +135,7 @@ def main():
         masters = full(model)
         export_hf(model, spec["export"], dtype=torch.bfloat16)
         if rank == 0:
-            back = VLM.from_pretrained(spec["export"], dtype=torch.bfloat16).state_dict()
+            back = load_pretrained(spec["export"], dtype=torch.bfloat16).state_dict()
             equal(back, {k: v.to(torch.bfloat16) for k, v in masters.items()}, "bf16 export")
             with open(os.path.join(spec["export"], "config.json")) as f:
                 assert json.load(f)["dtype"] == "bfloat16"

@@ -29,7 +29,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+import plumbing
+import plumbing.checkpoint
 
 
 def mark(what):
@@ -43,7 +44,7 @@ def main():
         f.write(str(os.getpid()))
     print(f"WORKER rank {rank} start", flush=True)
     mark(f"start{rank}")
-    ddp, rank, _, world, device = common.compute_init(seed=0, timeout_s=120, heartbeat_timeout_s=hb)
+    ddp, rank, _, world, device = plumbing.compute_init(seed=0, timeout_s=120, heartbeat_timeout_s=hb)
     assert ddp and world == 2, (ddp, world)
     mark(f"init{rank}")
     dist.barrier()
@@ -66,11 +67,11 @@ def main():
             os.kill(os.getppid(), signal.SIGSTOP)  # our agent, which hosts the store
         time.sleep(120)
     elif mode == "ok":
-        votes = [common.agree(rank == 1), common.agree(False), common.agree(True),
-                 common.agree_min(10 - rank), common.agree_max(rank), common.agree_max(0.5 * rank)]
+        votes = [plumbing.agree(rank == 1), plumbing.agree(False), plumbing.agree(True),
+                 plumbing.agree_min(10 - rank), plumbing.agree_max(rank), plumbing.agree_max(0.5 * rank)]
         print(f"AGREE rank {rank} {votes}", flush=True)
         time.sleep(0.5 if rank == 0 else 1.5 * hb)  # rank 0 finishes long before: its silence is no failure
-        common.compute_cleanup()
+        plumbing.compute_cleanup()
         print(f"THREADS rank {rank} {[t.name for t in threading.enumerate()]}", flush=True)
         mark("end")
     elif mode == "ckpt":
@@ -84,10 +85,10 @@ def ckpt(out, rank, world):
     from model import VLM
     torch.manual_seed(0)
     model = VLM(tiny_cfg())
-    common.apply_fsdp(model)
+    plumbing.apply_fsdp(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     run = os.path.join(out, "run")
-    real_save = common.dcp.save
+    real_save = plumbing.checkpoint.dcp.save
 
     def dying_save(sd, checkpoint_id, **kw):
         if rank == 1 and checkpoint_id.endswith(".tmp_ckpt_0000002"):
@@ -96,11 +97,11 @@ def ckpt(out, rank, world):
             mark("fail")
             os.kill(os.getpid(), signal.SIGKILL)
         return real_save(sd, checkpoint_id=checkpoint_id, **kw)
-    common.dcp.save = dying_save
+    plumbing.checkpoint.dcp.save = dying_save
     for step in (1, 2):
         ids, px, tgt = (t[rank::world] for t in make_batch(model.cfg, 2 * world, seed=step))
         train_step(model, opt, ids, px, tgt)
-        common.save_checkpoint(run, step, model, opt, {"step": step}, {"run": "failfast"}, keep_last=2)
+        plumbing.save_checkpoint(run, step, model, opt, {"step": step}, {"run": "failfast"}, keep_last=2)
         if step == 1:  # what the step-1 checkpoint must hold
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if rank == 0:

@@ -16,6 +16,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import common  # noqa: E402
 import rl  # noqa: E402
 import rollout  # noqa: E402
 import sampler  # noqa: E402
@@ -25,11 +26,19 @@ faults, args = sys.argv[1:split], sys.argv[split + 1:]
 rank = int(os.environ.get("RANK", 0))
 
 
-def loop_step():  # the step the loop is in (grpo.py's module-level `step`, before it is incremented)
-    frame = sys._getframe(2)
-    while "max_steps" not in frame.f_globals:
-        frame = frame.f_back
-    return frame.f_globals["step"] + 1
+current = {"step": 0}  # the step the loop is in (1-based): grpo.py asks get_lr(step, ...) once at the top of each
+
+
+def get_lr(step, *a, _orig=common.get_lr, **k):
+    current["step"] = step + 1
+    return _orig(step, *a, **k)
+
+
+common.get_lr = get_lr
+
+
+def loop_step():
+    return current["step"]
 
 
 for f in faults:

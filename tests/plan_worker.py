@@ -182,7 +182,7 @@ def measure_train(model, cfg, B, T, tiles, ac_model=None, fsdp=False):
 
 
 def main():
-    from common import apply_activation_checkpointing, apply_fsdp, compute_cleanup, compute_init, set_trainable
+    from plumbing import apply_activation_checkpointing, apply_fsdp, compute_cleanup, compute_init, set_trainable
     from model import VLM
     import sampler
     out_path = sys.argv[1]

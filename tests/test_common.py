@@ -9,11 +9,14 @@ import sys
 import pytest
 import torch
 
-import common
-from common import (apply_activation_checkpointing, apply_fsdp, autocast_ctx, compute_init, export_hf, get_lr,
+import plumbing
+
+import plumbing.checkpoint
+from plumbing import (apply_activation_checkpointing, apply_fsdp, autocast_ctx, compute_init, export_hf, get_lr,
                     latest_checkpoint, load_checkpoint, print0, save_checkpoint, set_trainable)
 from dist_common_worker import draws, make_batch, tiny_cfg, train_step
 from model import VLM, VLMConfig
+from plumbing.hf import load_pretrained
 
 # single-process DCP is intended (common.py filters this warning; pytest resets filters per test)
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -169,14 +172,14 @@ def test_atomic_save_and_keep_last(tmp_path, monkeypatch):
     def crash(sd, checkpoint_id, **kw):
         open(os.path.join(checkpoint_id, "__0_0.distcp"), "w").write("half")
         raise KeyboardInterrupt("killed")
-    real_save = common.dcp.save
-    monkeypatch.setattr(common.dcp, "save", crash)
+    real_save = plumbing.checkpoint.dcp.save
+    monkeypatch.setattr(plumbing.checkpoint.dcp, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(out, 5, m, opt, {}, {}, keep_last=2)
     assert ".tmp_ckpt_0000005" in os.listdir(out)
     os.makedirs(os.path.join(out, "ckpt_junk"))  # not a checkpoint name either
     assert latest_checkpoint(out) == os.path.join(out, "ckpt_0000004")
-    monkeypatch.setattr(common.dcp, "save", real_save)
+    monkeypatch.setattr(plumbing.checkpoint.dcp, "save", real_save)
 
     # the retry cleans the leftover; re-saving an existing step replaces it
     save_checkpoint(out, 5, m, opt, {"v": 1}, {}, keep_last=2)
@@ -200,7 +203,7 @@ def test_atomic_save_and_keep_last(tmp_path, monkeypatch):
 def test_export_hf_single_process(tmp_path):
     m = tiny(0)
     export_hf(m, str(tmp_path / "hf"))
-    back = VLM.from_pretrained(str(tmp_path / "hf"))
+    back = load_pretrained(str(tmp_path / "hf"))
     sd = m.state_dict()
     for k, v in back.state_dict().items():
         assert torch.equal(v, sd[k]), k

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from configurator import configure
+from plumbing.configurator import configure
 
 
 def defaults():

@@ -44,7 +44,7 @@ def tune(args, out, synth, hf, capsys):
 
 def weights(path):
     """{name: tensor} of a model: an HF directory or a ckpt_* checkpoint (names vit.* / connector.* / llm.*)."""
-    from common import load_inference_model
+    from plumbing import load_inference_model
     model, _, _ = load_inference_model(path, "cpu")
     return {k: v.clone() for k, v in model.state_dict().items()}
 

@@ -281,9 +281,10 @@ def test_resolve_ckpts(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from transformers import AutoTokenizer
-    from common import save_checkpoint
+    from plumbing import save_checkpoint
     from data.prepare import prepare
     from model import VLM, VLMConfig
+    from plumbing.hf import save_pretrained
     d = tmp_path_factory.mktemp("entropy")
     synth = str(d / "synth")
     prepare(synth, n_sft=4, n_rl=4, n_val=4, n_test=4)
@@ -295,7 +296,7 @@ def tiny_run(tmp_path_factory):
         torch.manual_seed(seed)
         m = VLM(cfg)
         save_checkpoint(str(d / "grpo"), step, m, None, {"tokenizer": f"{synth}/tokenizer"}, {})
-    m.save_pretrained(str(d / "hf"))
+    save_pretrained(m, str(d / "hf"))
     tok.save_pretrained(str(d / "hf"))
     # words a random policy emits: whole-word vocabulary entries with a leading space ("Ġrow" -> "row")
     words = sorted({t[1:] for t in tok.get_vocab() if t.startswith("Ġ") and t[1:].isalpha() and len(t) > 3})
@@ -338,7 +339,7 @@ def test_end_to_end_two_checkpoints(tiny_run, tmp_path):
     assert f"selected: {rows[best]['ckpt']}" in p.stdout
     check_env_json(out, script="entropy.py")
     # the selected ckpt_* exported as an HF directory, with the same weights, for connector_tune.py
-    from common import load_inference_model
+    from plumbing import load_inference_model
     assert sel["hf"] == os.path.join(out, "hf")
     assert open(os.path.join(out, "selected_hf.txt")).read().strip() == sel["hf"]
     a, b = load_inference_model(rows[best]["ckpt"], "cpu")[0], load_inference_model(sel["hf"], "cpu")[0]
@@ -360,7 +361,7 @@ def test_cli_glob_matching_nothing(tiny_run, tmp_path, monkeypatch):
 
 def test_same_decodes_as_eval_and_bad_checkpoint(tiny_run, tmp_path):
     import eval as evalmod
-    from common import load_inference_model
+    from plumbing import load_inference_model
     from data.common import load_jsonl
     synth, run, hf, words, _ = tiny_run
     items = load_jsonl(f"{synth}/val.jsonl")[:3]

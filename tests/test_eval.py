@@ -295,6 +295,7 @@ def tiny_model(tmp_path_factory):
     from data.common import MC_INSTRUCTION
     from data.prepare import train_tokenizer
     from model import VLM, VLMConfig
+    from plumbing.hf import save_pretrained
     d = str(tmp_path_factory.mktemp("tiny"))
     texts = ["What is x? Which value is largest? How many volts? Compare the options. " + MC_INSTRUCTION,
              "<think>\nI look at the image.\n</think>\n\n\\boxed{12} A. B. C. D. Image-1: Image-2: 0123456789"] * 4
@@ -303,12 +304,12 @@ def tiny_model(tmp_path_factory):
     cfg = VLMConfig(image_size=16, patch_size=4, vit_hidden=16, vit_layers=1, vit_heads=2, vit_mlp=32,
                     vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_kv_head=1, mlp_hidden=64,
                     tie_embeddings=True, image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), max_tiles=2)
-    VLM(cfg).save_pretrained(d)
+    save_pretrained(VLM(cfg), d)
     return d
 
 
 def test_evaluate_multi_image_mmmu(mmmu_dir, tiny_model, tmp_path):
-    from common import load_inference_model
+    from plumbing import load_inference_model
     out = str(tmp_path / "mmmu.jsonl")
     convert("mmmu", mmmu_dir, out)
     items = ev.load_items(out)

@@ -15,8 +15,10 @@ import time
 import pytest
 import torch
 
-import common
-from common import agree, agree_max, agree_min, check_disk, checkpoint_bytes, fail, latest_checkpoint, set_trainable
+import plumbing
+
+import plumbing.checkpoint
+from plumbing import agree, agree_max, agree_min, check_disk, checkpoint_bytes, fail, latest_checkpoint, set_trainable
 from dist_common_worker import make_batch, tiny_cfg, train_step
 from model import VLM
 
@@ -202,7 +204,7 @@ def test_rank_dies_inside_save_checkpoint(runs):
     # exactly the step-1 weights
     m = VLM(tiny_cfg())
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    step, state, config = common.load_checkpoint(path, m, opt)
+    step, state, config = plumbing.load_checkpoint(path, m, opt)
     assert (step, state, config) == (1, {"step": 1}, {"run": "failfast"})
     want = torch.load(out / "expected.pt")
     for k, v in m.state_dict().items():
@@ -221,7 +223,7 @@ def test_single_process_decisions_and_fail(monkeypatch):
 
 def test_check_disk(tmp_path, monkeypatch, capsys):
     GB = 10**9
-    monkeypatch.setattr(common.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100 * GB, 90 * GB, 10 * GB))
+    monkeypatch.setattr(plumbing.checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100 * GB, 90 * GB, 10 * GB))
     out = str(tmp_path / "not" / "yet")  # checked on the nearest existing parent
     assert check_disk(out, 3 * GB, 3) == 10 * GB
     assert capsys.readouterr().out == ""
@@ -239,7 +241,7 @@ def test_checkpoint_bytes_matches_a_real_checkpoint(tmp_path):
     n_trainable = set_trainable(m, False, True, True)  # frozen ViT: saved, but no AdamW state
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     train_step(m, opt, *make_batch(m.cfg, 2, seed=0))
-    path = common.save_checkpoint(str(tmp_path), 1, m, opt, {}, {})
+    path = plumbing.save_checkpoint(str(tmp_path), 1, m, opt, {}, {})
     shards = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".distcp"))
     est = checkpoint_bytes(n_params, n_trainable)
     assert n_trainable < n_params and est == 4 * n_params + 8 * n_trainable

@@ -1,4 +1,4 @@
-"""dev/gpu_check.py at tiny shapes on the CPU (--smoke=True, the Triton interpreter): the script the day a GPU is lent
+"""tools/gpu_check.py at tiny shapes on the CPU (--smoke=True, the Triton interpreter): the script the day a GPU is lent
 runs end to end against today's APIs (kernels, sampler, transformers, grpo.py, plan.py). It measures nothing here."""
 import json
 import os
@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_gpu_check_smoke(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1", OUT=str(tmp_path))
-    p = subprocess.run([sys.executable, "dev/gpu_check.py", "--smoke=True"], cwd=ROOT, env=env, capture_output=True,
+    p = subprocess.run([sys.executable, "tools/gpu_check.py", "--smoke=True"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     with open(tmp_path / "gpu_check.json") as f:

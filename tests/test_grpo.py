@@ -147,9 +147,10 @@ def policy_stats(hf_a, hf_b, seqs):
     prompt length) — text-only sequences, so no images are needed."""
     sys.path.insert(0, ROOT)
     from model import VLM
+    from plumbing.hf import load_pretrained
     out = []
     for hf in (hf_a, hf_b):
-        m = VLM.from_pretrained(hf).eval()
+        m = load_pretrained(hf).eval()
         logps = []
         for ids, p in seqs:
             with torch.no_grad():

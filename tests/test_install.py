@@ -14,11 +14,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def repo_import_names(root=ROOT):
     """Top-level import names this repo puts first on sys.path: the modules and packages at the root (our scripts
-    run from there) and in tests/ (pytest puts it on sys.path). A folder without __init__.py is a namespace package,
+    run from there), in tools/ (its scripts run from there) and in tests/ (pytest puts it on sys.path). A folder without __init__.py is a namespace package,
     which any installed module or package of that name outranks, so it cannot shadow one."""
     names = {}
-    for d in (root, os.path.join(root, "tests")):
-        for f in os.listdir(d):
+    for d in (root, os.path.join(root, "tools"), os.path.join(root, "tests")):
+        for f in os.listdir(d) if os.path.isdir(d) else []:
             p = os.path.join(d, f)
             if f.endswith(".py"):
                 names[f[:-3]] = os.path.relpath(p, root)
@@ -106,8 +106,8 @@ def check_env_json(directory, world_size=1, script=None):
 
 
 def test_environment_names_the_code_and_the_command():
-    import common
-    env = common.environment()
+    import plumbing
+    env = plumbing.environment()
     # this checkout is a git repo: the commit is the HEAD of the repo the code came from, dirty or not
     head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:
@@ -143,13 +143,13 @@ class FakeWandb:
 
 
 def test_wandb_resume_continues_the_same_run(tmp_path, monkeypatch):
-    import common
+    import plumbing
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     out = str(tmp_path / "run")
-    assert common.wandb_init(False, "p", "n", {}, out, resume=False) is None and not fake.inits
-    assert common.wandb_init(True, "p", "n", {"a": 1}, out, resume=False) is fake
+    assert plumbing.wandb_init(False, "p", "n", {}, out, resume=False) is None and not fake.inits
+    assert plumbing.wandb_init(True, "p", "n", {"a": 1}, out, resume=False) is fake
     assert fake.inits[-1]["id"] is None and fake.inits[-1]["resume"] is None
     assert open(os.path.join(out, "wandb_run_id.txt")).read().strip() == "run-abc123"
-    common.wandb_init(True, "p", "n", {"a": 1}, out, resume=True)  # --init_from=resume: the same run, continued
+    plumbing.wandb_init(True, "p", "n", {"a": 1}, out, resume=True)  # --init_from=resume: the same run, continued
     assert fake.inits[-1]["id"] == "run-abc123" and fake.inits[-1]["resume"] == "must"

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from hf_fixtures import (IMG_CONTEXT_ID, N_REGULAR, hf_logits, make_batch, make_hf_model, rel_err,
                          write_original_layout)
-from model import VLM, VLMConfig, load_config, write_hf_checkpoint
+from model import VLM, VLMConfig
+from plumbing.hf import load_config, load_pretrained, save_pretrained, write_hf_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(ROOT, "config", "models")
@@ -163,7 +164,7 @@ def test_skywork_layout_parity(tmp_path, hf_untied, hf_tied, tied):
     hf, _ = hf_tied if tied else hf_untied
     d = as_skywork(write_original_layout(hf, str(tmp_path / "r1v"), sharded=tied))
     assert load_config(d)[1] == "original"
-    model = VLM.from_pretrained(d).eval()
+    model = load_pretrained(d).eval()
     assert model.cfg.image_token_id == IMG_CONTEXT_ID
     assert (model.llm.lm_head.weight is model.llm.wte.weight) == tied
     ids, pv = make_batch([1, 0, 2], T=24, seed=23)
@@ -180,7 +181,7 @@ def test_skywork_layout_parity(tmp_path, hf_untied, hf_tied, tied):
 def test_streamed_bf16_shards_load_in_ours_and_transformers(tmp_path, hf_untied):
     from transformers import InternVLForConditionalGeneration
     _, src = hf_untied
-    model = VLM.from_pretrained(src).eval()
+    model = load_pretrained(src).eval()
     out = str(tmp_path / "bf16")
     os.makedirs(out)
     open(os.path.join(out, "model-00001-of-00009.safetensors"), "w").close()  # stale: must be removed
@@ -194,13 +195,13 @@ def test_streamed_bf16_shards_load_in_ours_and_transformers(tmp_path, hf_untied)
     for f in files:  # each shard within the limit (a single tensor larger than it would get its own file)
         with safe_open(os.path.join(out, f), "pt") as g:
             assert sum(g.get_tensor(k).nbytes for k in g.keys()) <= 40_000
-    back = VLM.from_pretrained(out).state_dict()
+    back = load_pretrained(out).state_dict()
     for k, v in sd.items():
         assert torch.equal(back[k], v.to(torch.bfloat16).float()), k
     hf2, info = InternVLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     ids, pv = make_batch([1, 2], T=20, seed=25)
-    ours = VLM.from_pretrained(out).eval()  # the bf16 weights, computed in fp32 by both
+    ours = load_pretrained(out).eval()  # the bf16 weights, computed in fp32 by both
     assert rel_err(hf_logits(hf2.float().eval(), ids, pv), ours(ids, pv).float()) <= 1e-4
 
 
@@ -289,7 +290,7 @@ def test_fsdp_load_peak_rss(tmp_path, hf_untied):
     with torch.device("meta"):
         model = VLM(cfg)
     sd = {k: torch.full(v.shape, 0.01, dtype=torch.bfloat16) for k, v in model.state_dict().items()}  # values: any
-    model.save_pretrained(d, state_dict=sd, max_shard_bytes=100 * 2**20)
+    save_pretrained(model, d, state_dict=sd, max_shard_bytes=100 * 2**20)
     n_params = sum(p.numel() for p in model.parameters())
     del model, sd
     ckpt = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))

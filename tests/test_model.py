@@ -17,7 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_fixtures import (IMG_CONTEXT_ID, N_REGULAR, ROPE_THETA, TOKENS_PER_TILE, hf_logits, make_batch,
                          make_hf_model, original_config, original_state_dict, rel_err, write_original_layout)
-from model import VLM, KVCache
+from kv_cache import KVCache
+from model import VLM
+from plumbing.hf import load_pretrained, save_pretrained
 
 TOL = 1e-4
 # the model variants of the parity matrix: InternViT-300M-like (LayerNorm, qkv bias, untied LLM as in
@@ -36,8 +38,10 @@ def logits_of(out):
 
 
 @torch.no_grad()
-def ours(model, ids, pv=None, **kw):
-    return logits_of(model(ids, pv, **kw)).float()
+def ours(model, ids, pv=None, cache=None, **kw):
+    if cache is not None:  # a cached forward: each row's positions continue where its cache ends
+        kw["pos"] = cache.lens[:, None] + torch.arange(ids.shape[1])
+    return logits_of(model(ids, pv, cache=cache, **kw)).float()
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +117,7 @@ def test_original_layout_writer_matches_original_code(tmp_path, variant):
 @torch.no_grad()
 def test_parity_with_transformers(tmp_path, variant):
     hf, d = make_hf_model(tmp_path, seed=4, **VARIANTS[variant])
-    model = VLM.from_pretrained(d).eval()
+    model = load_pretrained(d).eval()
     cfg = model.cfg
     assert (cfg.tokens_per_tile, cfg.image_token_id) == (TOKENS_PER_TILE, IMG_CONTEXT_ID)
     assert cfg.rope_theta == ROPE_THETA
@@ -139,7 +143,7 @@ def test_vit_position_embedding_interpolation(hf_tied):
     """Tiles of another size than the checkpoint's (42 px -> a 6x6 patch grid, 9 tokens per tile): the learned
     position embedding is resized bicubically, as in transformers and the original InternViT."""
     hf, d = hf_tied
-    model = VLM.from_pretrained(d).eval()
+    model = load_pretrained(d).eval()
     pv = torch.randn(2, 3, 42, 42, generator=torch.Generator().manual_seed(18))
     ref = hf.model.get_image_features(pixel_values=pv).pooler_output  # (2, 9, n_embd)
     assert ref.shape[1] == 9
@@ -149,7 +153,7 @@ def test_vit_position_embedding_interpolation(hf_tied):
 @torch.no_grad()
 def test_explicit_positions_match_transformers(hf_untied):
     hf, d = hf_untied
-    model = VLM.from_pretrained(d).eval()
+    model = load_pretrained(d).eval()
     text = torch.randint(0, N_REGULAR, (2, 9), generator=torch.Generator().manual_seed(7))
     # RoPE sees only relative positions, so give the rows gaps (as after left-trimmed or packed prompts)
     t = torch.arange(9)[None]
@@ -164,9 +168,9 @@ def test_explicit_positions_match_transformers(hf_untied):
 def test_save_pretrained_loads_in_transformers(tmp_path, hf_untied, hf_tied, tie):
     from transformers import InternVLForConditionalGeneration
     hf, d = hf_tied if tie else hf_untied
-    model = VLM.from_pretrained(d).eval()
+    model = load_pretrained(d).eval()
     out = str(tmp_path / "ours")
-    model.save_pretrained(out)
+    save_pretrained(model, out)
     hf2, info = InternVLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     hf2 = hf2.float().eval()
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
@@ -175,7 +179,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path, hf_untied, hf_tied, tie
     ids, pv = make_batch(TILES, T=24, seed=8)
     ref = hf_logits(hf, ids, pv)
     assert rel_err(hf_logits(hf2, ids, pv), ref) <= TOL
-    assert rel_err(ours(VLM.from_pretrained(out).eval(), ids, pv), ref) <= TOL  # and back into ours
+    assert rel_err(ours(load_pretrained(out).eval(), ids, pv), ref) <= TOL  # and back into ours
 
 
 @torch.no_grad()
@@ -185,7 +189,7 @@ def test_native_sharded(tmp_path, hf_untied):
     hf.save_pretrained(d, max_shard_size="60KB")
     assert os.path.isfile(os.path.join(d, "model.safetensors.index.json"))
     ids, pv = make_batch(TILES, T=24, seed=9)
-    assert rel_err(ours(VLM.from_pretrained(d).eval(), ids, pv), hf_logits(hf, ids, pv)) <= TOL
+    assert rel_err(ours(load_pretrained(d).eval(), ids, pv), hf_logits(hf, ids, pv)) <= TOL
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -213,7 +217,7 @@ def test_native_prefixed_names(tmp_path, hf_untied, hf_tied, tie):
     ids, pv = make_batch(TILES, T=24, seed=9)
     ref = hf_logits(hf, ids, pv)
     assert rel_err(hf_logits(hf2.float().eval(), ids, pv), ref) <= TOL
-    model = VLM.from_pretrained(d).eval()
+    model = load_pretrained(d).eval()
     assert model.cfg.rope_theta == ROPE_THETA
     assert rel_err(ours(model, ids, pv), ref) <= TOL
 
@@ -228,7 +232,7 @@ def test_native_prefixed_names(tmp_path, hf_untied, hf_tied, tie):
 def test_original_layout_parity(tmp_path, hf_untied, hf_tied, variant, sharded):
     hf, _ = hf_untied if variant == "ln_untied" else hf_tied
     d = write_original_layout(hf, str(tmp_path / "orig"), sharded=sharded)
-    model = VLM.from_pretrained(d).eval()
+    model = load_pretrained(d).eval()
     assert model.cfg.image_token_id == IMG_CONTEXT_ID  # read from the tokenizer files
     assert model.cfg.rope_theta == ROPE_THETA
     assert (model.llm.lm_head.weight is model.llm.wte.weight) == VARIANTS[variant]["tie"]
@@ -243,9 +247,9 @@ def test_original_layout_needs_image_token_id(tmp_path, hf_untied):
     hf, _ = hf_untied
     d = write_original_layout(hf, str(tmp_path / "orig"), tokenizer=False)
     with pytest.raises(Exception) as e:  # no tokenizer files and no id given: say what is missing
-        VLM.from_pretrained(d)
+        load_pretrained(d)
     assert "image_token_id" in str(e.value) or "IMG_CONTEXT" in str(e.value), str(e.value)
-    model = VLM.from_pretrained(d, image_token_id=IMG_CONTEXT_ID).eval()
+    model = load_pretrained(d, image_token_id=IMG_CONTEXT_ID).eval()
     ids, pv = make_batch([2, 1], T=16, seed=12)
     assert rel_err(ours(model, ids, pv), hf_logits(hf, ids, pv)) <= TOL
 
@@ -325,7 +329,7 @@ def test_native_checkpoint_errors_name_the_tensor(tmp_path, hf_untied, edit):
     _, d = hf_untied
     name = copy_with_state_dict(d, str(tmp_path / "bad"), NATIVE_EDITS[edit])
     with pytest.raises(Exception) as e:
-        VLM.from_pretrained(str(tmp_path / "bad"))
+        load_pretrained(str(tmp_path / "bad"))
     # a missing tensor may be named in either naming of the layout; an unexpected one as the file stores it
     names = [name] if edit == "extra" else [name, native_5x_name(name)]
     assert any(n in str(e.value) for n in names), f"error does not name {names}: {e.value!r}"
@@ -337,14 +341,14 @@ def test_original_checkpoint_errors_name_the_tensor(tmp_path, hf_untied, edit):
     d = write_original_layout(hf, str(tmp_path / "orig"))
     name = copy_with_state_dict(d, str(tmp_path / "bad"), ORIGINAL_EDITS[edit])
     with pytest.raises(Exception) as e:
-        VLM.from_pretrained(str(tmp_path / "bad"))
+        load_pretrained(str(tmp_path / "bad"))
     assert name in str(e.value), f"error does not name {name}: {e.value!r}"
 
 
 @torch.no_grad()
 def test_image_token_count_mismatch_raises(hf_untied):
     _, d = hf_untied
-    model = VLM.from_pretrained(d).eval()
+    model = load_pretrained(d).eval()
     ids, pv = make_batch([1, 2], T=20, seed=13)
     good = ours(model, ids, pv)  # the well-formed batch runs; precomputed features give the same logits
     assert rel_err(ours(model, ids, image_embeds=model.image_features(pv)), good) <= 1e-6
@@ -369,7 +373,7 @@ def test_image_token_count_mismatch_raises(hf_untied):
 @torch.no_grad()
 def test_kv_cache_chunks_equal_uncached(hf_tied):
     _, d = hf_tied
-    model = VLM.from_pretrained(d).eval()
+    model = load_pretrained(d).eval()
     ids, pv = make_batch([1, 2], T=20, seed=14)  # image spans end by position 13
     full = ours(model, ids, pv)
     cache = KVCache(model.cfg, 2, 32, torch.float32, "cpu")
@@ -390,7 +394,7 @@ def test_kv_cache_ragged_rows(hf_untied):
     """Rows at different lengths in one cache: row 1 keeps only 8 of its 12 prefilled tokens, so positions
     8..11 hold stale keys; the next chunk must overwrite/ignore them and use each row's own positions."""
     _, d = hf_untied
-    model = VLM.from_pretrained(d).eval()
+    model = load_pretrained(d).eval()
     ids, pv = make_batch([1, 1], T=12, seed=15)  # image spans: row 0 at 1..6, row 1 at 2..7
     nxt = torch.randint(0, N_REGULAR, (2, 3), generator=torch.Generator().manual_seed(16))
     lens = [12, 8]
@@ -433,7 +437,7 @@ class RandomInitBytes(TorchDispatchMode):
 def test_from_pretrained_fills_an_empty_model(hf_tied, dtype):
     hf, d = hf_tied
     with RandomInitBytes() as counter:
-        model = VLM.from_pretrained(d, device="cpu", dtype=dtype).eval()
+        model = load_pretrained(d, device="cpu", dtype=dtype).eval()
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert counter.bytes < 0.05 * n_bytes, f"{counter.bytes} bytes randomly initialised for a {n_bytes}-byte model"
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):

@@ -30,8 +30,8 @@ def run(argv, solved):
         return [{"id": s["id"], "correct": int(j < solved[i])} for i, s in enumerate(items) for j in range(k)]
     with mock.patch.object(ev, "evaluate", fake_eval), \
             mock.patch.object(common, "load_inference_model", lambda *a, **k: (None, None, "ckpt")), \
-            mock.patch.object(sys, "argv", ["passrate.py"] + argv):
-        runpy.run_path(os.path.join(ROOT, "passrate.py"), run_name="__main__")
+            mock.patch.object(sys, "argv", ["tools/passrate.py"] + argv):
+        runpy.run_path(os.path.join(ROOT, "tools", "passrate.py"), run_name="__main__")
 
 
 def test_passrate_keeps_informative_prompts(rl_file, tmp_path):

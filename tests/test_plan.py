@@ -15,8 +15,9 @@ import torch
 
 import plan
 import sampler
-from common import apply_activation_checkpointing, set_trainable
-from model import VLM, VLMConfig, load_config, token_logprobs
+from plumbing import apply_activation_checkpointing, set_trainable
+from model import VLM, VLMConfig, token_logprobs
+from plumbing.hf import load_config
 from plan_worker import LiveBytes, batch, measure_train, saved_bytes, storage_bytes, tiny_cfg
 
 TOL = 0.15
@@ -300,7 +301,7 @@ def test_two_processes_fsdp2(tmp_path, monkeypatch):
 
 
 def r1v3_38b():
-    # MODELS.md: InternViT-6B-448px-V2.5 (45 layers, RMSNorm, QK-norm) + Qwen2.5-32B, untied, vocab 151674
+    # docs/models.md: InternViT-6B-448px-V2.5 (45 layers, RMSNorm, QK-norm) + Qwen2.5-32B, untied, vocab 151674
     return VLMConfig(image_size=448, patch_size=14, vit_hidden=3200, vit_layers=45, vit_heads=25, vit_mlp=12800,
                      vit_norm="rms_norm", vit_qk_norm=True, vit_qkv_bias=False, vocab_size=151674, n_embd=5120,
                      n_layer=64, n_head=40, n_kv_head=8, mlp_hidden=27648, image_token_id=151667)

@@ -7,6 +7,7 @@ import hf_fixtures as hx
 import rollout
 from data.common import stop_token_ids, vision_token_ids
 from model import VLM
+from plumbing.hf import load_pretrained
 
 
 def test_rollout_bans_vision_tokens_and_scores_each_row(tmp_path, monkeypatch):
@@ -14,7 +15,7 @@ def test_rollout_bans_vision_tokens_and_scores_each_row(tmp_path, monkeypatch):
     hf, d = hx.make_hf_model(tmp_path)
     hx.write_tokenizer(d)
     tok = AutoTokenizer.from_pretrained(d)
-    m = VLM.from_pretrained(d).eval()
+    m = load_pretrained(d).eval()
     vision = {hx.IMG_START_ID, hx.IMG_END_ID, hx.IMG_CONTEXT_ID}
     assert set(vision_token_ids(tok)) == vision
     assert hx.SPECIAL_IDS["<|im_end|>"] in stop_token_ids(tok)

@@ -16,6 +16,7 @@ import hf_fixtures as hx
 import decode_kernels
 import sampler
 from model import VLM, VLMConfig
+from plumbing.hf import load_pretrained
 from sampler import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +42,7 @@ def hf_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(hf_dir):
     hf, d = hf_dir
-    return hf, VLM.from_pretrained(d)
+    return hf, load_pretrained(d)
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,9 @@ import decode_kernels
 import tp_worker
 from tiny_sft import tiny_sft
 from model import VLM, VLMConfig
+from plumbing.hf import load_pretrained
 from sampler import generate
-from tp import check_tp, split_dim, tp_config, tp_slice
+from plumbing.tp import check_tp, split_dim, tp_config, tp_slice
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -120,7 +121,7 @@ def test_kernels_at_tp_shapes(n_kv):
 def test_generate_tp2_equals_one_process(worker, hf_dirs):
     # per checkpoint (kv heads 2 and 4) and case: both ranks' rollouts == one process's on the full model
     for d in hf_dirs:
-        m = VLM.from_pretrained(d)
+        m = load_pretrained(d)
         ps = tp_worker.prompts()
         for name, (idx, kw, triton) in tp_worker.CASES.items():
             decode_kernels.USE_TRITON = True if triton else False
@@ -146,11 +147,11 @@ def test_tp_shards_from_fsdp2_equal_slices(worker, hf_dirs):
     # weight (heads by output rows for q/k/v and gate/up, input columns for o/down; everything else whole), also
     # from bf16 mixed-precision gathers and from CPU-offloaded shards; its weights are freed after the block, and
     # the FSDP2 model is sharded and trains afterwards
-    full = VLM.from_pretrained(hf_dirs[0]).state_dict()
+    full = load_pretrained(hf_dirs[0]).state_dict()
     cols = ("o_proj.weight", "down_proj.weight")
     rows = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",
             "gate_proj.weight", "up_proj.weight")
-    ref = VLM.from_pretrained(hf_dirs[0])
+    ref = load_pretrained(hf_dirs[0])
     greedy = generate(ref, [tp_worker.prompts()[i] for i in tp_worker.CASES["greedy"][0]],
                       **tp_worker.CASES["greedy"][1])
     for mode, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("offload", torch.float32)):

@@ -66,9 +66,10 @@ def memory_case(dtype):
     """Bytes of the TP model's parameters and of the KV cache's tensors in one grpo-like rollout of the default tiny
     model (FSDP2 on 2 ranks, param_dtype=dtype), each rank bringing 2 prompts of MEM['prompt'] tokens (1 tile)."""
     import sampler
-    from common import apply_fsdp
+    from plumbing import apply_fsdp
     from model import VLM, VLMConfig
-    from tp import tp_group, tp_rollout_model, tp_union
+    from plumbing.hf import load_pretrained
+    from plumbing.tp import tp_group, tp_rollout_model, tp_union
     torch.manual_seed(0)
     m = apply_fsdp(VLM(VLMConfig()), param_dtype=None if dtype == torch.float32 else dtype)
     cfg, rank = m.cfg, torch.distributed.get_rank()
@@ -98,9 +99,9 @@ def memory_case(dtype):
 
 def main():
     import torch.distributed as dist
-    from common import apply_fsdp
+    from plumbing import apply_fsdp
     from model import VLM
-    from tp import load_tp_model, tp_group, tp_rollout_model
+    from plumbing.tp import load_tp_model, tp_group, tp_rollout_model
     with open(sys.argv[1]) as f:
         spec = json.load(f)
     torch.set_num_threads(1)
@@ -114,7 +115,7 @@ def main():
     if "reshard" in spec["parts"]:
         ids = torch.tensor([[3, 4, 5, 6]])
         for mode in ("fp32", "bf16", "offload"):
-            m = VLM.from_pretrained(spec["hf"][0])
+            m = load_pretrained(spec["hf"][0])
             apply_fsdp(m, param_dtype=torch.bfloat16 if mode == "bf16" else None, offload=mode == "offload")
             with tp_rollout_model(m, g) as t:
                 sd = {k: v.clone() for k, v in t.state_dict().items()}

@@ -1,7 +1,8 @@
 """
-Skywork-OR1's offline pass-rate filter (arXiv 2505.22312 sec. 3, data preparation; RECIPE.md section 7): sample
-n answers per RL prompt with a checkpoint and keep only the prompts it solves neither 0/n nor n/n times. A group
-that is all right or all wrong has zero advantage everywhere: it costs a rollout and teaches nothing.
+Skywork-OR1's offline pass-rate filter (arXiv 2505.22312 sec. 3, data preparation; docs/recipe.md, "R1V2 and
+Skywork-OR1"): sample n answers per RL prompt with a checkpoint and keep only the prompts it solves neither 0/n nor
+n/n times. A group that is all right or all wrong has zero advantage everywhere: it costs a rollout and teaches
+nothing.
 
     python passrate.py --ckpt=out/sft/hf --data=data/synth/rl.jsonl --n=8
     python passrate.py --ckpt=/ckpt/r1v3_sft/hf --data=/data/mmk12_rl.jsonl --n=16 --max_new_tokens=4096
@@ -18,8 +19,10 @@ from collections import Counter
 
 import torch
 
-from common import environment, load_inference_model, print0
-from configurator import configure
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python tools/passrate.py
+
+from plumbing import environment, load_inference_model, print0
+from plumbing.configurator import configure
 from data.common import load_jsonl
 from eval import evaluate
 

@@ -2,7 +2,7 @@
 nanoGPT-style configuration: a script's module globals are its defaults; a flat Python config file and
 --key=value flags override them, with type checking. Usage at the top of a script, after its globals:
 
-    from configurator import configure
+    from plumbing.configurator import configure
     config = configure(globals(), sys.argv[1:])   # updates globals() in place
     print(config)                                  # once; also stored in every checkpoint
 

@@ -11,8 +11,8 @@ What it checks (each section times itself and the whole run stops starting new w
     14/2 heads x 64, 7B 28/4 x 128, 32B 40/8 x 128 and its tp=8 shard 5/1), with a shared prefix of n=8 samples.
  2. decode: sampler.generate tokens/s against transformers generate() on the same shapes of random weights, batch
     1/64/256 x context 1k/4k for the Qwen2.5-0.5B/1.5B/7B LLMs (InternVL3-1B/2B/8B), and the fraction of the
-    bandwidth roofline (../shared/PERF.md: weights + KV bytes per step / measured copy bandwidth); once more with
-    the CUDA-graph decode (cuda_graph=True), which must give the same tokens.
+    bandwidth roofline (docs/perf.md, "Decode roofline": weights + KV bytes per step / measured copy bandwidth);
+    once more with the CUDA-graph decode (cuda_graph=True), which must give the same tokens.
  3. grpo: one step of grpo.py on one GPU (FSDP2, world size 1) on the InternVL3-1B shape with random bf16 weights and
     a synthetic tokenizer at the real vocabulary: rollout and update seconds, the bf16 log-prob mismatch between
     sampler and trainer (max and mean), clip fraction 0 and approx KL 0 on the on-policy step, and the peak memory
@@ -30,8 +30,9 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import decode_kernels  # noqa: E402
-from configurator import configure  # noqa: E402
-from model import VLM, VLMConfig, load_config  # noqa: E402
+from plumbing.configurator import configure  # noqa: E402
+from model import VLM, VLMConfig  # noqa: E402
+from plumbing.hf import load_config, save_pretrained  # noqa: E402
 import sampler  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -267,7 +268,7 @@ def check_grpo():
     torch.manual_seed(seed)
     with torch.device(dev):
         m = VLM(cfg)
-    m.to(torch.bfloat16 if dev.type == "cuda" else torch.float32).save_pretrained(hf)
+    save_pretrained(m.to(torch.bfloat16 if dev.type == "cuda" else torch.float32), hf)
     del m
     prepare(os.path.join(work, "synth"), n_sft=8, n_rl=64, n_val=4, n_test=4)
     P, n, L = (2, 2, 8) if smoke else (8, 8, 512)

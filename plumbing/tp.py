@@ -92,7 +92,7 @@ def tp_group(K):
 def init_tp(tp, seed=0):
     """eval.py, entropy.py and the sampler CLI under torchrun: init the process group (common.compute_init) with
     the tp ranks as the whole world, one TP group. Returns (group, rank, device)."""
-    from common import compute_init
+    from plumbing import compute_init
     _, rank, _, world, device = compute_init(seed)
     if world != tp:
         raise SystemExit(f"tp={tp} needs torchrun --nproc_per_node={tp} (one TP group of all the processes); "
@@ -205,7 +205,7 @@ def load_tp_model(path, group, device, dtype=torch.float32):
     """One rank's TP model read from an HF directory (either layout, through model.py's checked key map): one tensor
     at a time, as stored, sliced, then cast and copied to `device`; peak host memory = one full tensor (two for the
     embedding of a tied config that also stores lm_head: read_checkpoint_tensors checks they are equal)."""
-    from model import checkpoint_plan, load_config, read_checkpoint_tensors
+    from plumbing.hf import checkpoint_plan, load_config, read_checkpoint_tensors
     cfg, layout = load_config(path)
     K, r = dist.get_world_size(group), dist.get_rank(group)
     check_tp(cfg, K, dist.get_world_size())
@@ -223,7 +223,7 @@ def load_tp_inference_model(path, group, device, dtype=torch.float32, tokenizer=
     out_dir's hf/ export) is read slice by slice (load_tp_model); a ckpt_* checkpoint (sharded DCP) or an out_dir
     holding only those is loaded whole on each rank's host (collective), then sliced."""
     from transformers import AutoTokenizer
-    from common import load_inference_model
+    from plumbing import load_inference_model
     hf = next((d for d in (path, os.path.join(path, "hf")) if os.path.isfile(os.path.join(d, "config.json"))), None)
     if hf is None:
         full, tok, resolved = load_inference_model(path, "cpu", dtype, tokenizer)

@@ -18,12 +18,15 @@ fwd+bwd time 40 s naive vs 44 s chunked (backward recomputes each chunk's logits
 """
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python tools/bench_logprob.py
 
 import model
 

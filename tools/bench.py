@@ -1,6 +1,6 @@
 """
 Rollout speed: our sampler (sampler.generate) vs transformers' generate() on the same weights and prompts.
-A script that prints tables, not a timed test (PERF.md "How to measure").
+A script that prints tables, not a timed test (docs/perf.md, "How to measure").
 
 CPU (default; 2 cores, fp32): the GRPO shape -- 8 prompts x 8 samples, one image tile each, 96-token prompts,
 64 new tokens, temperature 1 -- on a small random InternVL built by transformers, saved with save_pretrained and
@@ -9,7 +9,7 @@ machine is shared, so the load average is printed and the ratio is of the median
 (compaction on/off) when rows stop early. --profile=True first prints where a decode step's time goes.
     python bench.py [--profile=True] [--repeats=5]
 Results, with the dates and load: BENCHMARKS.md.
-GPU (bf16, random weights from the real configs; decode roofline per PERF.md with a measured bandwidth; the
+GPU (bf16, random weights from the real configs; decode roofline of docs/perf.md with a measured bandwidth; the
 attention kernel alone vs its bytes and vs F.scaled_dot_product_attention; transformers on the 0.5B shape):
     python bench.py --device=cuda
     python bench.py --device=cuda --shapes=qwen2.5-7b --batches=64 --contexts=4096
@@ -25,8 +25,11 @@ import time
 
 import torch
 
-from configurator import configure
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python tools/bench.py
+
+from plumbing.configurator import configure
 from model import VLM, VLMConfig
+from plumbing.hf import load_pretrained
 import decode_kernels
 import sampler
 
@@ -162,7 +165,7 @@ def cpu_bench():
                   vit_layers=vit_layers, vit_heads=4, vit_mlp=4 * vit_hidden, image_token_id=vocab_size - 1)
     with tempfile.TemporaryDirectory() as d:
         hf = hf_internvl(cfg_kw, dtype, d)
-        model = VLM.from_pretrained(d, dtype=dtype, device=dev).eval()
+        model = load_pretrained(d, dtype=dtype, device=dev).eval()
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)
     ids, pv = make_prompts(n_prompts, prompt_len, 1, cfg, g)
@@ -334,7 +337,7 @@ def gpu_bench():
         if si == 0 and hf_batches:  # transformers on the same weights (saved, then loaded into ours)
             hf_dir = tempfile.mkdtemp()
             hf_model = hf_internvl(kw, dtype, hf_dir)
-            model = VLM.from_pretrained(hf_dir, dtype=dtype, device=dev).eval()
+            model = load_pretrained(hf_dir, dtype=dtype, device=dev).eval()
         for B in Bs:
             for L in Ls:
                 n = min(B, 8)  # GRPO-shaped: B // n prompts x n samples
@@ -353,7 +356,7 @@ def gpu_bench():
                     torch.cuda.empty_cache() if dev.type == "cuda" else None
                     continue
                 step = st["decode_s"] / max(st["decode_steps"], 1)
-                floor = (n_llm * esize + B * (L + gpu_new_tokens / 2) * kv_tok) / bw  # PERF.md formula
+                floor = (n_llm * esize + B * (L + gpu_new_tokens / 2) * kv_tok) / bw  # docs/perf.md's roofline
                 # our cache holds each prompt once (B // n copies, not B): the bytes a step must read are fewer
                 floor_sh = (n_llm * esize + (B // n * L + B * gpu_new_tokens / 2) * kv_tok) / bw
                 hf_cell = ""
@@ -397,8 +400,8 @@ def gpu_bench():
         del model, hf_model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    print("\ndecode (tokens/s; step = one decode step of the whole batch; floor = PERF.md bytes / bandwidth, each "
-          "row's prompt counted; 'shared': each prompt counted once, as our cache stores it; n = min(batch, 8))")
+    print("\ndecode (tokens/s; step = one decode step of the whole batch; floor = docs/perf.md bytes / bandwidth, "
+          "each row's prompt counted; 'shared': each prompt counted once, as our cache stores it; n = min(batch, 8))")
     print_table(["shape", "batch", "context", "tokens/s e2e", "tokens/s decode", "ceiling", "step ms",
                  "step/floor", "step/floor shared", "transformers tokens/s (ours/theirs)"], rows)
     if attn_rows:

@@ -65,15 +65,17 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python tools/plan.py
+
 GB = 2**30
 
-# step-time model (PERF.md): decode is memory-bound, bytes per step = weights read + KV read, at a fraction of the
-# measured copy bandwidth; the update is compute-bound, 6 x params x tokens at a stated MFU
-HW = {  # measured device-to-device copy bandwidth (bytes/s), bf16 matmul peak (FLOP/s), PERF.md
+# step-time model (docs/perf.md, "Decode roofline"): decode is memory-bound, bytes per step = weights read + KV
+# read, at a fraction of the measured copy bandwidth; the update is compute-bound, 6 x params x tokens at a stated MFU
+HW = {  # measured device-to-device copy bandwidth (bytes/s), bf16 matmul peak (FLOP/s), docs/perf.md
     "H100": dict(bw=3.0e12, flops=800e12),
     "H200": dict(bw=4.3e12, flops=800e12),
 }
-BW_EFF = 0.6  # vLLM runs ~60% of the roofline end to end (PERF.md); gpt-fast ~82% at batch 1
+BW_EFF = 0.6  # vLLM runs ~60% of the roofline end to end (docs/perf.md); gpt-fast ~82% at batch 1
 MFU = 0.40  # of the bf16 peak, for prefill, the log-prob pass and the update
 TP_ALLREDUCE_S = 15e-6  # one small all-reduce on NVLink (2 per layer per decode step under TP)
 FP32_FLOPS = 30e12  # fp32 matmul without TF32 (the sampler's fp32 lm_head): ~half the H100/H200's 67 TFLOP/s
@@ -118,7 +120,7 @@ def _cfg_key(cfg):
 
 @functools.lru_cache(maxsize=32)
 def _params(key):
-    from common import _vit_blocks
+    from plumbing.checkpoint import _vit_blocks
     from model import VLM, VLMConfig
     cfg = VLMConfig(**dict(key))
     with torch.device("meta"):
@@ -829,10 +831,11 @@ def format_plan(d):
 def model_config(config):
     """The VLMConfig a run would build, without weights: init_from's config.json (an HF directory, e.g.
     config/models/NAME), a resumed run's model_config.json, or sft.py's tiny from-scratch config."""
-    from model import VLMConfig, config_from_dict, load_config
+    from model import VLMConfig, config_from_dict
+    from plumbing.hf import load_config
     init = config.get("init_from", "scratch")
     if init == "resume":
-        from common import latest_checkpoint
+        from plumbing import latest_checkpoint
         ck = latest_checkpoint(config["out_dir"])
         if ck is None:
             raise FileNotFoundError(f"plan.py: init_from='resume' but {config['out_dir']} has no checkpoint")
@@ -846,7 +849,8 @@ def model_config(config):
         kw.update(vit_mlp=4 * kw.get("vit_hidden", 64), mlp_hidden=3 * kw.get("n_embd", 128), max_tiles=1,
                   use_thumbnail=False)
         vocab = 1024
-        tok = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synth", "tokenizer", "tokenizer.json")
+        tok = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "synth", "tokenizer",
+                           "tokenizer.json")
         if os.path.isfile(tok):
             import json
             with open(tok) as f:
@@ -886,8 +890,8 @@ def script_config(script, argv):
     """A script's config without running it: its module-level literal assignments (the config globals; for
     connector_tune.py, sft.py's with connector_tune's defaults on top), then config files and --key=value flags."""
     import ast
-    from configurator import configure
-    root = os.path.dirname(os.path.abspath(__file__))
+    from plumbing.configurator import configure
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def literals(path):
         out = {}
@@ -912,21 +916,24 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
-    script, rest = argv[0], argv[1:]
+    script, rest = argv[0], [a for a in argv[1:] if a != "--plan=True"]  # also: sft.py / grpo.py --plan=True
     # the plan's own knobs; a script that has them as config keys (grpo.py: tp, offload, plan_gpus, ...) takes
     # them as usual, otherwise they are read here
-    knobs = dict(plan_gpus=1, plan_gpus_per_node=0, plan_gpu_gb=80.0, tp=1, offload=False, plan_prompt_tokens=0,
-                 plan_images=1, plan=True)
+    knobs = dict(plan_gpus=8, plan_gpus_per_node=0, plan_gpu_gb=80.0, tp=1, offload=False, plan_prompt_tokens=0,
+                 plan_images=1)
     base = script_config(script, [])
     own = [a for a in rest if a.startswith("--") and a[2:].split("=")[0] in knobs and a[2:].split("=")[0] not in base]
-    from configurator import configure
+    from plumbing.configurator import configure
     extra = configure(dict(knobs), own)
     config = script_config(script, [a for a in rest if a not in own])
     for k, v in extra.items():
         config.setdefault(k, v)
         if any(a.startswith(f"--{k}=") for a in own):
             config[k] = v
-    print_plan(script, config)
+    stage = os.path.splitext(os.path.basename(script))[0]
+    if stage == "sft" and not (config.get("train_vit", True) or config.get("train_llm", True)):
+        stage = "connector_tune"  # connector_tune.py runs as sft.py with itself as the first config file
+    print_plan(stage, config)
 
 
 if __name__ == "__main__":
