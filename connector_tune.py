@@ -58,8 +58,7 @@ if __name__ == "__main__":
     import runpy as _runpy
     import sys as _sys
     if {"-h", "--help"} & set(_sys.argv[1:]):
-        print(__doc__)
-        _sys.exit(0)
+        print(__doc__)  # then sft.py's settings, with this file's values (its --help)
     _here = _os.path.dirname(_os.path.abspath(__file__))
     _sys.argv = [_os.path.join(_here, "sft.py"), _os.path.abspath(__file__)] + _sys.argv[1:]
     _runpy.run_path(_sys.argv[0], run_name="__main__")

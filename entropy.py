@@ -2,20 +2,21 @@
 Critical-token entropy across checkpoints, and checkpoint selection by it (Skywork-R1V3 section 5 and Fig. 5;
 docs/recipe.md, "Critical-token entropy").
 
-    python entropy.py --ckpts='out/grpo/ckpt_*'                        # every GRPO checkpoint on data/synth/val.jsonl
-    python entropy.py --ckpts='out/grpo/ckpt_*' --limit=64 --k=2      # quicker: 64 items x 2 samples
-    python entropy.py --ckpts='["out/sft/hf", "out/grpo/hf"]' --select=accuracy
-    python entropy.py --ckpts='/ckpt/run1/ckpt_*' --data=/data/mmk12_val.jsonl --max_new_tokens=8192 --threshold=6.8
-    torchrun --nproc_per_node=8 entropy.py --ckpts='/ckpt/run1/ckpt_*' --tp=8   # tensor-parallel (tp.py)
+    python entropy.py --init_from='out/grpo/ckpt_*'                   # every GRPO checkpoint on data/synth/val.jsonl
+    python entropy.py --init_from='out/grpo/ckpt_*' --limit=64 --group_size=2     # quicker: 64 items x 2 samples
+    python entropy.py --init_from='["out/sft/hf", "out/grpo/hf"]' --select=accuracy
+    python entropy.py --init_from='/ckpt/run1/ckpt_*' --data=/data/mmk12_val.jsonl --max_new_tokens=8192 \\
+        --threshold=6.8
+    torchrun --nproc_per_node=8 entropy.py --init_from='/ckpt/run1/ckpt_*' --tp=8   # tensor-parallel (tp.py)
 
---ckpts: a glob, a comma-separated list, or a Python list of globs/paths; each entry an HF directory, a
-ckpt_XXXXXXX checkpoint or a training out_dir (common.load_inference_model). An entry that matches nothing is
-an error naming it. Checkpoints keep the order given; the checkpoints of one glob are sorted by step.
+--init_from: the checkpoints, several of them: a glob, a comma-separated list, or a Python list of globs/paths; each
+entry an HF directory, a ckpt_XXXXXXX checkpoint or a training out_dir (plumbing.load_inference_model). An entry
+that matches nothing is an error naming it. Checkpoints keep the order given; those of one glob are sorted by step.
 
-For each checkpoint: decode k responses per validation item with sampler.py (temperature 1.0 by default, seeded;
-the same seeds as eval.evaluate, so the decodes and the accuracy are the ones eval.py would get), score them with
-rewards.py, find the critical words in the decoded text (critical_positions) and read the full-vocabulary entropy
-of the distribution the occurrence's first token was sampled from (Sample.entropies).
+For each checkpoint: decode group_size responses per validation item with sampler.py (temperature 1.0 by default,
+seeded; the same seeds as eval.evaluate, so the decodes and the accuracy are the ones eval.py would get), score
+them with rewards.py, find the critical words in the decoded text (critical_positions) and read the full-vocabulary
+entropy of the distribution the occurrence's first token was sampled from (Rollouts.entropies).
 Writes into out_dir: entropy.json (one row per checkpoint, the correlations, the selection), entropy.md (the
 table), entropy.png (critical-token entropy and accuracy against step), selected.txt (the selected path) and, with
 export_hf, selected_hf.txt (an HF directory of it: the path itself, or out_dir/hf exported from a ckpt_*), for
@@ -47,15 +48,16 @@ from plumbing.hf import save_pretrained
 from plumbing.configurator import configure
 from data.common import CRITICAL_WORDS, load_jsonl
 from eval import evaluate, summarize
+from sampler import Sampling
 
 # -----------------------------------------------------------------------------
-ckpts = "out/grpo/ckpt_*"  # glob | "a,b" | '["a", "dir/ckpt_*"]'
+init_from = "out/grpo/ckpt_*"  # the checkpoints to compare: glob | "a,b" | '["a", "dir/ckpt_*"]'
 data = "data/synth/val.jsonl"
 limit = 0  # the first `limit` items only (0 = all)
 tokenizer = ""  # default: each checkpoint's own
 out_dir = "out/entropy"
-k = 4  # samples per item
-temperature = 1.0  # the distribution the policy was trained to sample from; 0 = greedy (then k=1 is enough)
+group_size = 4  # samples per item
+temperature = 1.0  # the distribution the policy was trained to sample from; 0 = greedy (then group_size=1 will do)
 top_p = 1.0
 max_new_tokens = 320
 batch_prompts = 64  # prompts per generate() call
@@ -129,12 +131,12 @@ def critical_positions(tok, token_ids, words=CRITICAL_WORDS):
 # decoding and per-checkpoint statistics
 
 
-def decode(model, tok, items, k, temperature, max_new_tokens, seed=0, batch_prompts=64, think=True, system=None,
-           top_p=1.0, budget=None):
+def decode(model, tok, items, group_size, max_new_tokens, sampling, seed=0, batch_prompts=64, think=True, system=None,
+           budget=None):
     """eval.evaluate's generation and scoring (the same prompts, stop rule and seeds, so the accuracy is the one
     eval.py would get); its rows carry each response's tokens and per-token entropies."""
-    return evaluate(model, tok, items, k, temperature, max_new_tokens, "think" if think else "nothink", seed,
-                    batch_prompts, system, top_p, progress=False, budget=budget)
+    return evaluate(model, tok, items, group_size, max_new_tokens, sampling, think=think, seed=seed,
+                    batch_prompts=batch_prompts, system=system, progress=False, budget=budget)
 
 
 def _mean(x):
@@ -295,7 +297,7 @@ def _check_ckpt(path):
 
 
 def resolve_ckpts(spec):
-    """--ckpts -> list of checkpoint paths. spec: a list, or a string: a Python list literal, or entries separated
+    """--init_from -> list of checkpoint paths. spec: a list, or a string: a Python list literal, or entries separated
     by commas. Each entry is a path or a glob; a glob's directories are sorted by step (then name); entries keep
     their order; duplicates are dropped. An entry matching nothing raises ValueError naming it."""
     if isinstance(spec, str):
@@ -303,18 +305,18 @@ def resolve_ckpts(spec):
         try:
             spec = ast.literal_eval(s) if s.startswith("[") else [p for p in s.split(",") if p.strip()]
         except (ValueError, SyntaxError) as e:
-            raise ValueError(f"entropy.py: --ckpts={spec!r} is not a Python list of paths: {e}") from None
+            raise ValueError(f"entropy.py: --init_from={spec!r} is not a Python list of paths: {e}") from None
     if not all(isinstance(p, str) for p in spec):
-        raise ValueError(f"entropy.py: --ckpts={spec!r}: every entry must be a path or glob string")
+        raise ValueError(f"entropy.py: --init_from={spec!r}: every entry must be a path or glob string")
     if not spec:
-        raise ValueError("entropy.py: --ckpts is empty; give a glob like 'out/grpo/ckpt_*' or a list of paths")
+        raise ValueError("entropy.py: --init_from is empty; give a glob like 'out/grpo/ckpt_*' or a list of paths")
     out = []
     for pat in spec:
         pat = pat.strip()
         if glob.has_magic(pat):
             found = [p for p in glob.glob(pat) if os.path.isdir(p)]
             if not found:
-                raise ValueError(f"entropy.py: --ckpts pattern {pat!r} matches no directory")
+                raise ValueError(f"entropy.py: --init_from pattern {pat!r} matches no directory")
             found.sort(key=lambda p: (parse_step(p) is None, parse_step(p) or 0, p))
         else:
             found = [pat]
@@ -326,9 +328,9 @@ def resolve_ckpts(spec):
 
 
 def measure(path, items, **kw):
-    """Load one checkpoint, decode, score -> the checkpoint's row. kw: device, tokenizer, k, temperature, top_p,
-    max_new_tokens, seed, batch_prompts, think, system, words, threshold; group: a TP group (tp.py) whose ranks
-    load their shards of the checkpoint and decode together."""
+    """Load one checkpoint, decode, score -> the checkpoint's row. kw: device, tokenizer, group_size, sampling (a
+    sampler.Sampling), max_new_tokens, seed, batch_prompts, think, system, words, threshold; group: a TP group
+    (tp.py) whose ranks load their shards of the checkpoint and decode together."""
     t0 = time.time()
     group, budget = kw.get("group"), None
     try:
@@ -344,9 +346,9 @@ def measure(path, items, **kw):
             model, tok, resolved = load_inference_model(path, kw["device"], dtype, tokenizer=kw["tokenizer"])
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         raise RuntimeError(f"entropy.py: cannot load checkpoint {path!r}: {type(e).__name__}: {e}") from e
-    rows = decode(model, tok, items, kw["k"], kw["temperature"], kw["max_new_tokens"], kw["seed"],
-                  kw["batch_prompts"], kw["think"], kw["system"], kw["top_p"], budget)
-    s = summarize(rows, kw["k"])
+    rows = decode(model, tok, items, kw["group_size"], kw["max_new_tokens"], kw["sampling"], kw["seed"],
+                  kw["batch_prompts"], kw["think"], kw["system"], budget)
+    s = summarize(rows, kw["group_size"])
     row = {"ckpt": path, "path": resolved, "step": parse_step(resolved), "accuracy": s["accuracy"],
            "accuracy_std": s["accuracy_std"], "accuracy_se": accuracy_se(rows), "n_items": s["n_items"],
            "format": s["format"],
@@ -453,10 +455,10 @@ def write_outputs(out_dir, rows, sel, threshold=2.0, config=None, title=""):
 if __name__ == "__main__":
     config = configure(globals(), sys.argv[1:])
     assert select in SELECT_RULES, f"select must be one of {SELECT_RULES}, not {select!r}"
-    paths = resolve_ckpts(ckpts)  # bad globs and missing checkpoints fail here, before any decoding
+    paths = resolve_ckpts(init_from)  # bad globs and missing checkpoints fail here, before any decoding
     items = load_jsonl(data, skip_bad=skip_bad)
     items = items[:limit] if limit else items
-    print0(f"entropy: {len(paths)} checkpoints, {len(items)} items x {k} samples, T={temperature}, "
+    print0(f"entropy: {len(paths)} checkpoints, {len(items)} items x {group_size} samples, T={temperature}, "
            f"words {critical_words}")
     group = None
     if tp > 1:  # every rank decodes every checkpoint on its TP shard, together; then rank 0 alone goes on
@@ -464,9 +466,10 @@ if __name__ == "__main__":
         from plumbing.tp import init_tp
         group, rank, dev = init_tp(tp, seed)
         device = str(dev)
+    sampling = Sampling(temperature=temperature, top_p=top_p)
     rows = []
     for path in tqdm(paths, desc="checkpoints", unit="ckpt", disable=int(os.environ.get("RANK", 0)) != 0):
-        row = measure(path, items, device=device, tokenizer=tokenizer, k=k, temperature=temperature, top_p=top_p,
+        row = measure(path, items, device=device, tokenizer=tokenizer, group_size=group_size, sampling=sampling,
                       max_new_tokens=max_new_tokens, seed=seed, batch_prompts=batch_prompts, think=think,
                       system=system_prompt or None, words=critical_words, threshold=threshold, group=group)
         rows.append(row)
@@ -480,7 +483,7 @@ if __name__ == "__main__":
     sel = select_checkpoint(rows, select, min_critical)
     if export_hf:
         sel["hf"] = export_selected(rows[sel["index"]]["path"], os.path.join(out_dir, "hf"), tokenizer)
-    title = (f"Critical-token entropy: {data} ({len(items)} items, k={k}, T={temperature}, "
+    title = (f"Critical-token entropy: {data} ({len(items)} items, k={group_size}, T={temperature}, "
              f"max_new_tokens={max_new_tokens})")
     report = write_outputs(out_dir, rows, sel, threshold, config, title)
     print(markdown(rows, report["correlation"], sel, threshold, title))

@@ -2,21 +2,22 @@
 Benchmark evaluation (docs/recipe.md, "Evaluation"): generate with sampler.py, score with rewards.py (the same
 code the RL reward uses: text after </think>, last \\boxed{}, Math-Verify / option letters).
 
-    python eval.py --ckpt=out/sft/hf --data=data/synth/test.jsonl                  # greedy, think mode
-    python eval.py --ckpt=out/grpo --k=5 --temperature=1.0 --max_new_tokens=16384 --data=/data/mmk12.jsonl
-    python eval.py --ckpt=out/grpo --mode=nothink      # no forced "<think>\\n" (R1V3 Table 4)
-    python eval.py --ckpt=out/grpo --mode=nowait       # ban "Wait" / "Alternatively" / "Hmm" via logits
+    python eval.py --init_from=out/sft/hf --data=data/synth/test.jsonl             # greedy, think mode
+    python eval.py --init_from=out/grpo --group_size=5 --temperature=1.0 --max_new_tokens=16384 --data=mmk12.jsonl
+    python eval.py --init_from=out/grpo --think=False     # no forced "<think>\\n" (R1V3 Table 4)
+    python eval.py --init_from=out/grpo --no_wait=True    # ban "Wait" / "Alternatively" / "Hmm" via logits
     python eval.py --responses=out/eval/responses.jsonl   # re-score saved responses, no model needed
-    torchrun --nproc_per_node=8 eval.py --ckpt=DIR --tp=8   # tensor-parallel over 8 GPUs (tp.py); rank 0 writes
+    torchrun --nproc_per_node=8 eval.py --init_from=DIR --tp=8   # tensor-parallel over 8 GPUs (tp.py); rank 0 writes
 
---ckpt takes an HF directory, a ckpt_XXXXXXX checkpoint, or a training out_dir. --data takes our JSONL (format in
+--init_from takes an HF directory, a ckpt_XXXXXXX checkpoint, or a training out_dir. --data takes our JSONL (format in
 data/common.py); MMMU / MathVista / MMK12 files convert to it with data/convert_bench.py. Writes to out_dir:
 responses.jsonl (one line per sample and run: id, run, response, pred, answer, correct, ...), summary.json and
-summary.md (accuracy avg@k with its spread over runs, pass@k, format rate, mean response length, truncation rate,
-and the breakdown by whichever of domain / subject / difficulty the samples have). --responses re-scores a
-responses file (ours, or any JSONL with id, response, answer [, options, run, n_tokens, truncated, domain, ...]) and
-writes responses_rescored.jsonl + summary.json/.md beside it (or to out_dir). Bad input (a missing, binary or
-malformed file, a missing image, an empty answer, a duplicate id) stops with "file:line: what is wrong".
+summary.md (accuracy avg@k with its spread over the k = group_size runs, pass@k, format rate, mean response length,
+truncation rate, and the breakdown by whichever of domain / subject / difficulty the samples have). --responses
+re-scores a responses file (ours, or any JSONL with id, response, answer [, options, run, n_tokens, truncated,
+domain, ...]) and writes responses_rescored.jsonl + summary.json/.md beside it (or to out_dir). Bad input (a
+missing, binary or malformed file, a missing image, an empty answer, a duplicate id) stops with "file:line: what is
+wrong".
 """
 import json
 import math
@@ -30,19 +31,21 @@ from tqdm import tqdm
 
 from plumbing import load_inference_model, print0, write_env
 from plumbing.configurator import configure
-from data.common import load_jsonl, token_pieces
+from data.common import critical_token_ids, load_jsonl, token_pieces
 from rewards import score_batch, to_letter
 from rollout import rollout
+from sampler import Sampling
 
 # -----------------------------------------------------------------------------
-ckpt = "out/sft/hf"
+init_from = "out/sft/hf"  # the model: an HF directory, a ckpt_XXXXXXX checkpoint or a training out_dir
 data = "data/synth/test.jsonl"
 tokenizer = ""  # default: the checkpoint's
-out_dir = ""  # default: <ckpt>/eval_<data file stem>_<mode>
+out_dir = ""  # default: <init_from>/eval_<data file stem>_<think|nothink|nowait>
 responses = ""  # score an existing responses.jsonl instead of generating
-mode = "think"  # 'think' | 'nothink' | 'nowait'
-k = 1  # runs per item (avg@k, pass@k)
-temperature = 0.0  # 0 = greedy; the paper uses 1.0 with k=5
+think = True  # the forced "<think>\n" prefix; False: R1V3 Table 4's no-think mode
+no_wait = False  # ban the critical words' tokens ("Wait", "Alternatively", "Hmm"): R1V3 Table 4's no-wait mode
+group_size = 1  # runs per item (avg@k, pass@k with k = group_size)
+temperature = 0.0  # 0 = greedy; the paper uses 1.0 with group_size=5
 top_p = 1.0
 max_new_tokens = 320
 batch_prompts = 64  # prompts per generate() call
@@ -192,25 +195,25 @@ def rescore(rows, think=True):
     return rows
 
 
-def evaluate(model, tok, items, k, temperature, max_new_tokens, mode, seed=0, batch_prompts=64, system=None,
-             top_p=1.0, progress=True, tokens=True, budget=None):
-    """Generate k responses per item and score them (rollout.py: the same path as the RL reward). Returns one row
-    per (item, run); with tokens=True each row also holds the response's token pieces and their entropies (for
-    viewer.py and entropy.py). Item i's samples are seeded by (seed, i), whatever the batching. budget: the sampler's
-    memory budget (None: measured per call; a TP group passes one agreed value, so its ranks chunk alike). progress:
-    a progress bar on rank 0."""
+def evaluate(model, tok, items, group_size, max_new_tokens, sampling=Sampling(temperature=0.0), *, think=True, seed=0,
+             batch_prompts=64, system=None, progress=True, tokens=True, budget=None):
+    """Generate group_size responses per item as sampling says (default greedy; its bans, e.g. the no-wait ones, are
+    kept) and score them (rollout.py: the same path as the RL reward). Returns one row per (item, run); with
+    tokens=True each row also holds the response's token pieces and their entropies (for viewer.py and entropy.py).
+    Item i's samples are seeded by (seed, i), whatever the batching. think: the forced "<think>\n" prefix, and
+    scoring that expects it. budget: the sampler's memory budget (None: measured per call; a TP group passes one
+    agreed value, so its ranks chunk alike). progress: a progress bar on rank 0."""
     rows = []
     bar = tqdm(total=len(items), desc="eval", unit="item", disable=not progress or int(os.environ.get("RANK", 0)) != 0)
     for b in range(0, len(items), batch_prompts):
         # a chunk at a time: a benchmark's images as tiles (up to 13 x 3 x 448 x 448 fp32 each) do not fit at once
         chunk = items[b:b + batch_prompts]
-        out, texts, scores, _ = rollout(model, tok, chunk, k, max_new_tokens, [seed * 1_000_003 + b + i for i in
-                                        range(len(chunk))], think=mode != "nothink", system=system,
-                                        temperature=temperature, top_p=top_p, nowait=mode == "nowait",
-                                        budget=budget)
+        seeds = [seed * 1_000_003 + b + i for i in range(len(chunk))]
+        out, texts, scores, _ = rollout(model, tok, chunk, group_size, max_new_tokens, seeds, sampling=sampling,
+                                        think=think, system=system, budget=budget)
         for r, (text, sc) in enumerate(zip(texts, scores)):
-            s, L = chunk[r // k], int(out.lengths[r])
-            row = {"id": s["id"], "run": r % k, "question": s["question"], "images": s.get("images", []),
+            s, L = chunk[r // group_size], int(out.lengths[r])
+            row = {"id": s["id"], "run": r % group_size, "question": s["question"], "images": s.get("images", []),
                    "options": s.get("options"), "response": text, "pred": sc["pred"], "answer": s["answer"],
                    "correct": int(sc["accuracy"]), "format": int(sc["format"]), "reward": sc["reward"],
                    "n_tokens": L, "truncated": int(out.truncated[r]), "timeout": bool(sc["timeout"]),
@@ -226,13 +229,13 @@ def evaluate(model, tok, items, k, temperature, max_new_tokens, mode, seed=0, ba
 
 if __name__ == "__main__":
     config = configure(globals(), sys.argv[1:])
-    assert mode in ("think", "nothink", "nowait"), f"mode must be think, nothink or nowait, not {mode!r}"
+    mode = ("nowait" if think else "nothink_nowait") if no_wait else ("think" if think else "nothink")
     if responses:  # re-judge saved outputs (as VLMEvalKit users do): no model, no generation
         try:
             rows = read_responses(responses)
         except ValueError as e:
             sys.exit(f"eval.py: error: {e}")
-        rescore(rows, think=mode != "nothink")
+        rescore(rows, think=think)
         out = out_dir or os.path.dirname(os.path.abspath(responses))
         title = f"re-scored {responses} ({mode})"
     else:
@@ -247,21 +250,22 @@ if __name__ == "__main__":
             from plumbing.tp import check_same, init_tp, load_tp_inference_model
             group, rank, dev = init_tp(tp, seed)
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-            model, tok, ckpt_path = load_tp_inference_model(ckpt, group, dev, dtype, tokenizer)
+            model, tok, path = load_tp_inference_model(init_from, group, dev, dtype, tokenizer)
             budget = agree_min(memory_budget(dev))  # one value for the group: the same chunks on every rank
         else:
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 weights and cache on a GPU
-            model, tok, ckpt_path = load_inference_model(ckpt, device, dtype, tokenizer=tokenizer)
-        rows = evaluate(model, tok, items, k, temperature, max_new_tokens, mode, seed, batch_prompts,
-                        system_prompt or None, top_p, tokens=save_tokens, budget=budget)
+            model, tok, path = load_inference_model(init_from, device, dtype, tokenizer=tokenizer)
+        sampling = Sampling(temperature=temperature, top_p=top_p, ban=critical_token_ids(tok) if no_wait else ())
+        rows = evaluate(model, tok, items, group_size, max_new_tokens, sampling, think=think, seed=seed,
+                        batch_prompts=batch_prompts, system=system_prompt or None, tokens=save_tokens, budget=budget)
         if tp > 1:
             check_same(group, [r["response"] for r in rows])
             compute_cleanup()
             if rank:
                 sys.exit(0)
         stem = os.path.splitext(os.path.basename(data))[0]
-        out = out_dir or os.path.join(ckpt_path, f"eval_{stem}_{mode}")
-        title = f"{ckpt_path} on {data} ({mode}, k={k}, T={temperature}, max_new_tokens={max_new_tokens})"
+        out = out_dir or os.path.join(path, f"eval_{stem}_{mode}")
+        title = f"{path} on {data} ({mode}, k={group_size}, T={temperature}, max_new_tokens={max_new_tokens})"
     os.makedirs(out, exist_ok=True)
     write_env(out)
     s = summarize(rows, max(r["run"] for r in rows) + 1)

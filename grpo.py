@@ -38,14 +38,14 @@ import torch
 
 from plumbing import (agree, agree_max, agree_min, all_reduce_sum, autocast_ctx, build_model, check_disk,
                     checkpoint_bytes, compute_cleanup, compute_init, ensure_synth_data, export_hf, get_lr,
-                    latest_checkpoint, load_checkpoint, load_tokenizer, log_jsonl, print0, save_checkpoint, wandb_init,
-                    write_env)
+                    latest_checkpoint, load_checkpoint, load_tokenizer, log_jsonl, print0, save_checkpoint, together,
+                    wandb_init, write_env)
 from plumbing.configurator import configure
 from data.common import critical_token_ids, encode_prompt, load_jsonl, prompt_length, token_pieces
 from rl import (EntropyControl, SampleBuffer, agg_loss, dynamic_sampling_rounds, group_advantages, informative_groups,
                 kl_k3, overlong_penalty, ppo_clip_loss, zero_truncated)
 from rollout import rollout
-from sampler import memory_budget, unsharded
+from sampler import Sampling, memory_budget, unsharded
 from plumbing.tp import check_same, check_tp, tp_group, tp_rollout_model, tp_union
 
 # -----------------------------------------------------------------------------
@@ -60,7 +60,7 @@ skip_bad = False
 think = True
 system_prompt = ""
 # rollout
-prompts_per_step = 16  # R1V3: 32 prompts x 32 samples = 1024 rollouts per step
+prompts_per_step = 16  # global, split over the processes; R1V3: 32 prompts x 32 samples = 1024 rollouts a step
 group_size = 8  # samples per prompt: GRPO's group (n in the papers; --n would clash with torchrun flags)
 temperature = 1.0  # OR1: 1.0 (0.6 stagnated)
 top_p = 1.0
@@ -103,7 +103,7 @@ grad_clip = 1.0
 max_steps = 60
 ppo_epochs = 1  # passes over each rollout batch
 mini_batches = 1  # optimizer steps per pass (1 = strictly on-policy)
-micro_batch = 32  # sequences per forward/backward
+micro_batch = 32  # sequences per forward/backward, per process
 train_vit = True
 train_connector = True
 train_llm = True
@@ -122,7 +122,7 @@ save_every = 20
 keep_last = 0  # 0 = keep every checkpoint (entropy.py ranks them)
 export = True
 seed = 1337
-dist_timeout_s = 600  # a collective that waits longer than this stops the run (common.compute_init)
+dist_timeout_s = 600  # a collective that waits longer than this stops the run (plumbing/dist.py compute_init)
 heartbeat_timeout_s = 60  # a rank silent this long (killed, machine lost) stops every rank (0: no watchdog)
 wandb_log = False
 wandb_project = "nanor1v"
@@ -131,6 +131,7 @@ if "--plan=True" in sys.argv[1:]:  # the memory plan of this command, without lo
     os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools",
                               "plan.py")] + sys.argv)
 config = configure(globals(), sys.argv[1:])
+max_new_tokens = [[0, max_new_tokens]] if isinstance(max_new_tokens, int) else max_new_tokens  # one length: no schedule
 # -----------------------------------------------------------------------------
 
 ddp, rank, local_rank, world_size, device = compute_init(seed, dist_timeout_s, heartbeat_timeout_s)
@@ -183,6 +184,7 @@ val_items = load_jsonl(val_data, skip_bad=skip_bad)[:val_n] if val_data else []
 critical_ids = torch.tensor(sorted(critical_token_ids(tok, critical_words)), dtype=torch.long)
 norm_const = seq_sum_norm or longest  # Dr.GRPO: one constant for the whole run, whatever the schedule does
 score_kw = dict(timeout=verify_timeout, acc_weight=acc_weight, fmt_weight=fmt_weight)
+sampling = Sampling(temperature=temperature, top_p=top_p)  # the rollouts' (validation is greedy)
 on_policy = ppo_epochs == 1 and mini_batches == 1 and buffer_frac == 0
 step_prompts = {}  # this step's encoded (input_ids, pixel_values) by item index: images decoded once a step
 print0(f"data: {len(items)} RL prompts, {len(val_items)} val; critical tokens "
@@ -244,19 +246,6 @@ def rollout_policy():
     return unsharded(model)
 
 
-def refuse_together(what, fn):
-    """fn() on every rank. The memory budget is agreed, but each rank's prompts are its own, so one rank alone may
-    find they do not fit (sampler.fit_chunks raises MemoryError): then every rank raises, none waits in a collective."""
-    err = out = None
-    try:
-        out = fn()
-    except MemoryError as e:
-        err = e
-    if agree(err is not None):
-        raise err or MemoryError(f"grpo.py: another rank's {what} does not fit the agreed memory budget (its error)")
-    return out
-
-
 def rollout_round(policy, max_new, budget):
     """1-2. group_size samples of each of this rank's next prompts, scored, and their advantages. Returns the round
     as a batch dict, one row per sample: prompt index, tokens (R, max_new), sampler logp / entropy (R, max_new),
@@ -267,9 +256,12 @@ def rollout_round(policy, max_new, budget):
     mine = slice(0, len(idx))
     if tp > 1:
         idx, seeds, mine = tp_union(tp_pg, idx, seeds)
-    out, texts, scores, prompts = refuse_together("rollout", lambda: rollout(
+    # the budget is agreed, but each rank's prompts are its own: one rank alone may find they do not fit
+    # (sampler.fit_chunks raises MemoryError); then every rank raises, none waits in a collective
+    out, texts, scores, prompts = together(lambda: rollout(
         policy, tok, [items[i] for i in idx], group_size, max_new, seeds, think=think, system=system_prompt or None,
-        temperature=temperature, top_p=top_p, budget=budget, score_kw=score_kw, cuda_graph=cuda_graph))
+        sampling=sampling, budget=budget, score_kw=score_kw, cuda_graph=cuda_graph),
+        "rollout", catch=MemoryError)
     if tp > 1:
         check_same(tp_pg, out.tokens)  # every rank of the group drew the same tokens
     step_prompts.update(zip(idx[mine], prompts[mine]))
@@ -493,9 +485,10 @@ def validation_accuracy():
     share = val_items[rank // tp::world_size // tp]
     with rollout_policy() as policy:  # collective, even with no items
         budget = agree_min(memory_budget(device))
-        rows = refuse_together("validation", lambda: evaluate(
-            policy, tok, share, 1, 0.0, length_at(step), "think" if think else "nothink", system=system_prompt or None,
-            progress=False, tokens=False, budget=budget) if share else [])
+        rows = together(lambda: evaluate(
+            policy, tok, share, 1, length_at(step), Sampling(temperature=0.0), think=think,
+            system=system_prompt or None, progress=False, tokens=False, budget=budget) if share else [], "validation",
+            catch=MemoryError)
     rows = rows if rank % tp == 0 else []
     correct, total = all_reduce_sum(sum(r["correct"] for r in rows), len(rows))
     return correct / max(total, 1)

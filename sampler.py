@@ -1,34 +1,33 @@
 """
 Batched rollouts for GRPO: P prompts x n samples. Each prompt's ViT + prefill runs once and its K/V is stored once,
 shared by its n samples; all rows then decode together from a static cache, sampling on device, and rows that hit
-EOS stop costing work (they are compacted out at sync points). The decode kernels are in decode_kernels.py.
+EOS stop costing work (they are compacted out at sync points). The decode kernels are in decode_kernels.py; the
+command line is sample.py.
 
-    from sampler import generate
+    from sampler import Sampling, generate
     out = generate(model, [(input_ids, pixel_values), ...], n=8, max_new_tokens=512, eos_token_id=[im_end],
+                   sampling=Sampling(temperature=1.0, ban=vision_ids),
                    seed=[s_0, s_1, ...])          # one seed per prompt: its samples do not depend on the batch
     out.tokens[r, :out.lengths[r]]                # row r = sample r % n of prompt r // n
     out.logprobs, out.entropies                   # fp32, under the model's raw distribution (GRPO's pi_old)
 
-CLI (like nanoGPT's sample.py; settings as module globals + configurator.py, like every script):
-    python sampler.py --ckpt=out/sft/hf --image=cat.png --question="How many cats?" --show_entropy=True
-    torchrun --nproc_per_node=8 sampler.py --ckpt=DIR --image=cat.png --question="..." --tp=8   # tp.py; rank 0 prints
-
 How one call runs:
 1. Under FSDP2 every unit is all-gathered ONCE (unsharded(): a plain module sharing the gathered bf16 weights, no
    FSDP hooks), not once per decode step. The prompts are split into chunks whose KV cache and decode buffers fit
-   the memory budget (free + cached-but-unused memory, which the caller may agree on across ranks).
+   the memory budget (free + cached-but-unused memory, which the caller may agree on across ranks; the arithmetic
+   is at the end of this file).
 2. Per chunk: the prefill runs the ViT and the LLM over the prompts (right-padded, causal, a fused SDPA kernel)
    and writes each prompt's K/V into its row of the prompt cache. Only the last position reaches lm_head.
 3. Decode: every row steps at once; token t of a row attends over [its prompt's K/V ; its own t tokens]. Each row
    draws its uniforms from its prompt's seed before decoding starts, so a sample does not depend on chunking,
    compaction or the kernel path. The host looks at the finished flags only every `sync_every` steps.
 4. Log-probs and entropies come from an fp32 lm_head under the raw distribution (temperature 1, no top-k/top-p/
-   bans): that is the pi_old(a|s) of the GRPO ratio; the token itself is drawn from the shaped distribution.
+   bans): that is the pi_old(a|s) of the GRPO ratio; the token itself is drawn as the Sampling says.
 """
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -64,30 +63,62 @@ class Rollouts:
 # sampling, on device: no host sync, one uniform per row per step
 
 
-def sample_next(logits, u, temperature=1.0, top_k=0, top_p=1.0, ban=None):
-    """logits (B, V) fp32, u (B,) uniform in [0, 1) -> token (B,) from the shaped distribution, and its log-prob and
-    the entropy (B,) under the RAW one: the GRPO ratio and the entropy logs are about the policy itself."""
+@dataclass(frozen=True)
+class Sampling:
+    """How each token is drawn: temperature (0 = greedy), top_k (0 = off), top_p (1 = off), ban (ids never drawn).
+    The log-probs and entropies stay those of the raw distribution whatever it says. A new knob is a field here, its
+    branch in sample_next and, if it allocates, its mode (the memory accounting, DECODE_BYTES, reads mode)."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    ban: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "ban", tuple(sorted({int(t) for t in self.ban})))  # any iterable of ids
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"sampler.py: need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got {self}")
+
+    @property
+    def mode(self):
+        """'greedy', 'sample' (plain sampling from the policy: sample_next's fast path) or 'shaped': which path
+        sample_next takes, and so what it allocates."""
+        if self.temperature == 0:
+            return "greedy"
+        return "sample" if self.temperature == 1 and self.top_k == 0 and self.top_p == 1 else "shaped"
+
+    def banning(self, ids):
+        """The same sampling with ids banned too."""
+        return replace(self, ban=self.ban + tuple(ids))
+
+
+def sample_next(logits, u, sampling=Sampling(), ban=None):
+    """logits (B, V) fp32, u (B,) uniform in [0, 1) -> token (B,) drawn as `sampling` says, and its log-prob and the
+    entropy (B,) under the RAW distribution: the GRPO ratio and the entropy logs are about the policy itself.
+    ban: sampling.ban as a long tensor on the logits' device, made once per generate() (a copy per step would sync)."""
+    if sampling.ban and ban is None:
+        raise ValueError("sampler.py: sample_next needs sampling.ban as a device tensor (ban=)")
+    s, mode = sampling, sampling.mode
     logp_raw = logits.log_softmax(dim=-1)
     p_raw = logp_raw.exp()
     entropy = -(p_raw * logp_raw).sum(dim=-1)
     V = logits.shape[-1]
-    if temperature == 1.0 and not 0 < top_k < V and top_p >= 1.0:
+    if mode == "sample":
         # plain sampling from the policy (the rollouts): reuse the softmax; a banned id gets probability 0 (the cdf
         # renormalises): one (B, V) copy
         probs = p_raw if ban is None else p_raw.index_fill(-1, ban, 0.0)
     else:
         x = logits if ban is None else logits.index_fill(-1, ban, float("-inf"))  # banned ids: never drawn
-        if temperature == 0:  # greedy
+        if mode == "greedy":
             tok = x.argmax(dim=-1)
             return tok, logp_raw.gather(-1, tok[:, None])[:, 0], entropy
-        x = x / temperature
-        if 0 < top_k < V:
-            kth = torch.topk(x, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+        x = x / s.temperature
+        if 0 < s.top_k < V:
+            kth = torch.topk(x, s.top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
             x = x.masked_fill(x < kth, float("-inf"))
-        if top_p < 1.0:  # nucleus (Holtzman et al. 2020): smallest set of top tokens with mass >= top_p
+        if s.top_p < 1.0:  # nucleus (Holtzman et al. 2020): smallest set of top tokens with mass >= top_p
             srt, order = torch.sort(x, dim=-1, descending=True)
             p = srt.softmax(dim=-1)
-            drop = (p.cumsum(dim=-1) - p) >= top_p  # the mass BEFORE this token reaches top_p; keeps the top-1
+            drop = (p.cumsum(dim=-1) - p) >= s.top_p  # the mass BEFORE this token reaches top_p; keeps the top-1
             x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         probs = x.softmax(dim=-1)
     # inverse CDF: the first token whose cumulative probability exceeds u * total. fp64 keeps a 152k vocabulary
@@ -182,73 +213,6 @@ class DecodeCache:
                 slot = torch.searchsorted(keep_p, prompt) * self.n + slot % self.n
         self.slot[:B], self.glen = slot, None
 
-
-def cache_bytes(cfg, P, n, max_prompt, max_new, dtype):
-    # K and V, every layer: the prompts once, the generated tokens per row
-    per_pos = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
-    return per_pos * (P * max_prompt + P * n * max_new)
-
-
-# sample_next's peak per row per vocab entry, the fp32 logits included (measured, tests/test_plan.py): plain sampling =
-# logits + log-softmax + probs + the fp64 copy and its cumsum; greedy: logits, log-softmax, probs, p*logp, no cdf;
-# temperature / top-k / top-p add the shaped copies, the sort and its softmax. Banned ids add one (rows, vocab) copy.
-DECODE_BYTES = {"sample": 4 + 4 + 4 + 8 + 8, "greedy": 16, "shaped": 53}
-BAN_BYTES = 4
-
-
-def sampling_mode(temperature=1.0, top_p=1.0, top_k=0, **_):
-    if temperature == 0:
-        return "greedy"
-    return "sample" if temperature == 1.0 and top_p >= 1.0 and not top_k else "shaped"
-
-
-def decode_bytes(cfg, rows, max_new, mode="sample", ban=True):
-    # sample_next over (rows, vocab) (rollouts always ban the vision tokens), plus decode()'s outputs (tokens int64,
-    # log-probs, entropies) and uniforms
-    return rows * cfg.vocab_size * (DECODE_BYTES[mode] + BAN_BYTES * ban) + rows * max_new * (8 + 4 + 4 + 4)
-
-
-def prefill_bytes(cfg, max_tokens, dtype):
-    """The largest activations of one prefill sub-batch of max_tokens padded tokens: an LLM layer's MLP (gate, up,
-    their product) and residual stream, or the ViT's MLP over the sub-batch's tiles (at most one tile per
-    tokens_per_tile prompt tokens)."""
-    e = torch.empty(0, dtype=dtype).element_size()
-    vit_tokens = max_tokens // cfg.tokens_per_tile * (cfg.grid ** 2 + 1)
-    return e * max(max_tokens * (3 * cfg.mlp_hidden + 4 * cfg.n_embd),
-                   vit_tokens * (2 * cfg.vit_mlp + 6 * cfg.vit_hidden))
-
-
-def memory_budget(device):
-    """Bytes a rollout may allocate now: free CUDA memory once the allocator has returned what it caches but does
-    not use (counting that cached memory as free would count the free space inside segments that still hold live
-    tensors, which one big cache tensor cannot use); on the CPU this process's share of the available RAM (the
-    host's ranks share it: torchrun's LOCAL_WORLD_SIZE)."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-
-
-def fit_chunks(cfg, lengths, n, max_new, dtype, budget, mode="sample", prefill_tokens=16384, ban=True):
-    """Split prompts (their lengths, in order) into consecutive chunks whose cache + decode buffers, next to one
-    prefill sub-batch's activations, fit budget."""
-    chunks, a = [], 0
-    budget = budget - prefill_bytes(cfg, prefill_tokens, dtype)
-    def need(k, longest):  # k prompts, the longest of them
-        return cache_bytes(cfg, k, n, longest, max_new, dtype) + decode_bytes(cfg, k * n, max_new, mode, ban)
-    while a < len(lengths):
-        b, longest = a, 0
-        while b < len(lengths) and need(b + 1 - a, max(longest, lengths[b])) <= budget:
-            longest, b = max(longest, lengths[b]), b + 1
-        if b == a:
-            raise MemoryError(f"sampler.py: one prompt of {lengths[a]} tokens x {n} samples x {max_new} new tokens "
-                              f"needs {need(1, lengths[a]) / 2**30:.2f} GiB of KV cache and decode buffers, but the "
-                              f"budget is {budget / 2**30:.2f} GiB after the prefill's; lower n or max_new_tokens "
-                              f"(or use tensor parallelism)")
-        chunks.append((a, b))
-        a = b
-    return chunks
-
 # -----------------------------------------------------------------------------
 # prefill and decode
 
@@ -279,9 +243,9 @@ def prefill(model, cache, prompts, max_tokens, w32):
     return torch.cat(out)
 
 
-def decode(model, cache, logits, u, w32, eos, sync_every, compact, **sampling):
+def decode(model, cache, logits, u, w32, eos, sync_every, compact, sampling, ban):
     """Decode every row of a prefilled cache from the prefill's logits (P, V); u (R, max_new) the rows' uniforms;
-    w32 lm_head's weight in fp32. Returns Rollouts (on the CPU)."""
+    w32 lm_head's weight in fp32; ban: sampling.ban on the device (or None). Returns Rollouts (on the CPU)."""
     R, max_new = u.shape
     device = u.device
     out_tok = torch.zeros(R, max_new, dtype=torch.long, device=device)
@@ -296,7 +260,7 @@ def decode(model, cache, logits, u, w32, eos, sync_every, compact, **sampling):
     graph = CudaGraphStep(model, cache, w32) if cache.static and device.type == "cuda" else None
     t = 0
     while True:
-        tok, logp, ent = sample_next(logits, u[rows, t], **sampling)  # token t of every active row
+        tok, logp, ent = sample_next(logits, u[rows, t], sampling, ban)  # token t of every active row
         out_tok[rows, t], out_logp[rows, t], out_ent[rows, t] = tok, logp, ent
         new = ~done & torch.isin(tok, eos_t)
         length[rows] = torch.where(new, t + 1, length[rows])
@@ -331,7 +295,7 @@ def decode(model, cache, logits, u, w32, eos, sync_every, compact, **sampling):
 class CudaGraphStep:
     """The decode step (LLM forward + fp32 lm_head) captured in one CUDA graph per batch bucket, replayed with the
     launch overhead of one kernel. Needs a static DecodeCache (its tensors keep their addresses) and a model without
-    FSDP hooks (unsharded() gives one). Not verified on a GPU in this repo's CI (no GPU): dev/gpu_check.py runs it."""
+    FSDP hooks (unsharded() gives one). Not verified on a GPU in this repo's CI (no GPU): tools/gpu_check.py runs it."""
 
     def __init__(self, model, cache, w32):
         self.model, self.cache, self.w32, self.graphs = model, cache, w32, {}
@@ -361,12 +325,12 @@ class CudaGraphStep:
 # generate()
 
 
-def generate(model, prompts, n=1, max_new_tokens=256, *, eos_token_id=None, seed=0, sync_every=8, compact=True,
-             budget=None, prefill_tokens=16384, cuda_graph=False, stats=None, **sampling):
+def generate(model, prompts, n=1, max_new_tokens=256, *, sampling=Sampling(), eos_token_id=None, seed=0, sync_every=8,
+             compact=True, budget=None, prefill_tokens=16384, cuda_graph=False, stats=None):
     """prompts: list of (input_ids list with the image-context tokens expanded, pixel_values (tiles,3,H,W) | None).
-    n samples per prompt, at most max_new_tokens each; eos_token_id: list of ids (or one); seed: an int (prompt p
-    gets seed + p) or one seed per prompt; sampling: temperature (0 = greedy), top_k, top_p, ban (ids never
-    sampled). budget: bytes for the KV cache + decode buffers (default memory_budget() after the weights are
+    n samples per prompt, at most max_new_tokens each; sampling: how tokens are drawn (Sampling: temperature,
+    top_k, top_p, ban); eos_token_id: list of ids (or one); seed: an int (prompt p gets seed + p) or one seed per
+    prompt. budget: bytes for the KV cache + decode buffers (default memory_budget() after the weights are
     gathered). cuda_graph: the static path (rows compacted into power-of-2 buckets, static shapes), with the decode
     step captured in a CUDA graph per bucket on a GPU (on the CPU the same static path runs without capture: that
     is what the tests check). Returns Rollouts (prompt-major)."""
@@ -386,23 +350,22 @@ def generate(model, prompts, n=1, max_new_tokens=256, *, eos_token_id=None, seed
         with unsharded(model) as m, torch.no_grad():
             p = next(m.parameters())
             device, dtype = p.device, p.dtype  # the compute dtype: bf16 weights gathered from fp32 masters
-            if sampling.get("ban") is not None:
-                sampling["ban"] = torch.as_tensor(sampling["ban"], dtype=torch.long, device=device)
+            # once per call: a host -> device copy per decode step would sync
+            ban = torch.tensor(sampling.ban, dtype=torch.long, device=device) if sampling.ban else None
             budget = memory_budget(device) if budget is None else budget
             lengths = [len(ids) for ids, _ in prompts]
             w = m.llm.lm_head.weight
             w32 = w.float()  # fp32 lm_head for the whole call (a no-op in fp32; else allocated after the budget)
             budget -= 0 if w32 is w else w32.numel() * 4
             parts = []
-            for a, b in fit_chunks(cfg, lengths, n, max_new_tokens, dtype, budget, sampling_mode(**sampling),
-                                   prefill_tokens, ban=sampling.get("ban") is not None):
+            for a, b in fit_chunks(cfg, lengths, n, max_new_tokens, dtype, budget, sampling, prefill_tokens):
                 t0 = time.perf_counter()
                 cache = DecodeCache(cfg, b - a, n, max(lengths[a:b]), max_new_tokens, dtype, device, bool(cuda_graph))
                 logits = prefill(m, cache, prompts[a:b], prefill_tokens, w32)
                 cache.start(torch.tensor(lengths[a:b], device=device))
                 u = draw_uniforms(seeds[a:b], n, max_new_tokens, device)
                 t1 = time.perf_counter()
-                parts.append(decode(m, cache, logits, u, w32, eos, sync_every, compact, **sampling))
+                parts.append(decode(m, cache, logits, u, w32, eos, sync_every, compact, sampling, ban))
                 st["prefill_s"] += t1 - t0
                 st["decode_s"] += time.perf_counter() - t1
                 st["cache_bytes"] = max(st["cache_bytes"], cache_bytes(cfg, b - a, n, cache.pk.shape[3],
@@ -470,78 +433,68 @@ def unsharded(model):
 _gathered = {}  # id(FSDP model) -> its gathered view, while an unsharded() block is open
 
 # -----------------------------------------------------------------------------
-# CLI: python sampler.py --ckpt=DIR --image=cat.png --question="..." [--show_entropy=True]
-
-ckpt = ""
-tokenizer = ""
-image = ""
-question = ""
-system_prompt = ""
-think = True
-n = 1
-max_new_tokens = 512
-temperature = 0.0
-top_p = 1.0
-top_k = 0
-seed = 0
-show_entropy = False
-no_wait = False  # ban the single-token spellings of the critical words (the paper's "no-wait" mode)
-tp = 1  # > 1: under torchrun --nproc_per_node=tp, the ranks hold TP shards and generate together (tp.py)
+# the memory budget: what one generate() call allocates, and the chunks that fit
 
 
-def main(argv=None):
-    import sys
-    from plumbing import load_inference_model
-    from plumbing.configurator import config_keys, configure
-    from data.common import build_prompt_ids, critical_token_ids, load_image, stop_token_ids, vision_token_ids
-    from rewards import decode_response
-    c = {k: globals()[k] for k in config_keys(globals())}  # the module globals above are the defaults
-    configure(c, sys.argv[1:] if argv is None else argv)
-    if not c["ckpt"] or not c["question"]:
-        raise SystemExit("usage: python sampler.py --ckpt=DIR --question='...' [--image=path.png] "
-                         "[--show_entropy=True]")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    group, rank, budget = None, 0, None
-    if c["tp"] > 1:  # every rank loads its TP shard (tp.py) and generates with the others; rank 0 prints
-        from plumbing import agree_min, compute_cleanup
-        from plumbing.tp import check_same, init_tp, load_tp_inference_model
-        group, rank, device = init_tp(c["tp"], c["seed"])
-        model, tok, path = load_tp_inference_model(c["ckpt"], group, device, dtype, c["tokenizer"])
-        budget = agree_min(memory_budget(device))  # one value for the group: the same chunks on every rank
-    else:
-        model, tok, path = load_inference_model(c["ckpt"], device, dtype, c["tokenizer"])
-    say = print if rank == 0 else (lambda *a, **k: None)
-    cfg = model.cfg
-    pix = load_image(c["image"], cfg.image_size, cfg.max_tiles, cfg.use_thumbnail) if c["image"] else None
-    n_tiles = [pix.shape[0]] if pix is not None else []
-    ids = build_prompt_ids(tok, c["question"], n_tiles, cfg.tokens_per_tile, think=c["think"],
-                           system=c["system_prompt"] or None)
-    ban = vision_token_ids(tok) + (list(critical_token_ids(tok)) if c["no_wait"] else [])
-    say(f"{path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params{' per rank' if group else ''}, "
-        f"prompt {len(ids)} tokens, {len(n_tiles) and n_tiles[0]} tiles")
-    st = {}
-    out = generate(model, [(ids, pix)], n=c["n"], max_new_tokens=c["max_new_tokens"], eos_token_id=stop_token_ids(tok),
-                   seed=c["seed"], stats=st, temperature=c["temperature"], top_p=c["top_p"], top_k=c["top_k"], ban=ban,
-                   budget=budget)
-    if group is not None:
-        check_same(group, out.tokens)  # every rank drew the same tokens
-    texts = []
-    for r in range(out.tokens.shape[0]):
-        L = int(out.lengths[r])
-        texts.append(decode_response(tok, out.response(r)))
-        say(f"--- sample {r} ({L} tokens, {'length' if out.truncated[r] else 'eos'}, mean entropy "
-            f"{out.entropies[r, :L].mean():.3f})")
-        say(texts[-1])
-        if c["show_entropy"]:
-            say(f"{'pos':>4} {'entropy':>8} {'logp':>8}  token")
-            for j in range(L):
-                say(f"{j:4d} {out.entropies[r, j]:8.3f} {out.logprobs[r, j]:8.3f}  {tok.decode([out.tokens[r, j]])!r}")
-    say(f"{st['new_tokens']} tokens in {st['prefill_s'] + st['decode_s']:.2f} s ({st['tokens_per_s']:.0f} tokens/s)")
-    if group is not None:
-        compute_cleanup()
-    return out, texts
+def cache_bytes(cfg, P, n, max_prompt, max_new, dtype):
+    # K and V, every layer: the prompts once, the generated tokens per row
+    per_pos = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
+    return per_pos * (P * max_prompt + P * n * max_new)
 
 
-if __name__ == "__main__":
-    main()
+# sample_next's peak per row per vocab entry by Sampling.mode, the fp32 logits included (measured, tests/test_plan.py):
+# plain sampling = logits + log-softmax + probs + the fp64 copy and its cumsum; greedy: logits, log-softmax, probs,
+# p*logp, no cdf; temperature / top-k / top-p add the shaped copies, the sort and its softmax. Banned ids add one
+# (rows, vocab) copy.
+DECODE_BYTES = {"sample": 4 + 4 + 4 + 8 + 8, "greedy": 16, "shaped": 53}
+BAN_BYTES = 4
+
+
+def decode_bytes(cfg, rows, max_new, mode="sample", ban=True):
+    # sample_next over (rows, vocab) (mode: Sampling.mode; ban: whether it bans ids, as rollouts always do), plus
+    # decode()'s outputs (tokens int64, log-probs, entropies) and uniforms
+    return rows * cfg.vocab_size * (DECODE_BYTES[mode] + BAN_BYTES * ban) + rows * max_new * (8 + 4 + 4 + 4)
+
+
+def prefill_bytes(cfg, max_tokens, dtype):
+    """The largest activations of one prefill sub-batch of max_tokens padded tokens: an LLM layer's MLP (gate, up,
+    their product) and residual stream, or the ViT's MLP over the sub-batch's tiles (at most one tile per
+    tokens_per_tile prompt tokens)."""
+    e = torch.empty(0, dtype=dtype).element_size()
+    vit_tokens = max_tokens // cfg.tokens_per_tile * (cfg.grid ** 2 + 1)
+    return e * max(max_tokens * (3 * cfg.mlp_hidden + 4 * cfg.n_embd),
+                   vit_tokens * (2 * cfg.vit_mlp + 6 * cfg.vit_hidden))
+
+
+def memory_budget(device):
+    """Bytes a rollout may allocate now: free CUDA memory once the allocator has returned what it caches but does
+    not use (counting that cached memory as free would count the free space inside segments that still hold live
+    tensors, which one big cache tensor cannot use); on the CPU this process's share of the available RAM (the
+    host's ranks share it: torchrun's LOCAL_WORLD_SIZE)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def fit_chunks(cfg, lengths, n, max_new, dtype, budget, sampling=Sampling(), prefill_tokens=16384):
+    """Split prompts (their lengths, in order) into consecutive chunks whose cache + decode buffers (those of
+    sampling), next to one prefill sub-batch's activations, fit budget."""
+    chunks, a = [], 0
+    budget = budget - prefill_bytes(cfg, prefill_tokens, dtype)
+    mode, ban = sampling.mode, bool(sampling.ban)
+
+    def need(k, longest):  # k prompts, the longest of them
+        return cache_bytes(cfg, k, n, longest, max_new, dtype) + decode_bytes(cfg, k * n, max_new, mode, ban)
+    while a < len(lengths):
+        b, longest = a, 0
+        while b < len(lengths) and need(b + 1 - a, max(longest, lengths[b])) <= budget:
+            longest, b = max(longest, lengths[b]), b + 1
+        if b == a:
+            raise MemoryError(f"sampler.py: one prompt of {lengths[a]} tokens x {n} samples x {max_new} new tokens "
+                              f"needs {need(1, lengths[a]) / 2**30:.2f} GiB of KV cache and decode buffers, but the "
+                              f"budget is {budget / 2**30:.2f} GiB after the prefill's; lower n or max_new_tokens "
+                              f"(or use tensor parallelism)")
+        chunks.append((a, b))
+        a = b
+    return chunks

@@ -83,7 +83,7 @@ save_every = 200
 keep_last = 2
 export = True  # write out_dir/hf at the end
 seed = 1337
-dist_timeout_s = 600  # a collective that waits longer than this stops the run (common.compute_init)
+dist_timeout_s = 600  # a collective that waits longer than this stops the run (plumbing/dist.py compute_init)
 heartbeat_timeout_s = 60  # a rank silent this long (killed, machine lost) stops every rank (0: no watchdog)
 wandb_log = False
 wandb_project = "nanor1v"
@@ -172,11 +172,12 @@ optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=1e-8)
 # early stopping (R1V3 section 4): the best val loss so far, its step, and evaluations since; the best trainable
 # weights are kept in memory (the frozen ones never change), cheap when only the connector trains
 best = {"val": None, "step": 0, "bad": 0}
-best_weights = None
+best_weights = {}  # name -> tensor, filled by keep_best()
 
 
-def snapshot():
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def keep_best():
+    best_weights.clear()
+    best_weights.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
 
 
 def best_path(s):  # the best weights as of checkpoint s, when that checkpoint's own weights are not the best
@@ -184,14 +185,14 @@ def best_path(s):  # the best weights as of checkpoint s, when that checkpoint's
 
 
 # data order: one permutation per epoch from (seed, epoch), so the position (epoch, pos) is all resume needs
-step, epoch, pos = 0, 0, 0
+step, cursor = 0, dict(epoch=0, pos=0)  # the data position: epoch, and the next sample in its permutation
 if resume_path:
     step, state, _ = load_checkpoint(resume_path, model, optimizer)
-    epoch, pos = state["epoch"], state["pos"]
-    print0(f"resumed from {resume_path} at step {step} (epoch {epoch}, position {pos})")
+    cursor.update(epoch=state["epoch"], pos=state["pos"])
+    print0(f"resumed from {resume_path} at step {step} (epoch {cursor['epoch']}, position {cursor['pos']})")
     if early_stop_patience > 0 and "best" in state:
-        best = state["best"]
-        best_weights = snapshot()
+        best.update(state["best"])
+        keep_best()
         if best["step"] != step:  # sharded like the model (DCP), loaded in place
             if not os.path.isdir(best_path(step)):
                 raise FileNotFoundError(f"{best_path(step)} missing: {resume_path} says the best weights are "
@@ -206,12 +207,11 @@ def epoch_order(e):
 
 
 def next_global_batch():
-    global epoch, pos
-    if pos + global_batch > len(train_items):  # drop the remainder, start the next epoch
-        epoch, pos = epoch + 1, 0
-    idx = epoch_order(epoch)[pos:pos + global_batch]
-    pos += global_batch
-    return idx
+    if cursor["pos"] + global_batch > len(train_items):  # drop the remainder, start the next epoch
+        cursor.update(epoch=cursor["epoch"] + 1, pos=0)
+    start = cursor["pos"]
+    cursor["pos"] = start + global_batch
+    return epoch_order(cursor["epoch"])[start:start + global_batch]
 
 
 def sum_loss(batch):
@@ -227,7 +227,7 @@ def sum_loss(batch):
 
 
 @torch.no_grad()
-def evaluate():
+def val_loss():
     model.eval()
     tot, n = 0.0, 0
     for i in range(rank * batch_size, len(val_items), world_size * batch_size):
@@ -243,10 +243,10 @@ def evaluate():
 
 
 def save():
-    state = {"epoch": epoch, "pos": pos, "tokenizer": tok.name_or_path}
+    state = {**cursor, "tokenizer": tok.name_or_path}
     if early_stop_patience > 0:
         state["best"] = best
-        if best_weights is not None and best["step"] != step:  # written before the checkpoint commits
+        if best_weights and best["step"] != step:  # written before the checkpoint commits
             tmp = os.path.join(out_dir, f".tmp_best_{step:07d}")
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -266,16 +266,15 @@ def save():
                 shutil.rmtree(os.path.join(out_dir, d))
 
 
-def validate():
-    """Evaluate, log, and update the early-stopping state; True when training should stop."""
-    global best_weights
-    vl = evaluate()
+def validate_and_track_best():
+    """The validation loss, logged, and the early-stopping state updated; True when training should stop."""
+    vl = val_loss()
     print0(f"step {step}: val loss {vl:.4f}")
     rec = {"step": step, "val_loss": vl}
     if early_stop_patience > 0:
         if best["val"] is None or vl < best["val"]:
             best.update(val=vl, step=step, bad=0)
-            best_weights = snapshot()
+            keep_best()
         else:
             best["bad"] += 1
         rec.update(best_val_loss=best["val"], best_step=best["step"])
@@ -294,7 +293,7 @@ model.train()
 t_run = time.time()
 stop = early_stop_patience > 0 and best["bad"] >= early_stop_patience  # resuming a run that had stopped early
 if early_stop_patience > 0 and step == 0:
-    stop = validate()  # the starting weights are a candidate too: tuning after RL may only make things worse
+    stop = validate_and_track_best()  # the starting weights are a candidate too: tuning after RL may only make things worse
 mem = None
 while step < total_steps and not stop:
     t0 = time.time()
@@ -341,12 +340,12 @@ while step < total_steps and not stop:
         if wandb:
             wandb.log({"loss": loss_val, "lr": lr_now, "gnorm": gnorm, "tok_per_s": n_seen / dt}, step=step)
     if val_items and (step % eval_every == 0 or step == total_steps):
-        stop = validate()
+        stop = validate_and_track_best()
     if step % save_every == 0 or step == total_steps or stop:
         save()
 
 print0(f"trained {step} steps in {time.time() - t_run:.1f} s")
-if early_stop_patience > 0 and best_weights is not None:
+if early_stop_patience > 0 and best_weights:
     if stop:
         print0(f"early stopping at step {step}: no better val loss in {early_stop_patience} evaluations")
     print0(f"best val loss {best['val']:.4f} at step {best['step']}: exporting those weights")

@@ -21,7 +21,7 @@ stage() {  # stage NAME command...: run it, time it
     T[$name]=$(( $(date +%s) - t0 ))
 }
 evaluate() {  # evaluate NAME CKPT: greedy, the whole test split
-    stage "eval_$1" $PY eval.py --ckpt="$2" --out_dir="out/eval_$1"
+    stage "eval_$1" $PY eval.py --init_from="$2" --out_dir="out/eval_$1"
 }
 stage data $PY data/prepare.py
 stage sft $LAUNCH sft.py --out_dir=out/sft
@@ -29,7 +29,7 @@ evaluate sft out/sft/hf
 stage grpo $LAUNCH grpo.py --init_from=out/sft/hf --out_dir=out/grpo
 evaluate grpo out/grpo/hf
 # R1V3 section 5: rank the RL checkpoints by the entropy of their critical tokens on the validation split
-stage entropy $PY entropy.py --ckpts='out/grpo/ckpt_*' --out_dir=out/entropy
+stage entropy $PY entropy.py --init_from='out/grpo/ckpt_*' --out_dir=out/entropy
 SELECTED=$(cat out/entropy/selected_hf.txt)
 evaluate selected "$SELECTED"
 stage connector_tune $LAUNCH connector_tune.py --init_from="$SELECTED" --out_dir=out/connector_tune

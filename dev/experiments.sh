@@ -21,7 +21,7 @@ E=out/exp
 mkdir -p $E
 
 acc() {  # acc CKPT OUT_DIR [eval args]: greedy test accuracy (%) of an HF checkpoint, printed as one line
-    $PY eval.py --ckpt="$1" --out_dir="$2" "${@:3}" > "$2.log" 2>&1 || { cat "$2.log"; exit 1; }
+    $PY eval.py --init_from="$1" --out_dir="$2" "${@:3}" > "$2.log" 2>&1 || { cat "$2.log"; exit 1; }
     $PY -c "import json, sys; print(f'{sys.argv[2]}: {100 * json.load(open(sys.argv[1]))[\"accuracy\"]:.1f}%')" "$2/summary.json" "$2"
 }
 once() {  # once DIR CMD...: run CMD (logging to DIR.log) unless DIR already holds its exported model
@@ -87,7 +87,7 @@ entropy)
     for s in $SEEDS; do
         once $E/f5_s$s $PY grpo.py --seed=$s --save_every=5 --keep_last=0 --out_dir=$E/f5_s$s
         acc $E/f5_s$s/hf $E/eval_f5_s$s
-        [ -f $E/f5_entropy_s$s/entropy.json ] || $PY entropy.py --ckpts="$E/f5_s$s/ckpt_*" \
+        [ -f $E/f5_entropy_s$s/entropy.json ] || $PY entropy.py --init_from="$E/f5_s$s/ckpt_*" \
             --data=data/synth/val_big.jsonl --out_dir=$E/f5_entropy_s$s --export_hf=False > $E/f5_entropy_s$s.log 2>&1
         mkdir -p $E/f5_test_s$s
         for c in $E/f5_s$s/ckpt_*; do
@@ -100,7 +100,9 @@ entropy)
 think)
     for s in $SEEDS; do
         grpo_default $s
-        for mode in think nothink nowait; do acc $E/grpo_s$s/hf $E/eval_${mode}_s$s --mode=$mode; done
+        acc $E/grpo_s$s/hf $E/eval_think_s$s
+        acc $E/grpo_s$s/hf $E/eval_nothink_s$s --think=False
+        acc $E/grpo_s$s/hf $E/eval_nowait_s$s --no_wait=True
     done ;;
 *)
     sed -n 2,16p "$0"; exit 1 ;;

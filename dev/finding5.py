@@ -1,8 +1,8 @@
 """
 Finding 5 over several GRPO runs: does critical-token entropy rank the checkpoints (Skywork-R1V3 section 5,
 Fig. 5; docs/recipe.md, "Critical-token entropy")? One report from each run's entropy.py output (val split,
-k samples at T=1) and the greedy test eval of each of its checkpoints (eval.py). `bash dev/experiments.sh entropy`
-makes the inputs and runs this; the results are in dev/LOG.md (2026-12-01).
+group_size samples at T=1) and the greedy test eval of each of its checkpoints (eval.py). `bash dev/experiments.sh
+entropy` makes the inputs and runs this; the results are in dev/LOG.md (2026-12-01).
 
     python dev/finding5.py                                   # the layout dev/experiments.sh writes (out/exp/)
     python dev/finding5.py --entropy_dir='out/f5_entropy_s{seed}' --test_dir='out/f5_test_s{seed}/{ckpt}'
@@ -79,7 +79,7 @@ def read_test(path):
         acc = json.load(f)["accuracy"]
     with open(os.path.join(path, "responses.jsonl")) as f:
         resp = [json.loads(line) for line in f if line.strip()]
-    assert all(r["run"] == 0 for r in resp), f"{path}: expected a greedy eval with k=1"
+    assert all(r["run"] == 0 for r in resp), f"{path}: expected a greedy eval with group_size=1"
     return acc, resp
 
 
@@ -113,7 +113,7 @@ if __name__ == "__main__":
         with open(path) as f:
             rep = json.load(f)
         inputs[str(seed)] = {"entropy": path, "entropy_config": {k: rep.get("config", {}).get(k) for k in
-                             ("data", "k", "temperature", "max_new_tokens", "min_critical", "critical_words")}}
+                             ("data", "group_size", "temperature", "max_new_tokens", "min_critical", "critical_words")}}
         run = []
         for r in rep["rows"]:
             acc, resp = read_test(test_dir.format(seed=seed, ckpt=os.path.basename(os.path.normpath(r["ckpt"]))))

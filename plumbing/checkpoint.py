@@ -99,7 +99,7 @@ def _vit_blocks(model):
         return blocks
     lists = [m for m in model.vit.modules() if isinstance(m, nn.ModuleList)]
     if len(lists) != 1:
-        raise ValueError(f"common.py: cannot find the ViT blocks: model.vit has no 'blocks' ModuleList "
+        raise ValueError(f"plumbing/checkpoint.py: cannot find the ViT blocks: model.vit has no 'blocks' ModuleList "
                          f"and {len(lists)} ModuleLists")
     return lists[0]
 

@@ -10,12 +10,18 @@ nanoGPT-style configuration: a script's module globals are its defaults; a flat 
 
 Order: config files first (in the order given), then every --key=value flag, so the command line always
 beats a file. Only existing config keys may be set: a typo is an error listing close matches, never a new
-silent global.
+silent global. --help (or -h) prints the settings with their values (after any config files given before it) and
+the comment beside each in the script's config block, then exits.
 """
 
 import ast
 import difflib
+import io
 import os
+import sys
+import tokenize
+
+from plumbing import watchdog
 
 # the types a config value may have (everything else in a script's globals is not config)
 CONFIG_TYPES = (int, float, bool, str, list, tuple, type(None))
@@ -87,19 +93,62 @@ def read_config_file(path):
     return {k: v for k, v in ns.items() if not k.startswith('_')}
 
 
+def help_text(g, keys, path=None):
+    """The settings of a script as --help prints them: its config block read from its source (path, default
+    g['__file__']), each key with its current value and the comment beside it, the block's own comment lines as
+    headings."""
+    path = path or g.get('__file__')
+    name = os.path.basename(path) if path else 'script'
+    out = [f"usage: python {name} [config files] [--key=value ...]   (torchrun --nproc_per_node=N {name} ... too)"]
+    doc = (g.get('__doc__') or '').strip().split('\n\n')[0]
+    if doc:
+        out += ['', doc]
+    out += ['', 'settings (--key=value; the value shown is the default, or what the config files set):']
+    if not path or not os.path.isfile(path):
+        return '\n'.join(out + [f"  --{k}={g[k]!r}" for k in keys])
+    src = open(path).read()
+    comments = {}  # line -> the comment on it
+    for t in tokenize.generate_tokens(io.StringIO(src).readline):
+        if t.type == tokenize.COMMENT:
+            comments[t.start[0]] = t.string.lstrip('#').strip()
+    where = {}  # key -> the line of its assignment in the config block
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id in keys and node.col_offset == 0:
+                where.setdefault(node.targets[0].id, node.lineno)
+    if not where:
+        return '\n'.join(out + [f"  --{k}={g[k]!r}" for k in keys])
+    lines = src.splitlines()
+    by_line = {ln: k for k, ln in where.items()}
+    for ln in range(min(where.values()), max(where.values()) + 1):
+        if ln in by_line:
+            k = by_line[ln]
+            v = g[k] if isinstance(g[k], str) else repr(g[k])
+            entry = f"  --{k}={v}"
+            out.append(f"{entry:<40} {comments[ln]}" if ln in comments else entry)
+        elif lines[ln - 1].startswith('#') and ln in comments and not set(comments[ln]) <= set('-'):
+            out.append(f"# {comments[ln]}")
+    rest = [k for k in keys if k not in where]  # set elsewhere (e.g. computed): value only
+    return '\n'.join(out + [f"  --{k}={g[k]!r}" for k in rest])
+
+
 def configure(g, argv, keys=None):
     """Update the dict g (a script's globals()) from config files and --key=value flags in argv.
     keys: the config keys (default: config_keys(g), computed before any override).
-    Returns {key: final value} for the config keys only."""
+    Returns {key: final value} for the config keys only. With --help / -h in argv: prints help_text and exits."""
+    watchdog.install_hooks()  # bad input from here on: one line (plumbing/watchdog.py)
     keys = list(keys) if keys is not None else config_keys(g)
-    files = [a for a in argv if not a.startswith('--')]
-    flags = [a for a in argv if a.startswith('--')]
+    files = [a for a in argv if not a.startswith('-')]
+    flags = [a for a in argv if a.startswith('--') and a != '--help']
     # 1) config files, in order
     for path in files:
         for k, v in read_config_file(path).items():
             if k not in keys:
                 raise _unknown(k, keys, f"in config file {path}")
             g[k] = check_type(k, v, g[k], f"config file {path}")
+    if '--help' in argv or '-h' in argv:
+        print(help_text(g, keys))
+        sys.exit(0)
     # 2) --key=value flags: split at the first '=' only, so values may contain '='
     for arg in flags:
         if '=' not in arg:

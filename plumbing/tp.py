@@ -16,7 +16,7 @@ the sampler seeds each prompt, so every rank draws the same tokens: sampler.gene
 its DecodeCache (sized by cfg.n_kv_head) holding n_kv_head/K heads per rank, the decode kernels seeing fewer heads.
 
     grpo.py        with tp_rollout_model(model, group) as policy: ...   # from the FSDP2 shards, once per phase
-    eval.py ...    group, rank, device = init_tp(tp); model, tok, path = load_tp_inference_model(ckpt, group, ...)
+    eval.py ...    group, rank, device = init_tp(tp); model, tok, path = load_tp_inference_model(init_from, group, ...)
     a group's prompts: idx, seeds, mine = tp_union(group, idx, seeds)    # generate the union, keep rows[mine]
 """
 import hashlib
@@ -90,7 +90,7 @@ def tp_group(K):
 
 
 def init_tp(tp, seed=0):
-    """eval.py, entropy.py and the sampler CLI under torchrun: init the process group (common.compute_init) with
+    """eval.py, entropy.py and sample.py under torchrun: init the process group (plumbing.compute_init) with
     the tp ranks as the whole world, one TP group. Returns (group, rank, device)."""
     from plumbing import compute_init
     _, rank, _, world, device = compute_init(seed)
@@ -219,7 +219,7 @@ def load_tp_model(path, group, device, dtype=torch.float32):
 
 
 def load_tp_inference_model(path, group, device, dtype=torch.float32, tokenizer=""):
-    """common.load_inference_model for a TP group -> (TP model, tokenizer, resolved path). An HF directory (or an
+    """plumbing.load_inference_model for a TP group -> (TP model, tokenizer, resolved path). An HF directory (or an
     out_dir's hf/ export) is read slice by slice (load_tp_model); a ckpt_* checkpoint (sharded DCP) or an out_dir
     holding only those is loaded whole on each rank's host (collective), then sliced."""
     from transformers import AutoTokenizer

@@ -43,8 +43,19 @@ def _where(tb):
     return f" ({os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
 
 
+# Bad input (a setting, a missing file, a bad data line: ValueError and FileNotFoundError, whose messages name the
+# file, line or key) stops the job with ONE line, from rank 0 only: every rank usually finds the same problem, and one
+# found by another rank alone reaches rank 0 through the watchdog ("rank 0: stopping: rank 1 failed: ..."). Any other
+# exception prints its traceback as usual. NANOR1V_TRACEBACK=1 shows the traceback of bad input too.
+INPUT_ERRORS = (ValueError, FileNotFoundError)
+
+
 def _excepthook(tp, value, tb):
-    _PREV_HOOKS[0](tp, value, tb)  # the usual traceback first
+    if issubclass(tp, INPUT_ERRORS) and not os.environ.get("NANOR1V_TRACEBACK"):
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{os.path.basename(sys.argv[0])}: error: {value}", file=sys.stderr, flush=True)
+    else:
+        _PREV_HOOKS[0](tp, value, tb)  # the usual traceback
     wd = _WATCHDOG
     if wd is not None and os.getpid() == wd.pid:  # not in a forked child (DataLoader worker)
         wd.report(f"{tp.__name__}: {value}{_where(tb)}")
@@ -117,7 +128,7 @@ class _Watchdog:
                     a = json.loads(self.store.get("abort"))
                     if a["by"] != self.rank:  # our own failure: report() is handling it
                         self.store.add("acks", 1)
-                        self._stop(a["why"])
+                        self._stop(a["why"], say=self.rank == 0)  # another rank's failure: rank 0 tells it, once
                 if now - t_beat >= self.beat_s:
                     if now - t_beat > 3 * self.beat_s + self.poll_s:  # this thread was stalled (process stopped,
                         seen = [now] * self.world  # starved, slow store): our clock says nothing about the others
@@ -158,10 +169,11 @@ class _Watchdog:
                 self._stop(f"lost the watchdog store {self.addr}:{self.port} {now - self.t_ok:.0f} s ago ({err}); "
                            f"its host (torchrun's agent on the first node, or rank 0) is gone or hangs")
 
-    def _stop(self, why):
+    def _stop(self, why, say=True):
         if self.stop.is_set():  # compute_cleanup is under way: this rank has finished
             return
-        print(f"rank {self.rank}: stopping: {why}", file=sys.stderr, flush=True)
+        if say:
+            print(f"rank {self.rank}: stopping: {why}", file=sys.stderr, flush=True)
         _exit_now(1)
 
     def _bounded(self, fn, timeout):
@@ -226,6 +238,12 @@ def start(rank, world_size, heartbeat_timeout_s, device):
     prefix = f"nanor1v/watchdog/{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}/{int(token.item()):x}/"
     _WATCHDOG = _Watchdog(rank, world_size, heartbeat_timeout_s, prefix)
     atexit.register(_WATCHDOG.halt)  # no store call may be in flight when the interpreter finalises (abort)
+    install_hooks()
+
+
+def install_hooks():
+    """Our exception hooks (bad input in one line, failures reported to the watchdog); idempotent. Every script
+    gets them from configure()."""
     if sys.excepthook is not _excepthook:
         _PREV_HOOKS[:] = [sys.excepthook, threading.excepthook]
         sys.excepthook, threading.excepthook = _excepthook, _thread_excepthook

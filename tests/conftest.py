@@ -14,3 +14,28 @@ if not torch.cuda.is_available():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# `bash test.sh --fast` (pytest -m "not slow"): the tests a developer runs while working, about a minute and a half
+# on 2 cores: rl, the sampler core and kernels, model, rewards, data, configuration. Slow: end to end runs of the
+# scripts, anything with several processes, the browser, the memory plan.
+SLOW_MODULES = {"test_sft", "test_grpo", "test_tp", "test_failfast", "test_viewer", "test_gpu_check", "test_plan",
+                "test_connector_tune"}
+SLOW_TESTS = {  # in otherwise fast modules
+    "test_fsdp_bad_checkpoint_stops_every_rank", "test_fsdp_load_equals_single_process_and_exports_bf16",
+    "test_fsdp_load_peak_rss", "test_fsdp_gloo_two_processes", "test_end_to_end_two_checkpoints",
+    "test_cli_glob_matching_nothing", "test_same_decodes_as_eval_and_bad_checkpoint", "test_eval_end_to_end_on_converted_mmk12",
+    "test_evaluate_multi_image_mmmu", "test_fsdp2_unsharded_rollout", "test_wandb_missing_stops_the_run_before_the_model_loads",
+    "test_under_torchrun_bad_input_is_printed_once", "test_help_lists_the_settings_with_their_comments",
+    "test_help_shows_the_values_a_config_file_sets", "test_bad_setting_is_one_line",
+    "test_missing_model_and_bad_data_line_are_one_line"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end to end, multi-process, browser or memory-plan test (not in --fast)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

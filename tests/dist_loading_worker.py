@@ -1,6 +1,6 @@
 """
 Worker for tests/test_loading.py: loading a Hugging Face checkpoint into FSDP2 shards unit by unit
-(common.build_model), on 2 CPU processes with gloo.
+(plumbing.build_model), on 2 CPU processes with gloo.
     torchrun --standalone --nproc_per_node=2 tests/dist_loading_worker.py MODE SPEC.json
 MODE load: first every directory in SPEC["bad"] raises on BOTH ranks with the error naming the tensor, and quickly,
   and an error that rank 1 alone sees (its own directory missing) stops rank 0 too; then, in the same process group,

@@ -2,7 +2,7 @@
 Measurements that tests/test_plan.py compares with plan.py, and the 2-process worker:
     torchrun --standalone --nproc_per_node=2 tests/plan_worker.py OUT.json
 Every number is counted from real tensors, never from a formula: the distinct storages of the parameters, gradients
-and AdamW state after one real optimizer step (built as sft.py builds it, common.apply_fsdp under FSDP2), the
+and AdamW state after one real optimizer step (built as sft.py builds it, plumbing.apply_fsdp under FSDP2), the
 storages autograd saves during one forward (torch.autograd.graph.saved_tensors_hooks, parameters excluded), the
 parameters of sampler.unsharded's gathered model, the KV cache sampler.generate allocates, and, with a dispatch
 mode that follows every storage an op creates until it is freed, the peak of the decode and log-prob buffers.
@@ -222,10 +222,11 @@ def main():
             P, n, plen, new = case["rollout"]
             prompts = [([7 + (i + j) % 50 for j in range(plen)], None) for i in range(P)]
             st = {}
-            sampler.generate(m, prompts, n=n, max_new_tokens=new, temperature=1.0, seed=rank * 100, stats=st)
+            sampler.generate(m, prompts, n=n, max_new_tokens=new, sampling=sampler.Sampling(), seed=rank * 100,
+                             stats=st)
             r["cache_bytes"], r["chunks"] = st["cache_bytes"], st["chunks"]
             if case.get("tp"):  # tp.py: the 2 ranks form one TP group and generate the union of their prompts
-                import tp
+                from plumbing import tp
                 group = tp.tp_group(2)
                 live = FSDPLiveBytes(m)  # tp.tp_model_from's peak: the TP model + the unit being gathered
                 with live:
@@ -236,7 +237,8 @@ def main():
                 with tp.tp_rollout_model(m, group) as policy:
                     r["tp_weights"] = storage_bytes(list(policy.parameters()))
                     st = {}
-                    sampler.generate(policy, prompts * 2, n=n, max_new_tokens=new, temperature=1.0, seed=7, stats=st)
+                    sampler.generate(policy, prompts * 2, n=n, max_new_tokens=new, sampling=sampler.Sampling(), seed=7,
+                                     stats=st)
                     r["tp_cache_bytes"] = st["cache_bytes"]
         res[case["name"]] = r
         del m

@@ -1,4 +1,4 @@
-"""common.py: LR schedule, freezing, activation checkpointing, atomic/resumable DCP checkpoints, HF export,
+"""plumbing (checkpoint.py, dist.py, run.py): LR schedule, freezing, activation checkpointing, atomic/resumable DCP checkpoints, HF export,
 and FSDP2 under a real 2-process gloo torchrun (tests/dist_common_worker.py)."""
 import copy
 import json
@@ -18,7 +18,7 @@ from dist_common_worker import draws, make_batch, tiny_cfg, train_step
 from model import VLM, VLMConfig
 from plumbing.hf import load_pretrained
 
-# single-process DCP is intended (common.py filters this warning; pytest resets filters per test)
+# single-process DCP is intended (plumbing/checkpoint.py filters this warning; pytest resets filters per test)
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_common_worker.py")
 

@@ -19,6 +19,7 @@ import entropy
 from entropy import (accuracy_se, correlations, critical_positions, pearson, pearson_ci, ranks, resolve_ckpts,
                      response_stats,
                      select_checkpoint, spearman)
+from sampler import Sampling
 from test_install import check_env_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -311,13 +312,14 @@ def cli(args):
 def test_end_to_end_two_checkpoints(tiny_run, tmp_path):
     synth, run, hf, words, V = tiny_run
     out = str(tmp_path / "out")
-    p = cli([f"--ckpts={run}/ckpt_*", f"--data={synth}/val.jsonl", f"--out_dir={out}", "--k=2",
+    p = cli([f"--init_from={run}/ckpt_*", f"--data={synth}/val.jsonl", f"--out_dir={out}", "--group_size=2",
              "--max_new_tokens=32", "--min_critical=1", f"--critical_words={words}", "--device=cpu"])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     with open(os.path.join(out, "entropy.json")) as f:
         rep = json.load(f)
     rows = rep["rows"]
     assert [r["step"] for r in rows] == [2, 4] and rows[0]["ckpt"].endswith("ckpt_0000002")
+    assert rep["config"]["group_size"] == 2 and rep["config"]["init_from"] == f"{run}/ckpt_*"
     log_v = math.log(V)  # the largest entropy a distribution over V tokens can have
     for r in rows:
         assert r["n_responses"] == 8 and 0 <= r["accuracy"] <= 1
@@ -352,7 +354,7 @@ def test_cli_glob_matching_nothing(tiny_run, tmp_path, monkeypatch):
     # the script's own __main__, in this process (a second interpreter would spend seconds on imports): a clear
     # error naming the pattern, before any model is loaded or anything is written
     synth, run, _, _, _ = tiny_run
-    monkeypatch.setattr(sys, "argv", ["entropy.py", f"--ckpts={run}/nothing_*", f"--data={synth}/val.jsonl",
+    monkeypatch.setattr(sys, "argv", ["entropy.py", f"--init_from={run}/nothing_*", f"--data={synth}/val.jsonl",
                                       f"--out_dir={tmp_path}/out"])
     with pytest.raises(ValueError, match=f"pattern '{run}/nothing_\\*' matches no directory"):
         runpy.run_path(os.path.join(ROOT, "entropy.py"), run_name="__main__")
@@ -366,14 +368,14 @@ def test_same_decodes_as_eval_and_bad_checkpoint(tiny_run, tmp_path):
     synth, run, hf, words, _ = tiny_run
     items = load_jsonl(f"{synth}/val.jsonl")[:3]
     model, tok, _ = load_inference_model(hf, "cpu")
-    mine = entropy.decode(model, tok, items, 2, 1.0, 12, seed=3)
-    ref = evalmod.evaluate(model, tok, items, 2, 1.0, 12, "think", seed=3, progress=False)
+    mine = entropy.decode(model, tok, items, 2, 12, Sampling(temperature=1.0), seed=3)
+    ref = evalmod.evaluate(model, tok, items, 2, 12, Sampling(temperature=1.0), think=True, seed=3, progress=False)
     assert [(r["id"], r["run"], r["correct"], r["n_tokens"]) for r in mine] == \
            [(r["id"], r["run"], r["correct"], r["n_tokens"]) for r in ref]
     assert [sum(r["entropies"]) / len(r["entropies"]) for r in mine] == \
            pytest.approx([r["mean_entropy"] for r in ref], rel=1e-6)
     # an HF directory: no step; a checkpoint whose shards are gone: an error naming it
-    kw = dict(device="cpu", tokenizer="", k=1, temperature=0.0, top_p=1.0, max_new_tokens=4, seed=0,
+    kw = dict(device="cpu", tokenizer="", group_size=1, sampling=Sampling(temperature=0.0), max_new_tokens=4, seed=0,
               batch_prompts=64, think=True, system=None, words=words, threshold=2.0)
     assert entropy.measure(hf, items[:1], **kw)["step"] is None
     bad = str(tmp_path / "ckpt_0000009")

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 import eval as ev
-from data.common import build_prompt_text, load_jsonl
+from data.common import build_prompt_text, critical_token_ids, load_jsonl
 from data.convert_bench import convert, split_choices
+from sampler import Sampling
 from test_install import check_env_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -314,7 +315,8 @@ def test_evaluate_multi_image_mmmu(mmmu_dir, tiny_model, tmp_path):
     convert("mmmu", mmmu_dir, out)
     items = ev.load_items(out)
     model, tok, _ = load_inference_model(tiny_model, "cpu")
-    rows = ev.evaluate(model, tok, items, 2, 1.0, 6, "nowait", batch_prompts=2, progress=False)
+    no_wait = Sampling(temperature=1.0, ban=critical_token_ids(tok))  # as eval.py --no_wait=True builds it
+    rows = ev.evaluate(model, tok, items, 2, 6, no_wait, batch_prompts=2, progress=False)
     assert [(r["id"], r["run"]) for r in rows] == [(s["id"], i) for s in items for i in range(2)]
     assert all(0 < r["n_tokens"] <= 6 and r["correct"] == 0 for r in rows)  # random weights: never a \boxed answer
     s = ev.summarize(rows, 2)
@@ -327,8 +329,8 @@ def test_eval_end_to_end_on_converted_mmk12(mmk12_file, tiny_model, tmp_path):
     bench = str(tmp_path / "bench" / "mmk12.jsonl")
     run(["data/convert_bench.py", "mmk12", mmk12_file, bench, "--limit=2"])
     out = tmp_path / "ev"
-    run(["eval.py", f"--ckpt={tiny_model}", f"--data={bench}", f"--out_dir={out}", "--k=2", "--temperature=1.0",
-         "--max_new_tokens=8", "--device=cpu"])
+    run(["eval.py", f"--init_from={tiny_model}", f"--data={bench}", f"--out_dir={out}", "--group_size=2",
+         "--temperature=1.0", "--max_new_tokens=8", "--device=cpu"])
     rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert [(r["id"], r["run"]) for r in rows] == [("mmk-1", 0), ("mmk-1", 1), ("mmk-2", 0), ("mmk-2", 1)]
     assert all({"id", "response", "pred", "answer", "correct", "n_tokens", "truncated", "domain"} <= set(r)
@@ -344,5 +346,5 @@ def test_eval_end_to_end_on_converted_mmk12(mmk12_file, tiny_model, tmp_path):
         s["accuracy"]
     # a benchmark sample whose image is gone: the error names the file and line, before any model is loaded
     os.remove(load_jsonl(bench)[1]["images"][0])
-    p = run(["eval.py", f"--ckpt={tiny_model}", f"--data={bench}", f"--out_dir={tmp_path / 'ev2'}"], ok=False)
+    p = run(["eval.py", f"--init_from={tiny_model}", f"--data={bench}", f"--out_dir={tmp_path / 'ev2'}"], ok=False)
     assert p.returncode != 0 and f"{bench}:2: image not found" in p.stderr

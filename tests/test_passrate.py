@@ -22,14 +22,14 @@ def rl_file(tmp_path_factory):
 
 
 def run(argv, solved):
-    """passrate.py with evaluate() stubbed: item i's n samples are correct solved[i] times."""
+    """passrate.py with evaluate() stubbed: item i's group_size samples are correct solved[i] times."""
     import eval as ev
-    import common
+    import plumbing
 
-    def fake_eval(model, tok, items, k, *a, **kw):
-        return [{"id": s["id"], "correct": int(j < solved[i])} for i, s in enumerate(items) for j in range(k)]
+    def fake_eval(model, tok, items, group_size, *a, **kw):
+        return [{"id": s["id"], "correct": int(j < solved[i])} for i, s in enumerate(items) for j in range(group_size)]
     with mock.patch.object(ev, "evaluate", fake_eval), \
-            mock.patch.object(common, "load_inference_model", lambda *a, **k: (None, None, "ckpt")), \
+            mock.patch.object(plumbing, "load_inference_model", lambda *a, **k: (None, None, "ckpt")), \
             mock.patch.object(sys, "argv", ["tools/passrate.py"] + argv):
         runpy.run_path(os.path.join(ROOT, "tools", "passrate.py"), run_name="__main__")
 
@@ -37,7 +37,7 @@ def run(argv, solved):
 def test_passrate_keeps_informative_prompts(rl_file, tmp_path):
     solved = [0, 1, 4, 3, 0, 2]  # n = 4: items 0 and 4 (0/4) and 2 (4/4) go
     out = str(tmp_path / "kept.jsonl")
-    run([f"--data={rl_file}", f"--out={out}", "--n=4"], solved)
+    run([f"--data={rl_file}", f"--out_file={out}", "--group_size=4"], solved)
     with open(rl_file) as f:
         src = [json.loads(line) for line in f]
     with open(out) as f:
@@ -57,10 +57,10 @@ def test_passrate_keeps_informative_prompts(rl_file, tmp_path):
 
 
 def test_passrate_default_output_beside_the_data(rl_file):
-    run([f"--data={rl_file}", "--n=2"], [1, 1, 0, 2, 1, 1])
+    run([f"--data={rl_file}", "--group_size=2"], [1, 1, 0, 2, 1, 1])
     out = os.path.splitext(rl_file)[0] + "_passrate.jsonl"
     with open(out) as f:
         kept = [json.loads(line) for line in f]
     assert len(kept) == 4 and all(not os.path.isabs(p) for k in kept for p in k.get("images", [k.get("image")]))
     with pytest.raises(SystemExit, match="at least 2"):
-        run([f"--data={rl_file}", "--n=1"], [0] * 6)
+        run([f"--data={rl_file}", "--group_size=1"], [0] * 6)

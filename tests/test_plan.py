@@ -112,7 +112,7 @@ def test_one_process_kv_cache_and_chunks():
     sampler.DecodeCache.__init__ = spy
     try:
         st = {}
-        sampler.generate(m, prompts, n=n, max_new_tokens=new, seed=0, stats=st, temperature=1.0)
+        sampler.generate(m, prompts, n=n, max_new_tokens=new, seed=0, stats=st, sampling=sampler.Sampling())
         check("KV cache: DecodeCache tensors", allocated[0], plan.kv_bytes(cfg, P, n, plen, new, 4))
         check("KV cache: generate stats cache_bytes", st["cache_bytes"], plan.kv_bytes(cfg, P, n, plen, new, 4))
         # a budget that holds two prompts: the sampler's chunks are the plan's
@@ -120,7 +120,8 @@ def test_one_process_kv_cache_and_chunks():
             sampler.prefill_bytes(cfg, 16384, torch.float32)
         allocated.clear()
         st = {}
-        sampler.generate(m, prompts, n=n, max_new_tokens=new, seed=0, stats=st, temperature=1.0, budget=budget)
+        sampler.generate(m, prompts, n=n, max_new_tokens=new, seed=0, stats=st, sampling=sampler.Sampling(),
+                         budget=budget)
         chunks, per = plan.sampler_chunks(cfg, P, plen, n, new, 4, budget)
         assert (st["chunks"], max(allocated)) == (chunks, plan.kv_bytes(cfg, per, n, plen, new, 4)), (st, chunks)
     finally:
@@ -132,11 +133,11 @@ def test_one_process_decode_and_logprob_buffers():
     # sampler.sample_next over (rows, vocab): the plan's bytes per row-vocab entry minus the input logits (fp32)
     V, R = 4096, 64
     logits, u = torch.randn(R, V), torch.rand(R)
-    for mode, kw in (("sample", dict(temperature=1.0)), ("greedy", dict(temperature=0.0)),
-                     ("shaped", dict(temperature=0.7, top_p=0.9))):
+    for s in (sampler.Sampling(), sampler.Sampling(temperature=0.0), sampler.Sampling(temperature=0.7, top_p=0.9)):
+        mode = s.mode
         live = LiveBytes()
         with live:
-            sampler.sample_next(logits, u, **kw)
+            sampler.sample_next(logits, u, s)
         check(f"sample_next peak ({mode})", live.peak, (sampler.DECODE_BYTES[mode] - 4) * R * V)
     # model.token_logprobs' chunks, forward + backward (the lm_head weight's gradient included)
     C, N = 64, 2048
@@ -349,6 +350,11 @@ def test_r1v3_verdicts():
     d = plan.plan_run("grpo", _grpo_38b(micro_batch=2), cfg, gpus=8, gpus_per_node=8, gpu_gb=80, tp=8, offload=True)
     assert d["fits"] and fits.match(last(d)), last(d)
     assert d["chunks"] > 1  # 32 prompts x 32 samples x 8192 tokens of KV cache: the rollout is chunked
+    # max_new_tokens as one length instead of a schedule: the plan of the schedule's longest
+    longest = max(length for _, length in _grpo_38b()["max_new_tokens"])
+    one = plan.plan_run("grpo", _grpo_38b(micro_batch=2, max_new_tokens=longest), cfg, gpus=8, gpus_per_node=8,
+                        gpu_gb=80, tp=8, offload=True)
+    assert (one["max_new"], one["peak_gb"]) == (d["max_new"], d["peak_gb"]) and longest == 8192
     # without offload it cannot: the fp32 masters + grads + AdamW state alone are ~72 GB per GPU
     d = plan.plan_run("grpo", _grpo_38b(micro_batch=2), cfg, gpus=8, gpus_per_node=8, gpu_gb=80, tp=8)
     assert not d["fits"] and last(d).startswith("plan: does not fit:") and "AdamW" in last(d), last(d)

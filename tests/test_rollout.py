@@ -1,6 +1,6 @@
-"""rollout.py, the one prompts -> samples -> rewards path: every rollout bans the vision special tokens and stops at
-the chat template's end tokens (data/common.py, written once), decodes with special tokens kept, and scores each
-row against its own item."""
+"""rollout.py, the one prompts -> samples -> rewards path: every rollout bans the vision special tokens (on top of the
+caller's bans) and stops at the chat template's end tokens (data/common.py, written once), decodes with special tokens
+kept, and scores each row against its own item."""
 import torch
 
 import hf_fixtures as hx
@@ -8,6 +8,7 @@ import rollout
 from data.common import stop_token_ids, vision_token_ids
 from model import VLM
 from plumbing.hf import load_pretrained
+from sampler import Sampling
 
 
 def test_rollout_bans_vision_tokens_and_scores_each_row(tmp_path, monkeypatch):
@@ -32,10 +33,14 @@ def test_rollout_bans_vision_tokens_and_scores_each_row(tmp_path, monkeypatch):
         seen.update(k)
         return real(*a, **k)
     monkeypatch.setattr(rollout, "generate", spy)
-    out, texts, scores, prompts = rollout.rollout(m, tok, items, 2, 6, [0, 1], temperature=0)
-    assert set(seen["ban"]) == vision and set(seen["eos_token_id"]) == set(stop_token_ids(tok))
+    out, texts, scores, prompts = rollout.rollout(m, tok, items, 2, 6, [0, 1], sampling=Sampling(temperature=0))
+    assert set(seen["sampling"].ban) == vision and set(seen["eos_token_id"]) == set(stop_token_ids(tok))
+    assert seen["sampling"].temperature == 0
     assert not torch.isin(out.tokens, torch.tensor(sorted(vision))).any()
     assert len(texts) == len(scores) == 4 and len(prompts) == 2
     # the same model without the ban does emit it: the check above can fail
-    free = real(m, prompts, 1, 6, temperature=0)
+    free = real(m, prompts, 1, 6, sampling=Sampling(temperature=0))
     assert torch.isin(free.tokens, torch.tensor([hx.IMG_CONTEXT_ID])).any()
+    # the caller's bans (eval.py's no-wait ones) stay, beside the vision tokens
+    rollout.rollout(m, tok, items, 1, 2, [0, 1], sampling=Sampling(temperature=0, ban=[7]), prompts=prompts)
+    assert set(seen["sampling"].ban) == vision | {7}

@@ -1,8 +1,9 @@
 """
 sampler.py: greedy parity with transformers' generate(), the sampler's log-probs vs the uncached forward and the
 training forward, the Triton path vs the reference path, seeds (per prompt: a sample does not depend on its batch),
-EOS and length per row, compaction, chunking under a memory budget, the static (CUDA-graph) path, FSDP2 rollouts on
-gathered weights, the CLI. The kernels themselves: tests/test_kernels.py.
+EOS and length per row, the Sampling object (its mode, its checks, bans copied to the device once per call),
+compaction, chunking under a memory budget, the static (CUDA-graph) path, FSDP2 rollouts on gathered weights, the CLI
+(sample.py). The kernels themselves: tests/test_kernels.py.
 """
 import os
 import socket
@@ -14,10 +15,11 @@ import torch
 
 import hf_fixtures as hx
 import decode_kernels
+import sample
 import sampler
 from model import VLM, VLMConfig
 from plumbing.hf import load_pretrained
-from sampler import generate
+from sampler import Sampling, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,7 +105,7 @@ def hf_greedy(hf, ids, pv, max_new_tokens):
 
 def test_greedy_matches_transformers(models, prompts):
     hf, m = models
-    out = generate(m, prompts, n=2, max_new_tokens=10, temperature=0, sync_every=3)
+    out = generate(m, prompts, n=2, max_new_tokens=10, sampling=Sampling(temperature=0), sync_every=3)
     assert out.tokens.shape == (2 * len(prompts), 10)
     for i, (ids, pv) in enumerate(prompts):  # 0, 1 and 2 tiles, lengths 3..23
         want = hf_greedy(hf, ids, pv, 10)
@@ -131,7 +133,7 @@ def full_forward_logp(m, prompts, out):
 
 def test_logprobs_match_uncached_and_training_forward(models, prompts):
     _, m = models
-    out = generate(m, prompts, n=3, max_new_tokens=9, temperature=1.0, top_k=50, top_p=0.9, seed=3)
+    out = generate(m, prompts, n=3, max_new_tokens=9, sampling=Sampling(temperature=1.0, top_k=50, top_p=0.9), seed=3)
     # (a) the uncached model forward, plain log_softmax over its logits: within 1e-4
     for r in range(out.tokens.shape[0]):
         ids, pv = prompts[r // 3]
@@ -152,7 +154,7 @@ def test_logprobs_match_uncached_and_training_forward(models, prompts):
 def test_triton_path_matches_reference_path(models, prompts, monkeypatch):
     # the whole sampler with the Triton decode kernels (interpreter) gives the same rollouts as the reference
     _, m = models
-    kw = dict(n=2, max_new_tokens=4, temperature=1.0, seed=5, sync_every=2)
+    kw = dict(n=2, max_new_tokens=4, sampling=Sampling(temperature=1.0), seed=5, sync_every=2)
     monkeypatch.setattr(decode_kernels, "USE_TRITON", False)
     a = generate(m, prompts[1:3], **kw)
     monkeypatch.setattr(decode_kernels, "USE_TRITON", True)
@@ -166,7 +168,7 @@ def test_seeds_are_per_prompt(models, prompts):
     # a prompt's samples depend on its seed only: not on the other prompts of the call, their order or the chunking
     # (so 1 rank, 2 ranks or a tensor-parallel group give a prompt the same samples)
     _, m = models
-    kw = dict(n=4, max_new_tokens=8, temperature=1.0)
+    kw = dict(n=4, max_new_tokens=8, sampling=Sampling(temperature=1.0))
     a = generate(m, prompts, seed=[10, 11, 12, 13], **kw)
     b = generate(m, prompts[2:] + prompts[:2], seed=[12, 13, 10, 11], **kw)
     c = generate(m, [prompts[2]], seed=[12], **kw)
@@ -180,11 +182,11 @@ def test_seeds_are_per_prompt(models, prompts):
 
 def test_eos_and_length_per_row(models, prompts):
     _, m = models
-    base = generate(m, prompts, n=2, max_new_tokens=12, temperature=0.7, seed=2)
+    base = generate(m, prompts, n=2, max_new_tokens=12, sampling=Sampling(temperature=0.7), seed=2)
     # as EOS ids: tokens that occur at different steps in different rows
     eos = [base.response(0)[2], base.response(5)[6]]
     for sync_every, compact in ((1, True), (4, True), (4, False), (100, True)):
-        out = generate(m, prompts, n=2, max_new_tokens=12, temperature=0.7, seed=2, eos_token_id=eos,
+        out = generate(m, prompts, n=2, max_new_tokens=12, sampling=Sampling(temperature=0.7), seed=2, eos_token_id=eos,
                        sync_every=sync_every, compact=compact)
         for r in range(out.tokens.shape[0]):  # each row cut at its own first EOS, else max_new_tokens
             full = base.response(r)
@@ -198,23 +200,54 @@ def test_eos_and_length_per_row(models, prompts):
     assert out.truncated.any() and not out.truncated.all()
 
 
-def test_sampling_options(models, prompts):
+def test_sampling_options(models, prompts, monkeypatch):
     _, m = models
-    greedy = generate(m, prompts[:2], n=2, max_new_tokens=6, temperature=0)
-    for kw in (dict(top_k=1), dict(top_p=1e-6)):  # both reduce to the argmax
-        out = generate(m, prompts[:2], n=2, max_new_tokens=6, temperature=1.0, **kw)
-        assert [r[0] for r in rows(out)] == [r[0] for r in rows(greedy)], kw
+    greedy = generate(m, prompts[:2], n=2, max_new_tokens=6, sampling=Sampling(temperature=0))
+    for s in (Sampling(top_k=1), Sampling(top_p=1e-6)):  # both reduce to the argmax
+        out = generate(m, prompts[:2], n=2, max_new_tokens=6, sampling=s)
+        assert [r[0] for r in rows(out)] == [r[0] for r in rows(greedy)], s
     banned = sorted({t for r in rows(greedy) for t in r[0]})
-    out = generate(m, prompts[:2], n=2, max_new_tokens=6, temperature=0, ban=banned)
-    assert all(t not in banned for r in rows(out) for t in r[0])
-    # log-probs stay those of the raw distribution: a banned-token run still reports raw log p (< 0, finite)
-    assert all(-1e9 < lp <= 0 for r in rows(out) for lp in r[1].tolist())
+    seen, real = [], sampler.sample_next
+
+    def spy(logits, u, sampling, ban):
+        seen.append(ban)
+        return real(logits, u, sampling, ban)
+    monkeypatch.setattr(sampler, "sample_next", spy)
+    for s in (Sampling(temperature=0, ban=banned), Sampling(ban=banned)):  # greedy, and plain sampling's fast path
+        seen.clear()
+        out = generate(m, prompts[:2], n=2, max_new_tokens=6, sampling=s, seed=1)
+        assert all(t not in banned for r in rows(out) for t in r[0])
+        # log-probs stay those of the raw distribution: a banned-token run still reports raw log p (< 0, finite)
+        assert all(-1e9 < lp <= 0 for r in rows(out) for lp in r[1].tolist())
+        # the ids went to the device once for the call, not once per decode step (a copy per step would sync)
+        assert len(seen) == 6 and all(b is seen[0] for b in seen) and seen[0].tolist() == banned
+
+
+def test_sampling_mode_checks_and_chunks():
+    # one object says which path sample_next takes and what the memory accounting charges for it
+    assert Sampling().mode == "sample" and Sampling(temperature=0, top_k=5).mode == "greedy"
+    assert {Sampling(temperature=0.7).mode, Sampling(top_k=5).mode, Sampling(top_p=0.9).mode} == {"shaped"}
+    s = Sampling(ban=[7, 3, 7]).banning((1, 3))
+    assert s.ban == (1, 3, 7) and s.mode == "sample" and Sampling(ban=[3]) == Sampling(ban=(3,))
+    for bad in (dict(temperature=-1), dict(top_k=-1), dict(top_p=0), dict(top_p=1.5)):
+        with pytest.raises(ValueError, match="sampler.py"):
+            Sampling(**bad)
+    with pytest.raises(ValueError, match="device tensor"):  # bans are the caller's tensor, never copied per step
+        sampler.sample_next(torch.zeros(1, 8), torch.rand(1), Sampling(ban=(1,)))
+    # fit_chunks charges the mode's buffers: a budget that holds 2 greedy prompts holds 1 shaped or banning one
+    cfg = VLMConfig(image_size=16, patch_size=8, vit_hidden=16, vit_heads=2, vit_mlp=32, vocab_size=32, n_embd=32,
+                    n_head=4, n_kv_head=1, mlp_hidden=64, n_layer=2, image_token_id=31)
+    budget = sampler.cache_bytes(cfg, 2, 2, 5, 4, torch.float32) + sampler.decode_bytes(cfg, 4, 4, "greedy", False) + \
+        sampler.prefill_bytes(cfg, 16384, torch.float32)
+    chunks = lambda s: sampler.fit_chunks(cfg, [5] * 4, 2, 4, torch.float32, budget, s)  # noqa: E731
+    assert chunks(Sampling(temperature=0)) == [(0, 2), (2, 4)]
+    assert chunks(Sampling(top_p=0.9)) == chunks(Sampling(ban=(1,))) == [(0, 1), (1, 2), (2, 3), (3, 4)]
 
 
 def test_budget_chunks_and_refusal(models, prompts):
     # a budget that holds two prompts at a time splits the call into chunks; the rollouts are the same
     _, m = models
-    kw = dict(n=3, max_new_tokens=8, temperature=1.0, seed=[1, 2, 3, 4])
+    kw = dict(n=3, max_new_tokens=8, sampling=Sampling(temperature=1.0), seed=[1, 2, 3, 4])
     one, st1 = {}, {}
     a = generate(m, prompts, stats=one, **kw)
     lengths = [len(p[0]) for p in prompts]
@@ -250,7 +283,7 @@ def test_compaction_shrinks_batch():
                     n_head=4, n_kv_head=1, mlp_hidden=64, n_layer=2, image_token_id=31)
     m = VLM(cfg)
     ps = [([1, 2, 3], None), ([4, 5, 6, 7, 8], None)]
-    kw = dict(n=6, max_new_tokens=20, temperature=1.0, eos_token_id=[0, 1, 2], seed=4, sync_every=2)
+    kw = dict(n=6, max_new_tokens=20, sampling=Sampling(temperature=1.0), eos_token_id=[0, 1, 2], seed=4, sync_every=2)
     a = generate(m, ps, compact=True, **kw)
     b = generate(m, ps, compact=False, **kw)
     c = generate(m, ps, compact=True, cuda_graph=True, **kw)
@@ -263,10 +296,10 @@ def test_cli(hf_dir, tmp_path, capsys):
     from PIL import Image
     img = tmp_path / "x.png"
     Image.new("RGB", (40, 30), (200, 30, 30)).save(img)
-    out, texts = sampler.main([f"--ckpt={hf_dir[1]}", f"--image={img}", "--question=t5 t6 t7", "--max_new_tokens=5",
-                               "--show_entropy=True"])
+    out, texts = sample.main([f"--init_from={hf_dir[1]}", f"--image={img}", "--question=t5 t6 t7",
+                              "--max_new_tokens=5", "--group_size=2", "--temperature=1.0", "--show_entropy=True"])
     printed = capsys.readouterr().out
-    assert out.tokens.shape[0] == 1 and 1 <= int(out.lengths[0]) <= 5
+    assert out.tokens.shape[0] == 2 and all(1 <= int(L) <= 5 for L in out.lengths)
     assert "entropy" in printed and texts[0] in printed
 
 
@@ -288,12 +321,13 @@ for b in m.llm.blocks:
 fully_shard(m)
 ps = [([1, 2, 3], None), ([4, 5, 6, 7, 8], None)]
 toks = lambda out: [out.response(r) for r in range(out.tokens.shape[0])]
-a = sampler.generate(ref, ps, n=2, max_new_tokens=6, temperature=0)
+greedy = sampler.Sampling(temperature=0)
+a = sampler.generate(ref, ps, n=2, max_new_tokens=6, sampling=greedy)
 with sampler.unsharded(m) as view:
     assert not any(type(p).__name__ == "DTensor" for p in view.parameters())
-    b = sampler.generate(view, ps, n=2, max_new_tokens=6, temperature=0)
-    b2 = sampler.generate(m, ps, n=2, max_new_tokens=6, temperature=0)  # nested: the outer gather is reused
-c = sampler.generate(m, ps, n=2, max_new_tokens=6, temperature=0)  # generate() gathers by itself
+    b = sampler.generate(view, ps, n=2, max_new_tokens=6, sampling=greedy)
+    b2 = sampler.generate(m, ps, n=2, max_new_tokens=6, sampling=greedy)  # nested: the outer gather is reused
+c = sampler.generate(m, ps, n=2, max_new_tokens=6, sampling=greedy)  # generate() gathers by itself
 assert toks(a) == toks(b) == toks(b2) == toks(c)
 assert all(type(p).__name__ == "DTensor" for p in m.parameters())  # resharded afterwards
 m(torch.tensor([[1, 2, 3]])).sum().backward()  # training still works after the rollout

@@ -196,15 +196,16 @@ def test_plan_predicts_tp_rollout_memory(worker):
 
 def test_cli_tp2_prints_the_one_process_text_on_rank0(hf_dirs, tmp_path, capsys):
     from PIL import Image
-    import sampler
+    import sample
     img = tmp_path / "x.png"
     Image.new("RGB", (40, 30), (200, 30, 30)).save(img)
-    # a seeded sample at temperature 1 (one sample: torchrun's argument parser takes --n=2 for its own --nnodes)
-    args = [f"--ckpt={hf_dirs[0]}", f"--image={img}", "--question=t5 t6 t7", "--max_new_tokens=6",
-            "--temperature=1.0", "--seed=4"]
-    _, texts = sampler.main(args)
+    # two seeded samples at temperature 1
+    args = [f"--init_from={hf_dirs[0]}", f"--image={img}", "--question=t5 t6 t7", "--max_new_tokens=6",
+            "--group_size=2", "--temperature=1.0", "--seed=4"]
+    _, texts = sample.main(args)
     capsys.readouterr()
-    printed = torchrun([os.path.join(ROOT, "sampler.py")] + args + ["--tp=2"]).stdout
+    assert len(texts) == 2
+    printed = torchrun([os.path.join(ROOT, "sample.py")] + args + ["--tp=2"]).stdout
     for r, text in enumerate(texts):
         assert printed.count(f"--- sample {r} ") == 1  # rank 0 alone prints
         assert f"\n{text}\n" in printed, (text, printed)

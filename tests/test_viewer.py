@@ -1,14 +1,20 @@
-"""viewer.py in a real browser: the pages are rendered by headless Chromium (Debian's chromium, driven over the
-DevTools protocol by viewer.Chromium) and the checks read the DOM after the page's script ran: the samples shown,
-images decoded, token colours, filters, pagination, curves, no JS error, no request leaving the file, and a
-non-blank screenshot. Pages come from synthetic dumps in viewer.py's formats (tests/viewer_dumps.py) and from a
-tiny real run (data -> SFT -> GRPO -> eval). Hostile model output must show as text and run nothing. Bad input
-stops with file:line. The README's screenshots are PNGs of at most 200 KB."""
+"""viewer.py in a real browser: the pages are rendered by headless Chromium (Debian's chromium, run as
+`chromium --headless --dump-dom` by viewer.chromium) and the checks read the DOM after the page's script ran: the
+samples shown, their images, token colours, filtered views, pagination, curves, no console message (no JS error,
+no request refused), no URL but data: ones, and a non-blank `--screenshot`. A filtered view is the page opened at
+a URL fragment (rollouts.html#filter=wrong), as a link to it would open it. Pages come from synthetic dumps in
+viewer.py's formats (tests/viewer_dumps.py) and from a tiny real run (data -> SFT -> GRPO -> eval). Hostile model
+output must show as text and run nothing. Bad input stops with file:line. The README's screenshots are PNGs of at
+most 200 KB."""
+import base64
 import io
 import json
 import os
+import re
 import subprocess
 import sys
+from html.parser import HTMLParser
+from urllib.parse import urlencode
 
 import pytest
 
@@ -29,22 +35,122 @@ RESPONSE_KEYS = {"id", "run", "question", "images", "options", "response", "piec
 CURVE_KEYS = ["reward", "accuracy", "format", "resp_len", "truncated", "clip_frac", "gnorm", "entropy",
               "critical_entropy", "high_entropy_share", "val_accuracy"]
 
+# -----------------------------------------------------------------------------
+# the dumped DOM as a tree, and querySelectorAll for the selectors used here: tag, #id, .class, [attr] and
+# [attr=value], :nth-child(n), :first-child, :last-child; descendant and child (>) combinators
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+PART = re.compile(r"([#.])([\w-]+)|\[([\w-]+)(?:=([^\]]+))?\]|:nth-child\((\d+)\)|:(first|last)-child")
+
+
+class Node:
+    def __init__(self, tag, attrs, parent):
+        self.tag, self.attrs, self.parent, self.kids = tag, dict(attrs), parent, []  # kids: Nodes and strings
+
+    def has_class(self, c):
+        return c in (self.attrs.get("class") or "").split()
+
+    @property
+    def text(self):  # textContent, less the scripts' source
+        return "".join(k if isinstance(k, str) else "" if k.tag == "script" else k.text for k in self.kids)
+
+    def elements(self):
+        return [k for k in self.kids if isinstance(k, Node)]
+
+    def walk(self):
+        for k in self.elements():
+            yield k
+            yield from k.walk()
+
+    def select(self, selector):
+        steps = parse(selector)
+        return [n for n in self.walk() if matches(n, steps)]
+
+    def one(self, selector):
+        found = self.select(selector)
+        assert found, f"nothing matches {selector}"
+        return found[0]
+
+
+def parse(selector):
+    """-> [(combinator before it: ' ' or '>', tag or None, [PART matches])]"""
+    steps, comb = [], " "
+    for tok in selector.replace(">", " > ").split():
+        if tok == ">":
+            comb = ">"
+            continue
+        tag = re.match(r"[\w-]*", tok).group()
+        parts = list(PART.finditer(tok, len(tag)))
+        assert "".join(m.group() for m in parts) == tok[len(tag):], f"unsupported selector {tok}"
+        steps.append((comb, tag or None, [m.groups() for m in parts]))
+        comb = " "
+    return steps
+
+
+def matches(n, steps):
+    *rest, (comb, tag, parts) = steps
+    if n.tag is None or (tag and n.tag != tag):
+        return False
+    for kind, name, attr, value, nth, end in parts:
+        sibs = n.parent.elements() if nth or end else None
+        if ((kind == "#" and n.attrs.get("id") != name) or (kind == "." and not n.has_class(name))
+                or (attr and (attr not in n.attrs or (value is not None and n.attrs[attr] != value.strip("\"'"))))
+                or (nth and sibs.index(n) + 1 != int(nth)) or (end and sibs[0 if end == "first" else -1] is not n)):
+            return False
+    if not rest:
+        return True
+    p = n.parent
+    while p is not None and not matches(p, rest):
+        p = None if comb == ">" else p.parent
+    return p is not None
+
+
+class DOM(HTMLParser):
+    def __init__(self, text):
+        super().__init__()
+        self.root = self.cur = Node(None, [], None)
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        n = Node(tag, attrs, self.cur)
+        self.cur.kids.append(n)
+        if tag not in VOID:
+            self.cur = n
+
+    def handle_startendtag(self, tag, attrs):
+        self.cur.kids.append(Node(tag, attrs, self.cur))
+
+    def handle_endtag(self, tag):
+        n = self.cur
+        while n.tag is not None and n.tag != tag:
+            n = n.parent
+        if n.tag is not None:
+            self.cur = n.parent
+
+    def handle_data(self, data):
+        self.cur.kids.append(data)
+
+# -----------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
-def browser():
+def chromium(tmp_path_factory):
     path = viewer.find_chromium()
     if path is None:
         if CI:
             pytest.fail("no chromium in CI: .ci/run installs Debian's chromium when /usr/bin/chromium is missing")
         pytest.skip("no Chromium (/usr/bin/chromium): apt-get install -y chromium (.ci/run does it in CI)")
+    probe = tmp_path_factory.mktemp("chromium") / "probe.html"
+    probe.write_text("<!DOCTYPE html><p id=a></p><script>document.getElementById('a').textContent = 'ran'</script>")
     try:
-        b = viewer.Chromium(path)
+        out, _ = viewer.chromium(str(probe), "--dump-dom")
     except viewer.ViewerError as e:
         if CI:
             raise
         pytest.skip(f"{path} cannot be started here: {e}")
-    yield b
-    b.close()
+    assert '<p id="a">ran</p>' in out, out[:500]
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -56,57 +162,71 @@ def demo(tmp_path_factory):
 
 def make(*args):
     """viewer.py's main -> the path it wrote."""
-    out = args[-1].split("=", 1)[1] if args[-1].startswith("--out=") else None
+    out = [a.split("=", 1)[1] for a in args if a.startswith("--out=")]
     viewer.main(list(args))
-    return out or os.path.join(args[0], {"grpo": "rollouts.html", "eval": "responses.html",
-                                         "entropy": "entropy.html"}[viewer.detect(args[0])])
+    return out[0] if out else os.path.join(args[0], {"grpo": "rollouts.html", "eval": "responses.html",
+                                                     "entropy": "entropy.html"}[viewer.detect(args[0])])
 
 
-def show(b, html, height=1000):
-    """Opens the page, waits for its images; no JS error and no request but the file itself and data: URIs."""
-    b.open(html, 1280, height)
-    b.eval("Promise.all([...document.images].map(i => i.decode().catch(() => null)))")
-    assert b.errors() == []
-    assert all(u.startswith(("file:", "data:", "about:")) for u in b.requests()), b.requests()
+def dom(path, **view):
+    """The page's DOM after its script ran, opened at the view given (its URL fragment: filter=wrong&step=5). No
+    console message (a JS error, or a request the page's policy refused) and no URL but data: URIs."""
+    out, console = viewer.chromium(path, "--dump-dom", fragment=urlencode(view))
+    assert console == []
+    d = DOM(out).root
+    urls = [n.attrs[a] for n in d.walk() for a in ("src", "href") if n.attrs.get(a)]
+    assert all(u.startswith("data:") for u in urls), [u[:80] for u in urls if not u.startswith("data:")]
+    return d
 
 
-def js(b, expr):
-    return b.eval(expr)
+def count(d, what=".sample"):
+    return len(d.select("#list " + what))
 
 
-def count(b, what=".sample"):
-    return js(b, f"document.querySelectorAll('#list {what}').length")
+def on(d, buttons_id):
+    """The value of the button that is on in a row of buttons."""
+    return d.one(f"#{buttons_id} button.on").attrs["data-v"]
 
 
-def click(b, selector):
-    js(b, f"document.querySelector({json.dumps(selector)}).click()")
+def selected(d, select_id):
+    return d.one(f"#{select_id} option[selected]").attrs["value"]
 
 
-def choose(b, select_id, value):
-    js(b, f"(s => {{ s.value = {json.dumps(str(value))}; s.dispatchEvent(new Event('change')); }})"
-          f"(document.getElementById({json.dumps(select_id)}))")
-
-
-def image_widths(b):
-    return js(b, "[...document.images].map(i => i.complete ? i.naturalWidth : 0)")
-
-
-def colours(b, scope):
-    """The computed background colours of the token spans under a selector, in order."""
-    return js(b, f"[...document.querySelectorAll({json.dumps(scope + ' .tok')})]"
-                 ".map(t => getComputedStyle(t).backgroundColor)")
-
-
-def assert_safe(b):
-    """Hostile strings were shown as text: nothing ran, no element was made from them."""
-    assert js(b, "window.__pwned === undefined")
-    assert js(b, "document.querySelectorAll('img[src=\"x\"], .resp *:not(.tok), .q *').length") == 0
-    assert "</script><script>window.__pwned=1</script>" in js(b, "document.body.textContent")
-
-
-def assert_screenshot(b):
+def image_widths(d):
+    """The widths of the page's images, decoded from their data: URIs."""
     from PIL import Image
-    im = Image.open(io.BytesIO(viewer.small_png(b.screenshot()))).convert("RGB")
+    widths = []
+    for im in d.select("img"):
+        with Image.open(io.BytesIO(base64.b64decode(im.attrs["src"].split(",", 1)[1]))) as x:
+            widths.append(x.width)
+    return widths
+
+
+def colours(d, scope):
+    """The background colours of the token spans under a selector, in order ("na": grey, no value)."""
+    out = []
+    for t in d.select(scope + " .tok"):
+        m = re.search(r"background-color:\s*([^;]+)", t.attrs.get("style") or "")
+        out.append(m.group(1).strip() if m else "na" if t.has_class("na") else "none")
+    return out
+
+
+def assert_safe(d):
+    """Hostile strings were shown as text: nothing ran, no element was made from them."""
+    assert all("data-pwned" not in n.attrs for n in d.walk())
+    assert d.select("img[src=x]") == []
+    assert [n.tag for r in d.select(".resp") for n in r.walk() if not n.has_class("tok")] == []
+    assert [n.tag for q in d.select(".q") for n in q.walk()] == []
+    assert viewer_dumps.HOSTILE in d.one("body").text
+
+
+def assert_screenshot(png):
+    """viewer.py --screenshot wrote a PNG of at most 200 KB that is not blank."""
+    from PIL import Image
+    assert os.path.getsize(png) <= 200_000
+    with Image.open(png) as im:
+        assert im.format == "PNG"
+        im = im.convert("RGB")
     assert im.size[0] >= 320
     colors = im.getcolors(1 << 16)  # None: more colours than that
     assert colors is None or len(colors) > 16, "screenshot is (nearly) one colour"
@@ -117,140 +237,151 @@ def assert_screenshot(b):
 # synthetic dumps in viewer.py's formats
 
 
-def test_rollouts_page(browser, demo):
+def test_rollouts_page(chromium, demo, tmp_path):
     d, groups, *_ = demo
-    b = browser
-    html = make(os.path.join(d, "grpo"))
-    with open(html) as f:
+    png = str(tmp_path / "rollouts.png")
+    path = make(os.path.join(d, "grpo"), f"--screenshot={png}")
+    assert_screenshot(png)
+    with open(path) as f:
         text = f.read()
     assert text.count("data:image/") == 25  # 25 prompts' images, each once though step 10 reuses 4 of them
-    show(b, html)
+    # one file: the script and the style inline
+    assert viewer.asset("viewer.js") in text and viewer.asset("viewer.css") in text
+    assert "<link" not in text and "<script src" not in text
+    p = dom(path)
     at10 = [g for g in groups if g["step"] == 10]
     samples10 = [s for g in at10 for s in g["samples"]]
-    # the last dumped step is shown first: 4 groups side by side, 16 samples, each group's image decoded
-    assert js(b, "document.getElementById('step').value") == "10"
-    assert count(b) == 16 and count(b, ".group") == 4
-    assert js(b, "document.getElementById('count').textContent") == "4 groups, 16 samples at step 10"
-    widths = image_widths(b)
+    # the last dumped step is shown first: 4 groups side by side, 16 samples, each group's image
+    assert selected(p, "step") == "10" and on(p, "filter") == "all"
+    assert count(p) == 16 and count(p, ".group") == 4
+    assert p.one("#count").text == "4 groups, 16 samples at step 10"
+    widths = image_widths(p)
     assert len(widths) == 4 and min(widths) == 64
     # tokens coloured by entropy; the pieces spell the response; critical tokens marked
-    c = colours(b, "#list .group:nth-child(1) .sample:nth-child(1)")
+    c = colours(p, "#list .group:nth-child(1) .sample:nth-child(1)")
     assert len(c) == len(at10[0]["samples"][0]["pieces"]) and len(set(c)) > 5
-    assert js(b, "document.querySelector('#list .resp').textContent") == \
+    assert p.one("#list .resp").text == \
         at10[0]["samples"][0]["response"] + "\u2205"  # the empty end-of-turn piece is shown as a mark
-    assert count(b, ".tok.crit") == sum(len(s["critical"]) for s in samples10) > 0
-    assert_safe(b)
-    # filters: click, count again
+    assert count(p, ".tok.crit") == sum(len(s["critical"]) for s in samples10) > 0
+    assert_safe(p)
+    # filters: the page opened at rollouts.html#filter=wrong etc.; the controls show the view
     wrong = sum(s["accuracy"] != 1 for s in samples10)
-    click(b, "#filter button[data-v=wrong]")
-    assert count(b) == wrong and js(b, "[...document.querySelectorAll('#list .sample')]"
-                                       ".every(s => s.classList.contains('wrong'))")
-    click(b, "#filter button[data-v=truncated]")
-    assert count(b) == 1 and count(b, ".group") == 1
-    click(b, "#filter button[data-v=correct]")
-    assert count(b) == len(samples10) - wrong
-    click(b, "#filter button[data-v=all]")
-    click(b, "#groups button[data-v=equal]")  # the all-correct group: every advantage is 0
-    assert count(b, ".group") == 1 and count(b) == 4
-    click(b, "#groups button[data-v=varied]")
-    assert count(b, ".group") == 3 and count(b) == 12
-    click(b, "#groups button[data-v=all]")
-    choose(b, "domain", at10[2]["domain"])
-    assert count(b, ".group") == sum(g["domain"] == at10[2]["domain"] for g in at10)
-    choose(b, "domain", "")
+    p = dom(path, filter="wrong")
+    assert on(p, "filter") == "wrong"
+    assert count(p) == wrong and all(s.has_class("wrong") for s in p.select("#list .sample"))
+    p = dom(path, filter="truncated")
+    assert count(p) == 1 and count(p, ".group") == 1
+    assert count(dom(path, filter="correct")) == len(samples10) - wrong
+    p = dom(path, groups="equal")  # the all-correct group: every advantage is 0
+    assert on(p, "groups") == "equal" and count(p, ".group") == 1 and count(p) == 4
+    p = dom(path, groups="varied")
+    assert count(p, ".group") == 3 and count(p) == 12
+    p = dom(path, domain=at10[2]["domain"])
+    assert selected(p, "domain") == at10[2]["domain"]
+    assert count(p, ".group") == sum(g["domain"] == at10[2]["domain"] for g in at10)
     # colour modes: train - rollout log-prob is grey where train_logp is null (group 4), coloured elsewhere
-    click(b, "input[name=mode][value=dlogp]")
-    assert set(js(b, "[...document.querySelectorAll('#list .group:nth-child(4) .tok')]"
-                     ".map(t => t.classList.contains('na'))")) == {True}
-    assert len(set(colours(b, "#list .group:nth-child(2) .sample:nth-child(1)"))) > 3
-    click(b, "input[name=mode][value=advlogp]")  # green where A > 0, red where A < 0
-    assert all("26, 152, 80" in x for x in colours(b, "#list .group:nth-child(2) .sample:nth-child(1)"))
-    assert all("215, 48, 39" in x for x in colours(b, "#list .group:nth-child(2) .sample:nth-child(2)"))
-    click(b, "input[name=mode][value=entropy]")
+    p = dom(path, mode="dlogp")
+    assert "checked" in p.one("input[name=mode][value=dlogp]").attrs
+    assert {t.has_class("na") for t in p.select("#list .group:nth-child(4) .tok")} == {True}
+    assert len(set(colours(p, "#list .group:nth-child(2) .sample:nth-child(1)"))) > 3
+    p = dom(path, mode="advlogp")  # green where A > 0, red where A < 0
+    assert all("26, 152, 80" in x for x in colours(p, "#list .group:nth-child(2) .sample:nth-child(1)"))
+    assert all("215, 48, 39" in x for x in colours(p, "#list .group:nth-child(2) .sample:nth-child(2)"))
     # another step, paginated: 25 groups -> 20 on the first page, 5 on the second
-    choose(b, "step", 5)
-    assert count(b, ".group") == 20 and count(b) == 80
-    assert js(b, "document.getElementById('count').textContent") == "25 groups, 100 samples at step 5"
-    click(b, "#next")
-    assert count(b, ".group") == 5 and count(b) == 20 and min(image_widths(b)) == 64
+    p = dom(path, step=5)
+    assert selected(p, "step") == "5" and count(p, ".group") == 20 and count(p) == 80
+    assert p.one("#count").text == "25 groups, 100 samples at step 5"
+    p = dom(path, step=5, page=2)
+    assert p.one("#page").text.strip() == "page 2/2"
+    assert count(p, ".group") == 5 and count(p) == 20 and min(image_widths(p)) == 64
+    # a view the page does not offer is the first view
+    p = dom(path, step=7, filter="bogus", mode="none", page=9, constructor=1)
+    assert selected(p, "step") == "10" and on(p, "filter") == "all" and count(p) == 16
     # the run curves: every key is in log.jsonl; a path with one point a step (critical_entropy: a gap at step 4)
-    curves = js(b, "[...document.querySelectorAll('#curves svg.plot')].map(s => [s.dataset.key, "
-                   "s.querySelector('path.line').getAttribute('d').match(/[ML]/g).join('')])")
+    curves = [(s.attrs["data-key"], "".join(re.findall("[ML]", s.one("path.line").attrs["d"])))
+              for s in p.select("#curves svg.plot")]
     assert [k for k, _ in curves] == CURVE_KEYS
     paths = dict(curves)
     assert paths["reward"] == "M" + "L" * 11 and paths["val_accuracy"] == "MLL"
     assert paths["critical_entropy"] == "MLL" + "M" + "L" * 7
-    assert js(b, "document.getElementById('curves-missing')") is None
+    assert p.select("#curves-missing") == []
     assert viewer.read_log(os.path.join(d, "grpo", "log.jsonl"))[3]["reward"] > 0  # step 3's second record won
-    assert_screenshot(b)
-    assert b.errors() == []
 
 
-def test_eval_page_and_compare(browser, demo):
+def test_eval_page_and_compare(chromium, demo, tmp_path):
     d, _, a, bb, _ = demo
-    b = browser
-    show(b, make(os.path.join(d, "eval_grpo")))
-    assert count(b, ".item") == 20 and js(b, "document.getElementById('count').textContent") == "30 of 30 items"
-    assert len(image_widths(b)) == 20 and min(image_widths(b)) == 64
-    assert len(set(colours(b, "#list .item:nth-child(2)"))) > 5
-    assert js(b, "document.querySelectorAll('table.by_domain tr').length") == 1 + 6
-    assert js(b, "document.querySelectorAll('table.by_difficulty tr').length") == 1 + 2
-    assert_safe(b)
+    path = make(os.path.join(d, "eval_grpo"), f"--screenshot={tmp_path / 'eval.png'}")
+    assert_screenshot(tmp_path / "eval.png")
+    p = dom(path)
+    assert count(p, ".item") == 20 and p.one("#count").text == "30 of 30 items"
+    assert len(image_widths(p)) == 20 and min(image_widths(p)) == 64
+    assert len(set(colours(p, "#list .item:nth-child(2)"))) > 5
+    assert len(p.select("table.by_domain tr")) == 1 + 6
+    assert len(p.select("table.by_difficulty tr")) == 1 + 2
+    assert_safe(p)
     wrong = sum(r["correct"] != 1 for r in a)
-    click(b, "#filter button[data-v=wrong]")
-    assert count(b, ".item") == min(20, wrong) and count(b, ".sample.correct") == 0
-    assert js(b, "document.getElementById('count').textContent") == f"{wrong} of 30 items"
-    click(b, "#filter button[data-v=truncated]")
-    assert count(b, ".item") == 1
-    assert_screenshot(b)
+    p = dom(path, filter="wrong")
+    assert count(p, ".item") == min(20, wrong) and count(p, ".sample.correct") == 0
+    assert p.one("#count").text == f"{wrong} of 30 items"
+    assert count(dom(path, filter="truncated"), ".item") == 1
+    p = dom(path, filter="wrong", difficulty="hard")
+    assert selected(p, "difficulty") == "hard"
+    assert p.one("#count").text == f"{sum(r['correct'] != 1 and r['difficulty'] == 'hard' for r in a)} of 30 items"
     # two runs: the flipped items, side by side
     out = os.path.join(d, "compare.html")
-    show(b, make(os.path.join(d, "eval_grpo"), f"--compare={os.path.join(d, 'eval_sft')}", f"--out={out}"))
+    path = make(os.path.join(d, "eval_grpo"), f"--compare={os.path.join(d, 'eval_sft')}", f"--out={out}",
+                f"--screenshot={tmp_path / 'compare.png'}")
+    assert_screenshot(tmp_path / "compare.png")
+    p = dom(path)
     a_only = sum(x["correct"] == 1 and y["correct"] != 1 for x, y in zip(a, bb))
     b_only = sum(x["correct"] != 1 and y["correct"] == 1 for x, y in zip(a, bb))
     assert a_only > 0 and b_only > 0
-    assert count(b, ".item") == min(20, a_only + b_only) and count(b, ".pair") == count(b, ".item")
-    assert count(b, ".pair > .sample") == 2 * count(b, ".item")
-    click(b, "#flip button[data-v=b]")
-    assert count(b, ".item") == b_only
-    assert js(b, "[...document.querySelectorAll('#list .pair')].every(p => "
-                 "p.children[0].classList.contains('wrong') && p.children[1].classList.contains('correct'))")
-    click(b, "#flip button[data-v=all]")
-    assert js(b, "document.getElementById('count').textContent") == "30 of 30 items"
-    assert js(b, "document.querySelector('table.by_domain tr').textContent") == "domaineval_grpoeval_sft\u0394n"
-    assert_screenshot(b)
+    assert on(p, "flip") == "any"
+    assert count(p, ".item") == min(20, a_only + b_only) and count(p, ".pair") == count(p, ".item")
+    assert count(p, ".pair > .sample") == 2 * count(p, ".item")
+    p = dom(path, flip="b")
+    assert count(p, ".item") == b_only
+    assert all(x.elements()[0].has_class("wrong") and x.elements()[1].has_class("correct")
+               for x in p.select("#list .pair"))
+    p = dom(path, flip="all")
+    assert p.one("#count").text == "30 of 30 items"
+    assert p.one("table.by_domain tr").text == "domaineval_grpoeval_sft\u0394n"
 
 
-def test_entropy_page(browser, demo):
+def test_entropy_page(chromium, demo, tmp_path):
     d, *_, report = demo
-    b = browser
-    show(b, make(os.path.join(d, "entropy")))
+    p = dom(make(os.path.join(d, "entropy"), f"--screenshot={tmp_path / 'entropy.png'}"))
+    assert_screenshot(tmp_path / "entropy.png")
     rows, sel = report["rows"], report["selection"]
-    assert js(b, "document.querySelectorAll('table.ckpts tr').length") == 1 + len(rows)
-    assert js(b, "[...document.querySelectorAll('table.ckpts tr.selected td')].map(t => t.textContent)")[1] \
-        == str(sel["step"])
+    assert len(p.select("table.ckpts tr")) == 1 + len(rows)
+    assert [t.text for t in p.select("table.ckpts tr.selected td")][1] == str(sel["step"])
     # the plot is drawn from the numbers: a path of 12 points for each of entropy and accuracy; the scatter
-    assert js(b, "[...document.querySelectorAll('#plots svg:first-child path.line')].map(p => +p.dataset.n)") \
-        == [12, 12]
-    assert js(b, "document.querySelectorAll('#plots svg:last-child circle').length") == 12
-    assert js(b, "document.querySelectorAll('#plots svg:first-child .cursor').length") == 1  # the selection
-    text = js(b, "document.body.textContent")
+    assert [int(x.attrs["data-n"]) for x in p.select("#plots svg:first-child path.line")] == [12, 12]
+    assert len(p.select("#plots svg:last-child circle")) == 12
+    assert len(p.select("#plots svg:first-child .cursor")) == 1  # the selection
+    text = p.one("body").text
     assert f"{report['correlation']['critical_entropy']['pearson']:.4f}" in text and sel["reason"] in text
-    assert_screenshot(b)
 
 
-def test_log_only_run_and_absent_curves(browser, tmp_path):
+def test_log_only_run_and_absent_curves(chromium, tmp_path):
     d = tmp_path / "run"
     d.mkdir()
     (d / "log.jsonl").write_text("".join(json.dumps({"step": s, "reward": 0.1 * s, "accuracy": 0.05 * s}) + "\n"
                                          for s in range(1, 6)))
-    show(browser, make(str(d)))
-    assert js(browser, "[...document.querySelectorAll('#curves svg.plot')].map(s => s.dataset.key)") == \
-        ["reward", "accuracy"]
-    missing = js(browser, "document.getElementById('curves-missing').textContent")
+    p = dom(make(str(d)))
+    assert [s.attrs["data-key"] for s in p.select("#curves svg.plot")] == ["reward", "accuracy"]
+    missing = p.one("#curves-missing").text
     assert all(k in missing for k in CURVE_KEYS[2:])
-    assert "no rollouts.jsonl" in js(browser, "document.body.textContent")
+    assert "no rollouts.jsonl" in p.one("body").text
 
+
+def test_screenshot_without_chromium(tmp_path, monkeypatch):
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "reward": 0.5}\n')
+    monkeypatch.setattr(viewer, "find_chromium", lambda: None)
+    with pytest.raises(SystemExit) as e:
+        viewer.main([str(tmp_path), f"--screenshot={tmp_path / 'x.png'}"])
+    assert str(e.value.code).startswith("viewer.py: error: no chromium found")
+    assert (tmp_path / "rollouts.html").is_file() and not (tmp_path / "x.png").exists()
 
 def test_bad_input(tmp_path, capsys):
     def error(*args):
@@ -310,13 +441,12 @@ def real(tmp_path_factory):
                     f"--val_data={synth}/val.jsonl", "--prompts_per_step=4", "--group_size=4",
                     "--max_new_tokens=[[0, 24]]", "--micro_batch=16", "--val_n=4", "--eval_every=2",
                     "--save_every=100", "--max_steps=2", "--dump_every=1"])
-    run("eval.py", [f"--ckpt={d}/grpo/hf", f"--data={synth}/test.jsonl", f"--out_dir={d}/eval",
+    run("eval.py", [f"--init_from={d}/grpo/hf", f"--data={synth}/test.jsonl", f"--out_dir={d}/eval",
                     "--max_new_tokens=32"])
     return d
 
 
-def test_real_run_pages(browser, real):
-    b = browser
+def test_real_run_pages(chromium, real, tmp_path):
     with open(f"{real}/grpo/rollouts.jsonl") as f:
         dump = [json.loads(line) for line in f if line.strip()]
     assert dump, "grpo.py --dump_every=1 wrote no rollouts"
@@ -329,26 +459,26 @@ def test_real_run_pages(browser, real):
             spelt, text = ("".join(s["pieces"]).replace("\ufffd", ""), s["response"].replace("\ufffd", ""))
             assert spelt in (text, text + s["pieces"][-1]), (s["pieces"], s["response"])
             assert len(s["pieces"]) == len(s["tokens"]) == len(s["entropy"]) == len(s["logp"]) == s["n_tokens"]
-    show(b, make(f"{real}/grpo"))
+    path = make(f"{real}/grpo", f"--screenshot={tmp_path / 'rollouts.png'}")
+    assert_screenshot(tmp_path / "rollouts.png")
     for step in sorted({g["step"] for g in dump}):
-        choose(b, "step", step)
+        p = dom(path, step=step)
         at = [g for g in dump if g["step"] == step][:20]
-        assert count(b) == sum(len(g["samples"]) for g in at) and count(b, ".group") == len(at)
-        assert len(image_widths(b)) == sum(len(g["images"]) for g in at) and min(image_widths(b)) > 0
-        assert len(set(colours(b, "#list"))) > 3
+        assert count(p) == sum(len(g["samples"]) for g in at) and count(p, ".group") == len(at)
+        assert len(image_widths(p)) == sum(len(g["images"]) for g in at) and min(image_widths(p)) > 0
+        assert len(set(colours(p, "#list"))) > 3
     log = viewer.read_log(f"{real}/grpo/log.jsonl")
     present = [k for k in CURVE_KEYS if any(isinstance(r.get(k), (int, float)) for r in log)]
     assert {"reward", "accuracy", "entropy", "val_accuracy"} <= set(present)
-    assert js(b, "[...document.querySelectorAll('#curves svg.plot')].map(s => s.dataset.key)") == present
-    assert js(b, "[...document.querySelectorAll('#curves path.line')].every(p => +p.dataset.n >= 1)")
-    assert_screenshot(b)
+    assert [s.attrs["data-key"] for s in p.select("#curves svg.plot")] == present
+    assert all(int(x.attrs["data-n"]) >= 1 for x in p.select("#curves path.line"))
     with open(f"{real}/eval/responses.jsonl") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     assert not RESPONSE_KEYS - set(rows[0]), f"responses.jsonl lacks {sorted(RESPONSE_KEYS - set(rows[0]))}"
-    show(b, make(f"{real}/eval"))
-    assert count(b, ".item") == min(20, len(rows)) and min(image_widths(b)) > 0
-    assert len(set(colours(b, "#list"))) > 3
-    assert_screenshot(b)
+    p = dom(make(f"{real}/eval", f"--screenshot={tmp_path / 'eval.png'}"))
+    assert_screenshot(tmp_path / "eval.png")
+    assert count(p, ".item") == min(20, len(rows)) and min(image_widths(p)) > 0
+    assert len(set(colours(p, "#list"))) > 3
 
 
 def test_readme_screenshots():

@@ -22,7 +22,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import hf_fixtures as hx  # noqa: E402
-
+from plumbing.hf import load_pretrained  # noqa: E402
+from sampler import Sampling  # noqa: E402
 
 
 def prompts():
@@ -33,15 +34,14 @@ def prompts():
 
 
 EOS = list(range(0, hx.N_REGULAR, 5))  # 24 of 128 ids: rows end at different steps, so compaction runs
-CASES = {  # name: (prompt indices, generate kwargs, Triton kernels on)
-    "greedy": ([0, 1, 2, 3], dict(n=2, max_new_tokens=8, temperature=0), False),
-    "greedy_text": ([4, 1, 5], dict(n=2, max_new_tokens=8, temperature=0), False),  # no image: the ViT never runs
-    "sample": ([0, 1, 2, 3], dict(n=3, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=[10, 11, 12, 13]), False),
-    "eos": ([0, 1, 2, 3, 4], dict(n=3, max_new_tokens=12, temperature=1.0, seed=2, eos_token_id=EOS, sync_every=2),
-            False),
-    "eos_static": ([0, 1, 2, 3, 4], dict(n=3, max_new_tokens=12, temperature=1.0, seed=2, eos_token_id=EOS,
-                                         sync_every=2, cuda_graph=True), False),  # bucketed compaction
-    "triton": ([1, 2], dict(n=2, max_new_tokens=4, temperature=1.0, seed=5, sync_every=2), True),
+CASES = {  # name: (prompt indices, generate kwargs (sampling: temperature 1 unless said), Triton kernels on)
+    "greedy": ([0, 1, 2, 3], dict(n=2, max_new_tokens=8, sampling=Sampling(temperature=0)), False),
+    "greedy_text": ([4, 1, 5], dict(n=2, max_new_tokens=8, sampling=Sampling(temperature=0)), False),  # no ViT run
+    "sample": ([0, 1, 2, 3], dict(n=3, max_new_tokens=8, sampling=Sampling(top_p=0.9), seed=[10, 11, 12, 13]), False),
+    "eos": ([0, 1, 2, 3, 4], dict(n=3, max_new_tokens=12, seed=2, eos_token_id=EOS, sync_every=2), False),
+    "eos_static": ([0, 1, 2, 3, 4], dict(n=3, max_new_tokens=12, seed=2, eos_token_id=EOS, sync_every=2,
+                                         cuda_graph=True), False),  # bucketed compaction
+    "triton": ([1, 2], dict(n=2, max_new_tokens=4, seed=5, sync_every=2), True),
 }
 
 
@@ -68,7 +68,6 @@ def memory_case(dtype):
     import sampler
     from plumbing import apply_fsdp
     from model import VLM, VLMConfig
-    from plumbing.hf import load_pretrained
     from plumbing.tp import tp_group, tp_rollout_model, tp_union
     torch.manual_seed(0)
     m = apply_fsdp(VLM(VLMConfig()), param_dtype=None if dtype == torch.float32 else dtype)
@@ -91,7 +90,7 @@ def memory_case(dtype):
         with tp_rollout_model(m, tp_group(2)) as policy:
             weights = sum(p.numel() * p.element_size() for p in policy.parameters())
             sampler.generate(policy, [(ids, pix)] * len(union), n=MEM["group_size"], max_new_tokens=MEM["max_new"],
-                             temperature=1.0, seed=union)
+                             sampling=Sampling(temperature=1.0), seed=union)
     finally:
         sampler.DecodeCache.__init__ = init
     return dict(weights=weights, kv=max(seen), chunks=len(seen))

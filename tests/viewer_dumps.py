@@ -16,7 +16,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.synth import DOMAINS, make_sample  # noqa: E402
 
-HOSTILE = '</script><script>window.__pwned=1</script><img src=x onerror="window.__pwned=2"> & <b>bold</b>'
+# were it run, it would leave a mark in the DOM (data-pwned), which the tests look for in the page's dumped DOM
+PWN = "document.documentElement.dataset.pwned"
+HOSTILE = f'</script><script>{PWN}=1</script><img src=x onerror="{PWN}=2"> & <b>bold</b>'
 PIECE = re.compile(r"\s*[A-Za-z]+|\s*\d|\s*[^\sA-Za-z\d]|\s+")  # word-ish tokens; they concatenate to the text
 
 

@@ -177,7 +177,7 @@ def cpu_bench():
           f"{new_tokens} new tokens, temperature 1, {torch.get_num_threads()} threads (both sides)")
     print(f"load average at start (1/5/15 min): {load_avg()}  -- the machine is shared; see the per-round ratios")
     # same weights? one greedy continuation must agree token for token (also the warm-up of both sides)
-    ours = sampler.generate(model, prompts[:1], max_new_tokens=8, temperature=0).response(0)
+    ours = sampler.generate(model, prompts[:1], max_new_tokens=8, sampling=sampler.Sampling(temperature=0)).response(0)
     with torch.no_grad():
         theirs = hf.generate(input_ids=ids[:1], pixel_values=pv[:1], do_sample=False, max_new_tokens=8,
                              pad_token_id=0)[0, prompt_len:].tolist()
@@ -191,8 +191,8 @@ def cpu_bench():
     for r in range(repeats):
         st = {}
         t, c = time.perf_counter(), time.process_time()
-        res = sampler.generate(model, prompts, n=n_samples, max_new_tokens=new_tokens, temperature=1.0, seed=r,
-                               stats=st)
+        res = sampler.generate(model, prompts, n=n_samples, max_new_tokens=new_tokens,
+                               sampling=sampler.Sampling(temperature=1.0), seed=r, stats=st)
         t_us.append(time.perf_counter() - t)
         c_us.append(time.process_time() - c)
         splits.append(st)
@@ -231,8 +231,9 @@ def cpu_bench():
     for r in range(repeats):  # interleaved too; seed r gives the same tokens under both policies (tested)
         for compact in (False, True):
             t = time.perf_counter()
-            res = sampler.generate(model, prompts, n=n_samples, max_new_tokens=new_tokens, temperature=1.0, seed=r,
-                                   eos_token_id=eos, compact=compact, sync_every=8)
+            res = sampler.generate(model, prompts, n=n_samples, max_new_tokens=new_tokens,
+                                   sampling=sampler.Sampling(temperature=1.0), seed=r, eos_token_id=eos,
+                                   compact=compact, sync_every=8)
             ts[compact].append(time.perf_counter() - t)
         toks.append(int(res.lengths.sum()))
     rows = [[f"compact={c}", f"{statistics.median(ts[c]):.2f}",

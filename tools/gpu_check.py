@@ -180,7 +180,7 @@ def check_decode():
                     sync()
                     t = time.perf_counter()
                     ours = sampler.generate(model, prompts, n=n, max_new_tokens=N, prefill_tokens=16384, stats=st,
-                                            temperature=0)
+                                            sampling=sampler.Sampling(temperature=0))
                     e2e = time.perf_counter() - t
                 except (MemoryError, torch.OutOfMemoryError) as err:
                     report["errors"].append(f"decode {name} B={B} L={L}: {str(err)[:100]}")
@@ -203,10 +203,11 @@ def check_decode():
                 if B == Bs[1] and L == Ls[0]:  # the CUDA-graph decode: same tokens, its speed
                     st2 = {}
                     graphed = sampler.generate(model, prompts, n=n, max_new_tokens=N, prefill_tokens=16384,
-                                               stats=st2, temperature=0, cuda_graph=True)
+                                               stats=st2, sampling=sampler.Sampling(temperature=0), cuda_graph=True)
                     row["graph_same_tokens"] = bool(torch.equal(graphed.tokens, ours.tokens))
                     st2 = {}
-                    sampler.generate(model, prompts, n=n, max_new_tokens=N, stats=st2, temperature=0, cuda_graph=True)
+                    sampler.generate(model, prompts, n=n, max_new_tokens=N, stats=st2,
+                                     sampling=sampler.Sampling(temperature=0), cuda_graph=True)
                     row["graph_decode_tok_s"] = B / (st2["decode_s"] / max(st2["decode_steps"], 1))
                 rows.append(row)
         del model, hf

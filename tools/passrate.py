@@ -1,14 +1,15 @@
 """
 Skywork-OR1's offline pass-rate filter (arXiv 2505.22312 sec. 3, data preparation; docs/recipe.md, "R1V2 and
-Skywork-OR1"): sample n answers per RL prompt with a checkpoint and keep only the prompts it solves neither 0/n nor
-n/n times. A group that is all right or all wrong has zero advantage everywhere: it costs a rollout and teaches
-nothing.
+Skywork-OR1"): sample group_size (n) answers per RL prompt with a checkpoint and keep only the prompts it solves
+neither 0/n nor n/n times. A group that is all right or all wrong has zero advantage everywhere: it costs a rollout
+and teaches nothing.
 
-    python passrate.py --ckpt=out/sft/hf --data=data/synth/rl.jsonl --n=8
-    python passrate.py --ckpt=/ckpt/r1v3_sft/hf --data=/data/mmk12_rl.jsonl --n=16 --max_new_tokens=4096
+    python tools/passrate.py --init_from=out/sft/hf --data=data/synth/rl.jsonl --group_size=8
+    python tools/passrate.py --init_from=/ckpt/r1v3_sft/hf --data=/data/mmk12_rl.jsonl --group_size=16 \\
+        --max_new_tokens=4096
 
-Writes out (default: <data>_passrate.jsonl beside the data, so relative image paths still resolve): the kept
-prompts as their original JSON lines plus "pass_count" and "pass_n", and <out stem>_counts.json with every prompt's
+Writes out_file (default: <data>_passrate.jsonl beside the data, so relative image paths still resolve): the kept
+prompts as their original JSON lines plus "pass_count" and "pass_n", and <out_file stem>_counts.json with every prompt's
 count, the histogram of counts and how many were dropped as 0/n and n/n. Generation and scoring are rollout.py's,
 the same as the RL reward (temperature 1 by default: the distribution GRPO samples from).
 """
@@ -19,18 +20,19 @@ from collections import Counter
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: python tools/passrate.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 from plumbing import environment, load_inference_model, print0
 from plumbing.configurator import configure
 from data.common import load_jsonl
 from eval import evaluate
+from sampler import Sampling
 
 # -----------------------------------------------------------------------------
-ckpt = "out/sft/hf"
+init_from = "out/sft/hf"  # the model: an HF directory, a ckpt_XXXXXXX checkpoint or a training out_dir
 data = "data/synth/rl.jsonl"
-out = ""  # default: <data stem>_passrate.jsonl beside the data
-n = 8  # samples per prompt
+out_file = ""  # the kept prompts, a JSONL file; default: <data stem>_passrate.jsonl beside the data
+group_size = 8  # samples per prompt (n of the pass rate)
 temperature = 1.0
 top_p = 1.0
 max_new_tokens = 320
@@ -46,18 +48,20 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 
 if __name__ == "__main__":
     config = configure(globals(), sys.argv[1:])
+    n = group_size
     if n < 2:
-        raise SystemExit(f"passrate.py: n={n}: need at least 2 samples per prompt for a pass rate to filter on")
+        raise SystemExit(f"passrate.py: group_size={n}: need at least 2 samples per prompt for a pass rate to filter "
+                         "on")
     items = load_jsonl(data, skip_bad=skip_bad)
     items = items[:limit] if limit else items
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model, tok, path = load_inference_model(ckpt, device, dtype, tokenizer=tokenizer)
-    rows = evaluate(model, tok, items, n, temperature, max_new_tokens, "think" if think else "nothink", seed,
-                    batch_prompts, system_prompt or None, top_p, tokens=False)
+    model, tok, path = load_inference_model(init_from, device, dtype, tokenizer=tokenizer)
+    rows = evaluate(model, tok, items, n, max_new_tokens, Sampling(temperature=temperature, top_p=top_p), think=think,
+                    seed=seed, batch_prompts=batch_prompts, system=system_prompt or None, tokens=False)
     solved = Counter()  # by the item's position (rows come k per item, in order): ids need not be unique
     for i, r in enumerate(rows):
         solved[i // n] += r["correct"]
-    out_path = out or os.path.splitext(data)[0] + "_passrate.jsonl"
+    out_path = out_file or os.path.splitext(data)[0] + "_passrate.jsonl"
     same_dir = os.path.dirname(os.path.abspath(out_path)) == os.path.dirname(os.path.abspath(data))
     with open(data, encoding="utf-8") as f:
         lines = f.read().splitlines()

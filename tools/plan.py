@@ -296,16 +296,11 @@ def _kv_heads(cfg, tp):
 
 
 def decode_bytes(cfg, rows, max_new, mode="sample"):
-    """sampler.decode's buffers for `rows` rows: sample_next over (rows, vocab) (mode: 'sample' at temperature 1,
-    'greedy', 'shaped' with temperature / top-p / top-k), the outputs (out_tok int64, out_logp, out_ent fp32) and
-    the uniforms (draw_uniforms, fp32), per row per new token."""
+    """sampler.decode's buffers for `rows` rows: sample_next over (rows, vocab) (mode: a sampler.Sampling's mode,
+    'sample' at temperature 1, 'greedy', 'shaped' with temperature / top-p / top-k), the outputs (out_tok int64,
+    out_logp, out_ent fp32) and the uniforms (draw_uniforms, fp32), per row per new token."""
     import sampler
     return sampler.decode_bytes(cfg, rows, max_new, mode)
-
-
-def sampling_mode(temperature=1.0, top_p=1.0, top_k=0):
-    import sampler
-    return sampler.sampling_mode(temperature, top_p, top_k)
 
 
 def sampler_chunks(cfg, P, prompt, n, max_new, e, budget, tp=1, decode=None):
@@ -576,7 +571,8 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
             ph.update(terms(per))
             return ph, fixed + need(per), -(-P // per), per
 
-        mode = sampling_mode(float(c.get("temperature", 1.0)), float(c.get("top_p", 1.0)))
+        import sampler
+        mode = sampler.Sampling(temperature=float(c.get("temperature", 1.0)), top_p=float(c.get("top_p", 1.0))).mode
         ro, ro_peak, ch, per = gen_phase(P, n, mode)
         if fixed + kv_bytes(cfg, 1, n, prompt, max_new, e, tp) > usable:
             notes.append("rollout: even one prompt's KV cache does not fit beside the resident weights and states")
@@ -588,7 +584,7 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
         val_n = int(c.get("val_n", 0)) if c.get("val_data") and c.get("eval_every", 1) else 0
         P_ev = int(min(64, math.ceil(val_n / W) * tp)) if val_n else 0
         if P_ev:
-            ev, ev_peak, ev_ch, _ = gen_phase(P_ev, 1, "greedy")
+            ev, ev_peak, ev_ch, _ = gen_phase(P_ev, 1, sampler.Sampling(temperature=0.0).mode)
             phases["eval"] = ev
             res.update(eval_prompts=P_ev, eval_chunks=ev_ch)
     else:  # sft validation: the loss forward under no_grad on batch_size samples
