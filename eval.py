@@ -60,12 +60,12 @@ tp = 1  # > 1: under torchrun --nproc_per_node=tp, the ranks hold TP shards and 
 # (the functions below are also used by grpo.py and entropy.py; the script itself runs under __main__)
 
 
-BREAKDOWN = ("domain", "subject", "difficulty")  # per-group accuracy for each of these a sample has
+_BREAKDOWN = ("domain", "subject", "difficulty")  # per-group accuracy for each of these a sample has
 
 
 def summarize(rows, k):
     """rows: one dict per (item, run) with id, run, correct, format, n_tokens (None if unknown), truncated, and
-    optionally the BREAKDOWN keys."""
+    optionally the _BREAKDOWN keys."""
     by_item = {}
     for r in rows:
         by_item.setdefault(r["id"], []).append(r)
@@ -80,7 +80,7 @@ def summarize(rows, k):
          "mean_tokens": sum(lens) / len(lens) if lens else None,
          "truncation_rate": sum(r.get("truncated", 0) for r in rows) / len(rows),
          "timeouts": sum(r.get("timeout", False) for r in rows)}
-    for key in BREAKDOWN:
+    for key in _BREAKDOWN:
         groups = {}
         for r in rows:
             groups.setdefault(str(r.get(key) or "-"), []).append(r["correct"])
@@ -98,7 +98,7 @@ def markdown(s, title):
               f"| pass@{k} | {100 * s[f'pass@{k}']:.1f} |",
               f"| format | {100 * s['format']:.1f} |", f"| mean response tokens | {tokens} |",
               f"| truncated | {100 * s['truncation_rate']:.1f}% |", f"| items | {s['n_items']} |"]
-    for key in BREAKDOWN:
+    for key in _BREAKDOWN:
         if f"by_{key}" in s:
             n = s.get(f"n_by_{key}", {})
             lines += ["", f"| {key} | accuracy | n |", "|---|---|---|"]
@@ -147,7 +147,7 @@ def load_items(path, skip_bad=False, limit=0):
 
 def read_responses(path):
     """A responses JSONL -> rows for re-scoring. Needs id, response, answer per line; options, run, n_tokens,
-    truncated and the BREAKDOWN keys are kept if present (run defaults to the id's count so far, i.e. k lines
+    truncated and the _BREAKDOWN keys are kept if present (run defaults to the id's count so far, i.e. k lines
     of one id are k runs)."""
     rows, count = [], Counter()
     for lineno, line in _lines(path, "responses"):
@@ -217,7 +217,7 @@ def evaluate(model, tok, items, group_size, max_new_tokens, sampling=Sampling(te
                    "options": s.get("options"), "response": text, "pred": sc["pred"], "answer": s["answer"],
                    "correct": int(sc["accuracy"]), "format": int(sc["format"]), "reward": sc["reward"],
                    "n_tokens": L, "truncated": int(out.truncated[r]), "timeout": bool(sc["timeout"]),
-                   "mean_entropy": float(out.entropies[r, :L].mean()), **{key: s.get(key) for key in BREAKDOWN}}
+                   "mean_entropy": float(out.entropies[r, :L].mean()), **{key: s.get(key) for key in _BREAKDOWN}}
             if tokens:
                 row.update(tokens=out.response(r), pieces=token_pieces(tok, out.response(r)),
                            entropies=out.entropies[r, :L].tolist())

@@ -5,7 +5,7 @@ entropy", "R1V2 and Skywork-OR1").
 CPU, the embedded default (starts from the checkpoint `python sft.py` exported to out/sft/hf):
     python grpo.py
 One GPU, a real checkpoint:
-    python grpo.py --init_from=out/sft_1b/hf --data=/data/mmk12_rl.jsonl --max_new_tokens='[[0, 4096]]'
+    python grpo.py --init_from=out/sft_1b/hf --data=/data/mmk12_rl.jsonl --max_new_tokens=4096
 8 GPUs with FSDP2 (Skywork-R1V3-38B: add --tp=8 --offload=True, see the README):
     torchrun --standalone --nproc_per_node=8 grpo.py config/grpo_r1v3.py
 The memory plan of a command, without loading weights: add --plan=True (tools/plan.py: --plan_gpus, --plan_gpu_gb).
@@ -64,7 +64,7 @@ prompts_per_step = 16  # global, split over the processes; R1V3: 32 prompts x 32
 group_size = 8  # samples per prompt: GRPO's group (n in the papers; --n would clash with torchrun flags)
 temperature = 1.0  # OR1: 1.0 (0.6 stagnated)
 top_p = 1.0
-max_new_tokens = [[0, 160]]  # [[from_step, length], ...]: R1V3 grows 4096 -> 8192; the default's traces are <= 123
+max_new_tokens = [[0, 160]]  # [[from_step, length], ...] or one length; R1V3: 4096 -> 8192; our traces are <= 123
 # reward (docs/recipe.md, "GRPO")
 acc_weight = 0.8
 fmt_weight = 0.2
@@ -131,7 +131,6 @@ if "--plan=True" in sys.argv[1:]:  # the memory plan of this command, without lo
     os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools",
                               "plan.py")] + sys.argv)
 config = configure(globals(), sys.argv[1:])
-max_new_tokens = [[0, max_new_tokens]] if isinstance(max_new_tokens, int) else max_new_tokens  # one length: no schedule
 # -----------------------------------------------------------------------------
 
 ddp, rank, local_rank, world_size, device = compute_init(seed, dist_timeout_s, heartbeat_timeout_s)

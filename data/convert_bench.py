@@ -4,7 +4,8 @@ Converts benchmark files, as they are distributed, to our JSONL (format in data/
     python data/convert_bench.py mmmu /data/MMMU out/bench/mmmu_val.jsonl             # <Subject>/validation-*.parquet
     python data/convert_bench.py mathvista /data/MathVista/data out/bench/mathvista.jsonl   # testmini-*.parquet
     python data/convert_bench.py mmk12 /data/MMK12/data/test-00000-of-00001.parquet out/bench/mmk12.jsonl --limit=200
-    python eval.py --ckpt=out/grpo --data=out/bench/mmmu_val.jsonl --k=5 --temperature=1.0 --max_new_tokens=16384
+    python eval.py --init_from=out/grpo --data=out/bench/mmmu_val.jsonl --group_size=5 --temperature=1.0 \\
+        --max_new_tokens=16384
 
 Inputs: parquet files (needs pyarrow), JSON (a list of records, or a dict of records keyed by id), JSONL, or
 folders, searched recursively for the files of one split (--split; default validation / testmini / test: a file

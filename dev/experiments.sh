@@ -96,7 +96,7 @@ entropy)
     done
     $PY dev/finding5.py --seeds="[$(echo $SEEDS | tr ' ' ,)]" --entropy_dir="$E/f5_entropy_s{seed}" \
         --test_dir="$E/f5_test_s{seed}/{ckpt}" --out_dir=$E/finding5
-    $PY viewer.py $E/finding5 ;;
+    $PY tools/viewer.py $E/finding5 ;;
 think)
     for s in $SEEDS; do
         grpo_default $s

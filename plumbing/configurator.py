@@ -38,10 +38,17 @@ def _unknown(key, keys, where):
     return ValueError(f"configurator: unknown config key '{key}' ({where}).{hint}")
 
 
+def _is_schedule(v):
+    # a schedule: [[from_step, value], ...] (grpo.py's max_new_tokens); a plain number means [[0, number]]
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, (int, float)) for x in p) for p in v)
+
+
 def check_type(key, value, default, where):
     """Return value converted to the default's type, or raise a ValueError naming key, value and type.
     Rules: None defaults accept anything; int -> float is allowed; bool only from True/False;
-    a list default accepts a tuple and vice versa (converted); a str default keeps the raw string."""
+    a list default accepts a tuple and vice versa (converted); a schedule default ([[from_step, value], ...])
+    accepts a plain number, meaning [[0, number]]; a str default keeps the raw string."""
     if default is None:
         return value
     expected = type(default)
@@ -64,6 +71,8 @@ def check_type(key, value, default, where):
             raise bad from None
     if expected in (list, tuple) and isinstance(value, (list, tuple)):
         return expected(value)
+    if _is_schedule(default) and isinstance(value, (int, float)):  # one value for the whole run
+        return expected([[0, value]])
     if not isinstance(value, expected):
         raise bad
     return value

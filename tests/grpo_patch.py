@@ -16,7 +16,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
+import plumbing  # noqa: E402
 import rl  # noqa: E402
 import rollout  # noqa: E402
 import sampler  # noqa: E402
@@ -29,12 +29,12 @@ rank = int(os.environ.get("RANK", 0))
 current = {"step": 0}  # the step the loop is in (1-based): grpo.py asks get_lr(step, ...) once at the top of each
 
 
-def get_lr(step, *a, _orig=common.get_lr, **k):
+def get_lr(step, *a, _orig=plumbing.get_lr, **k):
     current["step"] = step + 1
     return _orig(step, *a, **k)
 
 
-common.get_lr = get_lr
+plumbing.get_lr = get_lr  # grpo.py takes it from plumbing
 
 
 def loop_step():

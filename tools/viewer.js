@@ -395,7 +395,7 @@ function kv(obj, prefix = "") {  // a nested object -> [key, value] rows
 function renderEntropy() {
   const R = D.report, rows = R.rows, sel = R.selection || {}, cfg = R.config || {};
   app.append(el("h1", {}, "Critical-token entropy: " + D.title), el("div", {class: "muted"}, D.source),
-             el("div", {class: "muted"}, ["data", "k", "temperature", "max_new_tokens", "limit", "select", "threshold"]
+             el("div", {class: "muted"}, ["data", "group_size", "temperature", "max_new_tokens", "limit", "select", "threshold"]
                .filter(k => k in cfg).map(k => `${k}=${JSON.stringify(cfg[k])}`).join("  ")));
   const name = r => String(r.ckpt || r.path || "?").replace(/\/+$/, "").split("/").slice(-2).join("/");
   const COLS = [["step", r => fmt(r.step)], ["seed", r => fmt(r.seed)],
