@@ -26,6 +26,20 @@ WORKER = os.path.join(ROOT, "tests", "plan_worker.py")
 TABLE = []  # (what, measured, predicted): printed at the end of a test (pytest -s shows it; a failure shows it)
 
 
+def sampler_chunks(cfg, P, prompt, n, max_new, e, budget, tp=1, decode=None):
+    """How many chunks of P equal prompts fit `budget` by sampler.fit_chunks' rule (a chunk's KV cache + its decode
+    buffers <= budget; decode(cfg, rows) defaults to the sampler's own sampler.decode_bytes). Returns (chunks,
+    prompts per chunk), or (None, 0) when one prompt does not fit. The plan itself sizes chunks with its measured
+    buffers and the prefill (plan_run); this is the sampler's arithmetic, checked against generate()'s chunks."""
+    if decode is None:
+        decode = lambda cfg, rows: sampler.decode_bytes(cfg, rows, max_new)  # noqa: E731
+    budget = budget - sampler.prefill_bytes(cfg, 16384, {2: torch.bfloat16, 4: torch.float32}[e])
+    per = P
+    while per > 0 and plan.kv_bytes(cfg, per, n, prompt, max_new, e, tp) + decode(cfg, per * n) > budget:
+        per -= 1
+    return (None, 0) if per == 0 else (-(-P // per), per)
+
+
 def check(what, measured, predicted, tol=TOL):
     err = predicted / measured - 1 if measured else (0.0 if predicted == 0 else float("inf"))
     TABLE.append((what, measured, predicted, err))
@@ -122,7 +136,7 @@ def test_one_process_kv_cache_and_chunks():
         st = {}
         sampler.generate(m, prompts, n=n, max_new_tokens=new, seed=0, stats=st, sampling=sampler.Sampling(),
                          budget=budget)
-        chunks, per = plan.sampler_chunks(cfg, P, plen, n, new, 4, budget)
+        chunks, per = sampler_chunks(cfg, P, plen, n, new, 4, budget)
         assert (st["chunks"], max(allocated)) == (chunks, plan.kv_bytes(cfg, per, n, plen, new, 4)), (st, chunks)
     finally:
         sampler.DecodeCache.__init__ = init

@@ -108,24 +108,19 @@ LOGP_BUFS = 5  # (chunk x vocab) fp32 buffers alive at once in a chunk's backwar
 # -----------------------------------------------------------------------------
 # parameters: the model on meta, per FSDP unit, per tower, per TP shard
 
-# tensor-parallel split of an LLM block (tp.py): q/k/v and gate/up by output rows, o and down by input columns
-_TP_DIM = {"attn.q_proj.weight": 0, "attn.q_proj.bias": 0, "attn.k_proj.weight": 0, "attn.k_proj.bias": 0,
-           "attn.v_proj.weight": 0, "attn.v_proj.bias": 0, "attn.o_proj.weight": 1,
-           "mlp.gate_proj.weight": 0, "mlp.up_proj.weight": 0, "mlp.down_proj.weight": 1}
-
-
 def _cfg_key(cfg):
     return tuple(sorted(dataclasses.asdict(cfg).items()))
 
 
 @functools.lru_cache(maxsize=32)
 def _params(key):
-    from plumbing.checkpoint import _vit_blocks
     from model import VLM, VLMConfig
+    from plumbing.checkpoint import _vit_blocks
+    from plumbing.tp import split_dim  # the tensor-parallel split of an LLM block, as tp.py cuts it
     cfg = VLMConfig(**dict(key))
     with torch.device("meta"):
         m = VLM(cfg)
-    # common.apply_fsdp's units: each ViT block, model.vit (the rest of the ViT: patch embedding, cls, positions,
+    # plumbing.apply_fsdp's units: each ViT block, model.vit (the rest of the ViT: patch embedding, cls, positions,
     # final norm), each LLM block, the root (everything else). A parameter belongs to the innermost unit holding it.
     vit_blocks, llm_blocks = {id(b) for b in _vit_blocks(m)}, {id(b) for b in m.llm.blocks}
     owners = [prefix for prefix, mod in m.named_modules() if id(mod) in vit_blocks or id(mod) in llm_blocks]
@@ -134,7 +129,7 @@ def _params(key):
     for name, p in m.named_parameters():  # a tied lm_head is wte's parameter: listed once
         parts = name.split(".")
         unit = max((o for o in owners if name.startswith(o + ".")), key=len, default="root")
-        tp_dim = _TP_DIM.get(".".join(parts[3:])) if unit.startswith("llm.blocks.") else None
+        tp_dim = split_dim(name)
         rows.append((name, tuple(p.shape), unit, parts[0], tp_dim))
     return rows
 
@@ -287,12 +282,10 @@ def backward_transient(cfg, B, T, tiles, e, train, ac, cuda):
 
 
 def kv_bytes(cfg, P, n, prompt, max_new, e, tp=1):
-    """sampler.cache_bytes at tp=K (each rank holds n_kv_head/K heads)."""
-    return 2 * cfg.n_layer * _kv_heads(cfg, tp) * cfg.head_dim * e * (P * prompt + P * n * max_new)
-
-
-def _kv_heads(cfg, tp):
-    return cfg.n_kv_head // tp  # tp.py splits whole kv heads (tp must divide n_kv_head)
+    """sampler.cache_bytes for one rank's TP model (tp.tp_config: n_kv_head/K heads)."""
+    import sampler
+    from plumbing.tp import tp_config
+    return sampler.cache_bytes(tp_config(cfg, tp), P, n, prompt, max_new, {2: torch.bfloat16, 4: torch.float32}[e])
 
 
 def decode_bytes(cfg, rows, max_new, mode="sample"):
@@ -301,21 +294,6 @@ def decode_bytes(cfg, rows, max_new, mode="sample"):
     out_logp, out_ent fp32) and the uniforms (draw_uniforms, fp32), per row per new token."""
     import sampler
     return sampler.decode_bytes(cfg, rows, max_new, mode)
-
-
-def sampler_chunks(cfg, P, prompt, n, max_new, e, budget, tp=1, decode=None):
-    """How many chunks of P equal prompts fit `budget` by sampler.fit_chunks' rule (a chunk's KV cache + its decode
-    buffers <= budget; decode(cfg, rows) defaults to the sampler's own sampler.decode_bytes). Returns (chunks,
-    prompts per chunk), or (None, 0) when one prompt does not fit. The plan itself sizes chunks with its measured
-    buffers and the prefill (plan_run); this is the sampler's arithmetic, tested against generate()'s chunks."""
-    import sampler
-    if decode is None:
-        decode = lambda cfg, rows: sampler.decode_bytes(cfg, rows, max_new)  # noqa: E731
-    budget = budget - sampler.prefill_bytes(cfg, 16384, {2: torch.bfloat16, 4: torch.float32}[e])
-    per = P
-    while per > 0 and kv_bytes(cfg, per, n, prompt, max_new, e, tp) + decode(cfg, per * n) > budget:
-        per -= 1
-    return (None, 0) if per == 0 else (-(-P // per), per)
 
 
 def prefill_transient(cfg, P, prompt, tiles_per_prompt, e, tp, prefill_tokens=16384):
@@ -654,7 +632,7 @@ def _step_time(res, cfg, c, mfu, bw_eff, hw):
         # shard of the blocks + the replicated lm_head) and the KV cache (prompts once + each row's own tokens)
         P, n, per, ch = res["rollout_prompts"], int(c["group_size"]), res["prompts_per_chunk"], res["chunks"]
         prompt, max_new = res["prompt"], res["max_new"]
-        kvt = 2 * cfg.n_layer * _kv_heads(cfg, tp) * cfg.head_dim * e  # KV bytes per token per rank
+        kvt = kv_bytes(cfg, 1, 0, 1, 0, e, tp)  # KV bytes per token per rank (sampler.cache_bytes: one prompt token)
         bw = hw["bw"] * bw_eff
         dec = 0.0
         for k in range(ch):
