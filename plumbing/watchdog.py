@@ -2,6 +2,7 @@
 The fail-fast watchdog of a multi-process run (started by plumbing.dist.compute_init), and fail().
 """
 import atexit
+import json
 import os
 import signal
 import socket
@@ -51,14 +52,21 @@ INPUT_ERRORS = (ValueError, FileNotFoundError)
 
 
 def _excepthook(tp, value, tb):
+    wd = _WATCHDOG
+    if wd is not None and os.getpid() != wd.pid:  # a forked child (DataLoader worker): not ours to report
+        wd = None
+    msg = f"{tp.__name__}: {value}{_where(tb)}"
     if issubclass(tp, INPUT_ERRORS) and not os.environ.get("NANOR1V_TRACEBACK"):
-        if int(os.environ.get("RANK", 0)) == 0:
+        published = wd is not None and wd.report(msg)
+        # rank 0 says it; another rank only when its failure could not reach rank 0 through the watchdog (before
+        # compute_init every rank reads the same settings, and rank 0 says it)
+        if int(os.environ.get("RANK", 0)) == 0 or (wd is not None and not published):
             print(f"{os.path.basename(sys.argv[0])}: error: {value}", file=sys.stderr, flush=True)
     else:
-        _PREV_HOOKS[0](tp, value, tb)  # the usual traceback
-    wd = _WATCHDOG
-    if wd is not None and os.getpid() == wd.pid:  # not in a forked child (DataLoader worker)
-        wd.report(f"{tp.__name__}: {value}{_where(tb)}")
+        _PREV_HOOKS[0](tp, value, tb)  # the usual traceback first
+        if wd is not None:
+            wd.report(msg)
+    if wd is not None:
         # then Python exits as usual (exit code 1, atexit handlers run); should its teardown hang (a communicator
         # whose peers are gone), the kernel ends the process in 60 s (SIGALRM's default action)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
@@ -184,12 +192,16 @@ class _Watchdog:
 
     def report(self, msg):
         """Publish this rank's failure (unless another rank's came first) and give the others a moment to see it.
-        Uses its own connection (the pinger's may be blocked in a call) and gives up after a few seconds."""
+        Uses its own connection (the pinger's may be blocked in a call) and gives up after a few seconds. Returns
+        whether it reached the store."""
+        done = []
+
         def publish():
             try:
                 s = self._connect()
                 why = f"rank {self.rank} failed: {msg[:2000]}"
                 s.compare_set("abort", "", json.dumps({"by": self.rank, "why": why}))
+                done.append(True)
                 deadline = time.monotonic() + 2 * self.poll_s + 1
                 while time.monotonic() < deadline and s.add("acks", 0) < self.world - 1 - len(self.done):
                     time.sleep(0.05)
@@ -197,6 +209,7 @@ class _Watchdog:
                 print(f"rank {self.rank}: watchdog: could not publish the failure ({type(e).__name__}: {e})",
                       file=sys.stderr, flush=True)
         self._bounded(publish, 2 * self.poll_s + 2 + self.store_timeout.total_seconds())
+        return bool(done)
 
     def halt(self):
         """Stop both threads (the pinger may be inside a store call: wait a little for it)."""

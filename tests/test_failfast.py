@@ -147,7 +147,8 @@ def test_raise_on_one_node_stops_the_other(runs):
     assert re.search(r"rank 0: stopping: rank 1 failed: ValueError: boom from rank 1 \(failfast_worker.py:\d+\)",
                      log), log[-3000:]
     assert dt < 20, dt
-    assert res[1][0] != 0 and "ValueError: boom from rank 1" in res[1][2]  # its own traceback, as usual
+    # bad input (a ValueError) is said once for the job: by rank 0, the line above; rank 1 prints no traceback
+    assert res[1][0] != 0 and "failfast_worker.py\", line" not in res[1][2], res[1][2][-3000:]  # (torchrun's own aside)
 
 
 def test_killed_rank_stops_the_other(runs):
