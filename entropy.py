@@ -440,7 +440,12 @@ def write_outputs(out_dir, rows, sel, threshold=2.0, config=None, title=""):
         json.dump(report, f, indent=2)
     with open(os.path.join(out_dir, "entropy.md"), "w") as f:
         f.write(markdown(rows, corr, sel, threshold, title or "Critical-token entropy by checkpoint"))
-    plot(rows, corr, sel, os.path.join(out_dir, "entropy.png"))
+    try:  # the plot is the one thing here that needs matplotlib (requirements-dev.txt), so it alone is optional
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print0("entropy.py: entropy.png not drawn: matplotlib is not installed (pip install -r requirements-dev.txt)")
+    else:
+        plot(rows, corr, sel, os.path.join(out_dir, "entropy.png"))
     with open(os.path.join(out_dir, "selected.txt"), "w") as f:
         f.write(sel["ckpt"] + "\n")
     hf_txt = os.path.join(out_dir, "selected_hf.txt")
