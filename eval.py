@@ -29,7 +29,7 @@ import torch
 
 from tqdm import tqdm
 
-from plumbing import load_inference_model, print0, write_env
+from plumbing import load_inference_model, write_env
 from plumbing.configurator import configure
 from data.common import critical_token_ids, load_jsonl, token_pieces
 from rewards import score_batch, to_letter

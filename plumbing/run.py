@@ -19,6 +19,7 @@ def _write_json(path, text):
         f.flush()
         os.fsync(f.fileno())
 
+
 def get_lr(step, max_steps, lr, warmup_steps, min_lr=0.0):
     """Linear warmup from lr/warmup_steps to lr over warmup_steps, then cosine decay to min_lr at max_steps."""
     if step < warmup_steps:
@@ -44,8 +45,8 @@ def ensure_synth_data(out="data/synth"):
         prepare(out)
     barrier()
 
-
-
+# -----------------------------------------------------------------------------
+# env.json: what a run ran on, in every run directory, checkpoint and export
 
 _PACKAGES = ("torch", "transformers", "triton", "tokenizers", "safetensors", "numpy", "pillow", "math-verify", "tqdm")
 _ENV = None

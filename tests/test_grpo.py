@@ -146,7 +146,6 @@ def policy_stats(hf_a, hf_b, seqs):
     """(mean entropy of a, mean entropy of b, KL(b || a)) over the response positions of seqs (token ids,
     prompt length) — text-only sequences, so no images are needed."""
     sys.path.insert(0, ROOT)
-    from model import VLM
     from plumbing.hf import load_pretrained
     out = []
     for hf in (hf_a, hf_b):

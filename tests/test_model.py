@@ -18,7 +18,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from hf_fixtures import (IMG_CONTEXT_ID, N_REGULAR, ROPE_THETA, TOKENS_PER_TILE, hf_logits, make_batch,
                          make_hf_model, original_config, original_state_dict, rel_err, write_original_layout)
 from kv_cache import KVCache
-from model import VLM
 from plumbing.hf import load_pretrained, save_pretrained
 
 TOL = 1e-4

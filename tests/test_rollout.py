@@ -6,7 +6,6 @@ import torch
 import hf_fixtures as hx
 import rollout
 from data.common import stop_token_ids, vision_token_ids
-from model import VLM
 from plumbing.hf import load_pretrained
 from sampler import Sampling
 

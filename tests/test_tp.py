@@ -18,7 +18,7 @@ import hf_fixtures as hx
 import decode_kernels
 import tp_worker
 from tiny_sft import tiny_sft
-from model import VLM, VLMConfig
+from model import VLMConfig
 from plumbing.hf import load_pretrained
 from sampler import generate
 from plumbing.tp import check_tp, split_dim, tp_config, tp_slice

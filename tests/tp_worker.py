@@ -99,7 +99,6 @@ def memory_case(dtype):
 def main():
     import torch.distributed as dist
     from plumbing import apply_fsdp
-    from model import VLM
     from plumbing.tp import load_tp_model, tp_group, tp_rollout_model
     with open(sys.argv[1]) as f:
         spec = json.load(f)
