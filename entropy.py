@@ -284,7 +284,7 @@ def parse_step(path):
 
 
 def _check_ckpt(path):
-    # fail before hours of decoding, not at the tenth checkpoint: the layouts common.load_inference_model reads
+    # fail before hours of decoding, not at the tenth checkpoint: the layouts plumbing.load_inference_model reads
     if not os.path.isdir(path):
         raise FileNotFoundError(f"entropy.py: checkpoint {path!r} not found (not a directory)")
     if not os.access(path, os.R_OK | os.X_OK):

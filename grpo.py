@@ -127,7 +127,7 @@ heartbeat_timeout_s = 60  # a rank silent this long (killed, machine lost) stops
 wandb_log = False
 wandb_project = "nanor1v"
 wandb_run_name = "grpo"
-if "--plan=True" in sys.argv[1:]:  # the memory plan of this command, without loading weights (tools/plan.py)
+if "--plan=true" in [a.lower() for a in sys.argv[1:]]:  # the memory plan of this command (tools/plan.py)
     os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools",
                               "plan.py")] + sys.argv)
 config = configure(globals(), sys.argv[1:])
@@ -404,14 +404,14 @@ def optimizer_step(batch, rows, old_logp, ref_logp, ent_coef, train_logp):
     gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
     tot = dict(zip(sums, all_reduce_sum(*sums.values())))
-    finite = bool(torch.isfinite(torch.tensor([tot["loss"], gnorm])).all())
-    if agree(not finite):  # every rank skips, or none
+    skip = agree(not bool(torch.isfinite(torch.tensor([tot["loss"], gnorm])).all()))  # every rank skips, or none
+    if skip:
         print0(f"step {step + 1}: non-finite loss {tot['loss']} or grad norm {gnorm}: update skipped")
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return dict(loss=tot["loss"], clip_frac=tot["clip"] / max(tot["tokens"], 1),
-                approx_kl=tot["kl"] / max(tot["tokens"], 1), gnorm=gnorm, skipped=int(not finite))
+                approx_kl=tot["kl"] / max(tot["tokens"], 1), gnorm=gnorm, skipped=int(skip))
 
 
 def ppo_update(batch, old_logp, ref_logp, ent_coef):
@@ -552,9 +552,9 @@ while step < max_steps:
         budget = agree_min(memory_budget(device))  # measured after the gather; the smallest rank's, for all
         rounds, kept, n_rounds = sample_step(policy, max_new, budget)
     seen = cat(rounds)  # every rollout of the step, for the logs and dumps
+    t_rollout = time.time() - t0
     train, n_groups = training_rows(rounds, kept)
     batch = make_batch(train)
-    t_rollout = time.time() - t0
 
     # 3. pi_old: on-policy, the update's own forward (below); off-policy, a pass before any optimizer step (buffered
     # samples keep the log-probs of the policy that generated them). The KL reference: the initial policy's pass.

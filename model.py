@@ -336,7 +336,9 @@ def token_logprobs(hidden, weight, targets, chunk=1024, with_entropy=True, tempe
                          "(replace ignore-index padding with a real id and mask it)")
     if B * T == 0:  # still in the graph of hidden and weight (zero gradients): an FSDP rank whose micro-batch is
         # all padding (grpo.py) runs the same backward collectives as the others
-        z = hidden.new_zeros(B, T, dtype=torch.float32) + 0.0 * (hidden.float().sum() + weight.float().sum())
+        z = hidden.new_zeros(B, T, dtype=torch.float32)
+        if torch.is_grad_enabled():
+            z = z + 0.0 * (hidden.sum() + weight.sum()).float()
         return z, (z if with_entropy else None)
     h, tgt, w32 = hidden.reshape(B * T, C), targets.reshape(B * T), weight.float()  # the cast once, not per chunk
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
@@ -413,7 +415,9 @@ class VLM(nn.Module):
             s = self.cfg.image_size
             blank = torch.zeros(1, 3, s, s, device=x.device, dtype=x.dtype)
             x = x + 0.0 * self.image_features(blank).sum()
-        if pos is None:  # a cached forward passes each row's positions
+        if pos is None:
+            if cache is not None:
+                raise ValueError("model.py: a cached forward needs pos, each row's positions (B, T)")
             pos = torch.arange(T, device=x.device)[None].expand(B, T)
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for block in self.llm.blocks:

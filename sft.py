@@ -88,7 +88,7 @@ heartbeat_timeout_s = 60  # a rank silent this long (killed, machine lost) stops
 wandb_log = False
 wandb_project = "nanor1v"
 wandb_run_name = "sft"
-if "--plan=True" in sys.argv[1:]:  # the memory plan of this command, without loading weights (tools/plan.py)
+if "--plan=true" in [a.lower() for a in sys.argv[1:]]:  # the memory plan of this command (tools/plan.py)
     os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools",
                               "plan.py")] + sys.argv)
 config = configure(globals(), sys.argv[1:])

@@ -48,7 +48,7 @@ def check_type(key, value, default, where):
     """Return value converted to the default's type, or raise a ValueError naming key, value and type.
     Rules: None defaults accept anything; int -> float is allowed; bool only from True/False;
     a list default accepts a tuple and vice versa (converted); a schedule default ([[from_step, value], ...])
-    accepts a plain number, meaning [[0, number]]; a str default keeps the raw string."""
+    accepts a plain integer, meaning [[0, integer]]; a str default keeps the raw string."""
     if default is None:
         return value
     expected = type(default)
@@ -71,7 +71,7 @@ def check_type(key, value, default, where):
             raise bad from None
     if expected in (list, tuple) and isinstance(value, (list, tuple)):
         return expected(value)
-    if _is_schedule(default) and isinstance(value, (int, float)):  # one value for the whole run
+    if _is_schedule(default) and isinstance(value, int):  # one value for the whole run
         return expected([[0, value]])
     if not isinstance(value, expected):
         raise bad

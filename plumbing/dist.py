@@ -142,8 +142,9 @@ def agree_max(x):
 def together(fn, what, catch=Exception):
     """Collective: fn() on every rank, its result returned. If it raised (an instance of `catch`) on any rank, every
     rank raises instead of the others waiting in their next collective for a rank that has stopped: the failing
-    rank its own exception, the others a RuntimeError naming that rank and its message. Other exceptions are not
-    caught (the watchdog stops the run)."""
+    rank its own exception, the others one naming that rank and its message (of the `catch` class when that is
+    narrower than Exception, e.g. MemoryError; else RuntimeError). Other exceptions are not caught (the watchdog
+    stops the run)."""
     out = err = None
     try:
         out = fn()
@@ -159,5 +160,6 @@ def together(fn, what, catch=Exception):
         raise err
     failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
     if failed:
-        raise RuntimeError(f"rank {rank()}: {what} failed on rank {failed[0][0]}: {failed[0][1]}")
+        cls = catch if isinstance(catch, type) and catch is not Exception else RuntimeError
+        raise cls(f"rank {rank()}: {what} failed on rank {failed[0][0]}: {failed[0][1]}")
     return out

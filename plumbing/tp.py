@@ -163,7 +163,7 @@ def _finish(m):
 
 @torch.no_grad()
 def tp_model_from(model, group, device=None, dtype=None):
-    """One rank's TP model made from `model`: an FSDP2 model (common.apply_fsdp), streamed unit by unit (each ViT
+    """One rank's TP model made from `model`: an FSDP2 model (plumbing.apply_fsdp), streamed unit by unit (each ViT
     block, the rest of the ViT, each LLM block, the root): unit.unshard(), copy this rank's slices (the full tensors
     for the replicated parts), unit.reshard(); peak = the TP model + one gathered unit. The gathered weights are in
     FSDP's param_dtype (bf16 on a GPU) and on the compute device, CPU-offloaded shards included (FSDP2 copies them to

@@ -60,8 +60,9 @@ def _excepthook(tp, value, tb):
         published = wd is not None and wd.report(msg)
         # rank 0 says it; another rank only when its failure could not reach rank 0 through the watchdog (before
         # compute_init every rank reads the same settings, and rank 0 says it)
-        if int(os.environ.get("RANK", 0)) == 0 or (wd is not None and not published):
-            print(f"{os.path.basename(sys.argv[0])}: error: {value}", file=sys.stderr, flush=True)
+        alone = not published and (wd is not None or dist.is_initialized())  # nobody carries it to rank 0
+        if int(os.environ.get("RANK", 0)) == 0 or alone:
+            print(f"{os.path.basename(sys.argv[0])}: error: {value}{_where(tb)}", file=sys.stderr, flush=True)
     else:
         _PREV_HOOKS[0](tp, value, tb)  # the usual traceback first
         if wd is not None:

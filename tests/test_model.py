@@ -447,3 +447,24 @@ def test_from_pretrained_fills_an_empty_model(hf_tied, dtype):
     ids, pv = make_batch(TILES, T=24, seed=17)
     err = rel_err(ours(model, ids, pv.to(dtype)), hf_logits(hf, ids, pv))
     assert err <= (TOL if dtype == torch.float32 else 5e-2), err
+
+
+def test_cached_forward_needs_positions(hf_tied):
+    # without pos a cached forward would put every row's new tokens at positions 0..T-1: refused
+    model = load_pretrained(hf_tied[1]).eval()
+    ids, _ = make_batch([0, 0], T=4, seed=3)
+    with pytest.raises(ValueError, match="cached forward needs pos"):
+        model(ids, cache=KVCache(model.cfg, 2, 8, torch.float32, "cpu"))
+
+
+def test_empty_logprob_selection_stays_in_the_graph():
+    # an all-padding micro-batch (grpo.py): zero log-probs, but with grad on, zero gradients reach the hidden
+    # states and lm_head, so every FSDP rank runs the same backward; under no_grad no graph term is built
+    from model import token_logprobs
+    h, w = torch.randn(1, 0, 8, requires_grad=True), torch.randn(16, 8, requires_grad=True)
+    logp, ent = token_logprobs(h, w, torch.zeros(1, 0, dtype=torch.long))
+    assert logp.shape == (1, 0) and logp.requires_grad
+    (logp.sum() + ent.sum()).backward()
+    assert w.grad is not None and torch.equal(w.grad, torch.zeros_like(w)) and h.grad is not None
+    with torch.no_grad():
+        assert not token_logprobs(h, w, torch.zeros(1, 0, dtype=torch.long))[0].requires_grad

@@ -228,12 +228,12 @@ STATES = ("fp32 master shard", "fp32 grad shard", "AdamW state (2 x fp32)", "KL 
 
 
 def _whole_vit(params):
-    # plan._params with the ViT as ONE FSDP unit (what common.apply_fsdp did before each ViT block was its own)
+    # plan._params with the ViT as ONE FSDP unit (what plumbing.apply_fsdp did before each ViT block was its own)
     return lambda key: [(n, s, "vit" if u.startswith("vit.") else u, t, d) for n, s, u, t, d in params(key)]
 
 
 def test_two_processes_fsdp2(tmp_path, monkeypatch):
-    """2 gloo processes, FSDP2 (common.apply_fsdp): per-rank shards (rank 0 holds the larger chunks), saved
+    """2 gloo processes, FSDP2 (plumbing.apply_fsdp): per-rank shards (rank 0 holds the larger chunks), saved
     activations, sampler.unsharded's gathered weights and the rollout's KV cache; fp32 and bf16 mixed precision.
     step_peak: the peak of a micro-batch's forward + backward after the first beyond the states (the gathered units,
     their grads and reduce-scatter buffers, the activations, the backward transients), at each of the plan's
@@ -328,7 +328,7 @@ def test_parameter_counts():
     with torch.device("meta"):
         assert pi["total"] == sum(p.numel() for p in VLM(cfg).parameters())
     assert round(pi["total"] / 1e9, 2) == 38.39 and abs(pi["llm"] / 1e9 - 32.76) < 0.01
-    # common.apply_fsdp's units: 45 ViT blocks, the rest of the ViT (patch embedding, cls, positions), 64 LLM blocks,
+    # plumbing.apply_fsdp's units: 45 ViT blocks, the rest of the ViT (patch embedding, cls, positions), 64 LLM blocks,
     # the root
     assert sum(pi["units"].values()) == pi["total"] and len(pi["units"]) == 45 + 1 + 64 + 1
     kinds = [plan.unit_kind(u) for u in pi["units"]]

@@ -7,14 +7,14 @@ CPU (default; 2 cores, fp32): the GRPO shape -- 8 prompts x 8 samples, one image
 loaded with our VLM.from_pretrained. The two sides run in interleaved rounds (ours, transformers, ours, ...; the
 machine is shared, so the load average is printed and the ratio is of the medians). Then the finished-rows policy
 (compaction on/off) when rows stop early. --profile=True first prints where a decode step's time goes.
-    python bench.py [--profile=True] [--repeats=5]
+    python tools/bench.py [--profile=True] [--repeats=5]
 Results, with the dates and load: BENCHMARKS.md.
 GPU (bf16, random weights from the real configs; decode roofline of docs/perf.md with a measured bandwidth; the
 attention kernel alone vs its bytes and vs F.scaled_dot_product_attention; transformers on the 0.5B shape):
-    python bench.py --device=cuda
-    python bench.py --device=cuda --shapes=qwen2.5-7b --batches=64 --contexts=4096
+    python tools/bench.py --device=cuda
+    python tools/bench.py --device=cuda --shapes=qwen2.5-7b --batches=64 --contexts=4096
 Smoke-test the GPU code path on CPU (tiny shape, Triton interpreter):
-    TRITON_INTERPRET=1 python bench.py --device=cpu --gpu_mode=True --shapes=tiny --batches=2 --contexts=64 \
+    TRITON_INTERPRET=1 python tools/bench.py --device=cpu --gpu_mode=True --shapes=tiny --batches=2 --contexts=64 \
         --gpu_new_tokens=4 --hf_batches=2
 """
 import os

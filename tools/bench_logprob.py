@@ -3,9 +3,9 @@ Peak memory of the log-prob pass (log p(target) + entropy, forward AND backward)
 the naive full-logits computation vs model.token_logprobs (chunks over tokens, each under
 torch.utils.checkpoint). Each measurement runs in its own fresh subprocess so peaks do not mix.
 
-  CPU:  python bench_logprob.py                       (4096 tokens x 32768 vocab, width 1024, fp32)
+  CPU:  python tools/bench_logprob.py                       (4096 tokens x 32768 vocab, width 1024, fp32)
         peak = increase of resource.getrusage maxrss over the run (inputs are allocated before the baseline)
-  GPU:  python bench_logprob.py --device=cuda --vocab=152064 --width=5120 --dtype=bfloat16
+  GPU:  python tools/bench_logprob.py --device=cuda --vocab=152064 --width=5120 --dtype=bfloat16
         peak = torch.cuda.max_memory_allocated minus what was allocated before the run
 
 Both modes also allocate the gradients of hidden (N x C) and weight (V x C); they are in both peaks.

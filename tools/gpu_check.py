@@ -3,8 +3,8 @@ The GPU check: one command, about 6-8 minutes on one H200 with the machine's own
 random weights built from config/models/. Run it early whenever a GPU is lent; record its table in BENCHMARKS.md
 (device, date, command) and fix what it shows.
 
-    python dev/gpu_check.py                              # GPU: prints markdown tables, writes out/gpu_check.json
-    TRITON_INTERPRET=1 python dev/gpu_check.py --smoke=True   # CPU: the same code at tiny shapes (a test runs it)
+    python tools/gpu_check.py                              # GPU: prints markdown tables, writes out/gpu_check.json
+    TRITON_INTERPRET=1 python tools/gpu_check.py --smoke=True   # CPU: the same code at tiny shapes (a test runs it)
 
 What it checks (each section times itself and the whole run stops starting new work past budget_s):
  1. kernels: every Triton kernel natively against its PyTorch reference, bf16, at the real GQA shapes (Qwen2.5-0.5B

@@ -12,26 +12,26 @@ rollouts, the KV-cache formula, offload).
     plan.print_plan("grpo", config)   # what --plan=True prints: plan_gpus / plan_gpus_per_node / plan_gpu_gb / tp /
                                       # offload / plan_prompt_tokens read from config, the model from init_from
 
-    python plan.py grpo.py config/grpo_r1v3.py --init_from=config/models/skywork_r1v3_38b \
+    python tools/plan.py grpo.py config/grpo_r1v3.py --init_from=config/models/skywork_r1v3_38b \
         --plan_gpus=8 --plan_gpus_per_node=8 --plan_gpu_gb=80 --tp=8 --offload=True
 
 GB is 2^30 bytes. The capacity a plan compares against is what a GPU sold as plan_gpu_gb GB really holds (GPU_MIB:
 an H100 "80 GB" holds 79.6 GB, an H200 "141 GB" 140.4 GB; plan_gpu_gb itself for a size not in the table). Every term
 is per GPU, for the most loaded rank (rank 0 holds the largest FSDP dim-0 chunk of every parameter), and models named
 code:
-  fp32 master shard   common.apply_fsdp: FSDP2 shards each parameter on dim 0 (storage padded to ceil(dim0/W) rows),
+  fp32 master shard   plumbing.apply_fsdp: FSDP2 shards each parameter on dim 0 (storage padded to ceil(dim0/W) rows),
                       fp32; offload=True (CPUOffloadPolicy) keeps it, the grads and AdamW in host RAM instead.
   fp32 grad shard     the reduce-scattered fp32 gradient of each trainable parameter (same padded chunk).
   AdamW state         exp_avg + exp_avg_sq in fp32 per trainable shard + a 4-byte step per tensor; on a GPU the
                       foreach step adds one fp32 temporary per shard (the optimizer-step peak).
-  gathered units      FSDP2 gathers a unit in the compute dtype (bf16 on a GPU). The units (common.apply_fsdp): each
+  gathered units      FSDP2 gathers a unit in the compute dtype (bf16 on a GPU). The units (plumbing.apply_fsdp): each
                       ViT block, the rest of the ViT, each LLM block, the root (wte, lm_head, final norm, connector;
                       gathered for all of forward and backward). In backward a block + the prefetched next one, the
                       block's bf16 grads, then its fp32 reduce-scatter input (reduce_dtype, kept until the next
                       unit's post-backward) and output shard.
   activations         what autograd saves in one micro-batch's forward, op by op (_act_per_token: model.py's RMSNorm,
                       Attention/SDPA, MLP, ViTBlock, Connector, rope_cos_sin, token_logprobs' checkpointed chunks and
-                      their fp32 copy of lm_head), with and without common.apply_activation_checkpointing.
+                      their fp32 copy of lm_head), with and without plumbing.apply_activation_checkpointing.
   backward transient  the log-prob chunk recomputed in backward (LOGP_BUFS x 1024 tokens x vocab, fp32, + the
                       chunk's weight gradient) or the block being back-propagated (its recompute + its gradients).
   rollout weights     tp=1: sampler.unsharded gathers the whole model in the compute dtype; tp=K: 1/K of every LLM
@@ -236,7 +236,7 @@ def activation_bytes(cfg, B, T, tiles, e, train, ac, cuda):
     """Saved activations of one micro-batch: B sequences of T tokens with `tiles` image tiles in all, as
     {llm: the LLM blocks, vit: the ViT blocks, other: embedding, masks, RoPE, connector, final norm, the log-prob
     chunks' inputs, pixels: the patch embedding's input} (their sum is what autograd holds).
-    ac: activation checkpointing (common.apply_activation_checkpointing: every ViT and LLM block recomputed in
+    ac: activation checkpointing (plumbing.apply_activation_checkpointing: every ViT and LLM block recomputed in
     backward; a checkpointed block saves only its inputs, x and the shared cos/sin)."""
     pt = _act_per_token(cfg, e, train, cuda)
     n_llm, n_vit, n_img = B * T, tiles * (cfg.grid**2 + 1), tiles * cfg.tokens_per_tile
@@ -351,7 +351,7 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
     nodes = -(-W // gpn)
     cuda = device == "cuda"
     e = compute_bytes or (2 if cuda else 4)  # compute dtype: bf16 on a GPU (FSDP2 param_dtype + autocast), else fp32
-    fsdp = cuda or W > 1  # on a GPU even one process runs FSDP2 (common.compute_init); on the CPU one process is plain
+    fsdp = cuda or W > 1  # on a GPU even one process runs FSDP2 (plumbing.compute_init); on the CPU one process is plain
     train = (c.get("train_vit", True), c.get("train_connector", True), c.get("train_llm", True))
     towers = [t for t, on in zip(("vit", "connector", "llm"), train) if on]
     ac = bool(c.get("activation_checkpointing", False))
@@ -387,7 +387,7 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
         return max((math.prod(s) for _, s, u, t, _ in _params(_cfg_key(cfg))
                     if unit_kind(u) == kind and (t in towers or not trainable)), default=0)
 
-    # FSDP2 units (common.apply_fsdp: each ViT block, the rest of the ViT, each LLM block, the root) in the compute
+    # FSDP2 units (plumbing.apply_fsdp: each ViT block, the rest of the ViT, each LLM block, the root) in the compute
     # dtype (e); measured on the CPU (tests/test_plan.py, 2 gloo processes), each moment within a few %:
     # - the root (wte, lm_head, final norm, connector) stays gathered through forward and backward (FSDP2 never
     #   reshards the root after forward); its gradients appear in backward order: lm_head's and the final norm's
@@ -423,7 +423,7 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
         g = {(t, k, m): 0 for t in ("llm", "vit") for k in (0, 1) for m in ("run", "rs")}
 
     phases = {}
-    # --- load (common.build_model with FSDP: meta -> fully_shard -> to_empty -> rank 0 reads one unit at a time,
+    # --- load (plumbing.build_model with FSDP: meta -> fully_shard -> to_empty -> rank 0 reads one unit at a time,
     # set_model_state_dict broadcasts it tensor by tensor: device = shard + one full tensor in the checkpoint dtype)
     biggest_tensor = max(math.prod(s) for _, s, _, _, _ in _params(_cfg_key(cfg)))
     if fsdp:
@@ -857,7 +857,7 @@ def print_plan(script, config, file=None):
     return d
 
 # -----------------------------------------------------------------------------
-# CLI: python plan.py grpo.py [config files] [--key=value ...] --plan_gpus=8 --plan_gpus_per_node=8 --plan_gpu_gb=80
+# CLI: python tools/plan.py grpo.py [config files] [--key=value ...] --plan_gpus=8 --plan_gpus_per_node=8 --plan_gpu_gb=80
 
 
 def script_config(script, argv):
@@ -890,10 +890,10 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
-    script, rest = argv[0], [a for a in argv[1:] if a != "--plan=True"]  # also: sft.py / grpo.py --plan=True
+    script, rest = argv[0], [a for a in argv[1:] if a.lower() != "--plan=true"]  # also: sft.py / grpo.py --plan=True
     # the plan's own knobs; a script that has them as config keys (grpo.py: tp, offload, plan_gpus, ...) takes
     # them as usual, otherwise they are read here
-    knobs = dict(plan_gpus=8, plan_gpus_per_node=0, plan_gpu_gb=80.0, tp=1, offload=False, plan_prompt_tokens=0,
+    knobs = dict(plan_gpus=8, plan_gpus_per_node=8, plan_gpu_gb=80.0, tp=1, offload=False, plan_prompt_tokens=0,
                  plan_images=1)
     base = script_config(script, [])
     own = [a for a in rest if a.startswith("--") and a[2:].split("=")[0] in knobs and a[2:].split("=")[0] not in base]
