@@ -46,7 +46,7 @@ from tqdm import tqdm
 from plumbing import load_inference_model, print0, write_env
 from plumbing.hf import save_pretrained
 from plumbing.configurator import configure
-from data.common import CRITICAL_WORDS, load_jsonl
+from data.common import CRITICAL_WORDS, check_chat_template, load_jsonl, resolve_system, save_system
 from eval import evaluate, summarize
 from sampler import Sampling
 
@@ -62,7 +62,8 @@ top_p = 1.0
 max_new_tokens = 320
 batch_prompts = 64  # prompts per generate() call
 think = True  # forced "<think>\n" prefix, as in training
-system_prompt = ""
+system_prompt = "auto"  # 'auto': the checkpoint's (data/common.py resolve_system); '': no system turn; or the text
+check_template = True  # False: run even if the checkpoint's chat template renders other prompts than ours
 critical_words = list(CRITICAL_WORDS)  # "Wait", "Alternatively", "Hmm", "But wait"
 threshold = 2.0  # "high-entropy token" in nats, as grpo.py's high_entropy (R1V3 uses 6.8 for Qwen's 152k vocab)
 select = "critical_entropy"  # 'critical_entropy' (R1V3 section 5) | 'accuracy' | 'last'
@@ -329,7 +330,8 @@ def resolve_ckpts(spec):
 
 def measure(path, items, **kw):
     """Load one checkpoint, decode, score -> the checkpoint's row. kw: device, tokenizer, group_size, sampling (a
-    sampler.Sampling), max_new_tokens, seed, batch_prompts, think, system, words, threshold; group: a TP group
+    sampler.Sampling), max_new_tokens, seed, batch_prompts, think, system ('auto' follows each checkpoint),
+    check_template, words, threshold; group: a TP group
     (tp.py) whose ranks load their shards of the checkpoint and decode together."""
     t0 = time.time()
     group, budget = kw.get("group"), None
@@ -346,8 +348,10 @@ def measure(path, items, **kw):
             model, tok, resolved = load_inference_model(path, kw["device"], dtype, tokenizer=kw["tokenizer"])
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         raise RuntimeError(f"entropy.py: cannot load checkpoint {path!r}: {type(e).__name__}: {e}") from e
+    system = resolve_system(kw["system"] or "", resolved, tok)  # 'auto' -> this checkpoint's system turn
+    check_chat_template(tok, system, kw["think"], resolved, kw.get("check_template", True))
     rows = decode(model, tok, items, kw["group_size"], kw["max_new_tokens"], kw["sampling"], kw["seed"],
-                  kw["batch_prompts"], kw["think"], kw["system"], budget)
+                  kw["batch_prompts"], kw["think"], system or None, budget)
     s = summarize(rows, kw["group_size"])
     row = {"ckpt": path, "path": resolved, "step": parse_step(resolved), "accuracy": s["accuracy"],
            "accuracy_std": s["accuracy_std"], "accuracy_se": accuracy_se(rows), "n_items": s["n_items"],
@@ -424,8 +428,9 @@ def export_selected(path, out, tokenizer=""):
         return path
     model, tok, _ = load_inference_model(path, "cpu", tokenizer=tokenizer)
     shutil.rmtree(out, ignore_errors=True)  # a previous run's export
-    save_pretrained(model, out)
-    tok.save_pretrained(out)
+    system = resolve_system(system_prompt, path, tok)
+    save_pretrained(model, out, tok=tok, system=system)  # + the tokenizer and processor files (AutoProcessor loads it)
+    save_system(out, system)  # the next stage's 'auto' finds it
     return out
 
 
@@ -476,7 +481,8 @@ if __name__ == "__main__":
     for path in tqdm(paths, desc="checkpoints", unit="ckpt", disable=int(os.environ.get("RANK", 0)) != 0):
         row = measure(path, items, device=device, tokenizer=tokenizer, group_size=group_size, sampling=sampling,
                       max_new_tokens=max_new_tokens, seed=seed, batch_prompts=batch_prompts, think=think,
-                      system=system_prompt or None, words=critical_words, threshold=threshold, group=group)
+                      system=system_prompt or None, words=critical_words, threshold=threshold, group=group,
+                      check_template=check_template)
         rows.append(row)
         print0(f"{_name(row)}: accuracy {row['accuracy']:.3f} | critical entropy {_f(row['critical_entropy'])} "
                f"over {row['critical_count']} | mean entropy {_f(row['mean_entropy'])} | "

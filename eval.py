@@ -9,8 +9,24 @@ code the RL reward uses: text after </think>, last \\boxed{}, Math-Verify / opti
     python eval.py --responses=out/eval/responses.jsonl   # re-score saved responses, no model needed
     torchrun --nproc_per_node=8 eval.py --init_from=DIR --tp=8   # tensor-parallel over 8 GPUs (tp.py); rank 0 writes
 
+Skywork's published settings are config files (the command line still overrides them):
+    python eval.py config/eval_r1v3_bench.py --init_from=DIR --data=mmmu.jsonl   # their VLMEvalKit runs: greedy, 16,384
+    python eval.py config/eval_r1v3_mmk12.py --init_from=DIR --data=mmk12.jsonl  # their MMK12 script: T=0.8, 16,384
+    python eval.py config/eval_r1v3_paper.py --init_from=DIR --data=mmmu.jsonl   # the report: T=1.0, avg of 5 runs
+Generation settings not given on the command line or in a config file come from the checkpoint's
+generation_config.json where it has them (max_new_tokens; temperature, or greedy when do_sample is false; top_k;
+top_p; repetition_penalty), else from the defaults below; the run prints where each value came from. The default
+budget (320 new tokens) is the tiny task's: a real checkpoint evaluated with fewer than 4,096 gets a warning, since
+its reasoning traces are truncated and scored wrong.
+
+Think mode forces the assistant turn to open with "<think>\\n" and scores only the text after </think>: the format
+the cold-start SFT teaches. A base InternVL3 (or any model not trained on it) never learned that format, so think
+mode measures the format, not the model: evaluate it with --think=False (the plain ChatML prompt, ending in
+"<|im_start|>assistant\\n", and the whole response scored), the baseline to compare an SFT / RL checkpoint against.
+
 --init_from takes an HF directory, a ckpt_XXXXXXX checkpoint, or a training out_dir. --data takes our JSONL (format in
-data/common.py); MMMU / MathVista / MMK12 files convert to it with data/convert_bench.py. Writes to out_dir:
+data/common.py); MMMU / MathVista / MMK12 files convert to it with data/convert_bench.py, other parquet / arrow
+data sets (Geometry3K, ThinkLite-VL, MMK12's train split) with data/convert_parquet.py. Writes to out_dir:
 responses.jsonl (one line per sample and run: id, run, response, pred, answer, correct, ...), summary.json and
 summary.md (accuracy avg@k with its spread over the k = group_size runs, pass@k, format rate, mean response length,
 truncation rate, and the breakdown by whichever of domain / subject / difficulty the samples have). --responses
@@ -31,7 +47,7 @@ from tqdm import tqdm
 
 from plumbing import load_inference_model, write_env
 from plumbing.configurator import configure
-from data.common import critical_token_ids, load_jsonl, token_pieces
+from data.common import check_chat_template, critical_token_ids, load_jsonl, resolve_system, token_pieces
 from rewards import score_batch, to_letter
 from rollout import rollout
 from sampler import Sampling
@@ -46,11 +62,14 @@ think = True  # the forced "<think>\n" prefix; False: R1V3 Table 4's no-think mo
 no_wait = False  # ban the critical words' tokens ("Wait", "Alternatively", "Hmm"): R1V3 Table 4's no-wait mode
 group_size = 1  # runs per item (avg@k, pass@k with k = group_size)
 temperature = 0.0  # 0 = greedy; the paper uses 1.0 with group_size=5
+top_k = 0  # 0 = off
 top_p = 1.0
-max_new_tokens = 320
+repetition_penalty = 1.0  # 1 = off; Skywork-R1V3's own inference uses 1.05 (sampler.Sampling: transformers' rule)
+max_new_tokens = 320  # the tiny task's budget; real checkpoints need thousands (config/eval_r1v3_*.py: 16384)
 batch_prompts = 64  # prompts per generate() call
 limit = 0  # evaluate the first `limit` items only (0 = all)
-system_prompt = ""
+system_prompt = "auto"  # 'auto': the checkpoint's (data/common.py resolve_system); '': no system turn; or the text
+check_template = True  # False: run even if the checkpoint's chat template renders other prompts than ours
 skip_bad = False
 seed = 0
 save_tokens = True  # responses.jsonl also holds each response's tokens, pieces and entropies (for viewer.py)
@@ -195,6 +214,94 @@ def rescore(rows, think=True):
     return rows
 
 
+# -----------------------------------------------------------------------------
+# Generation settings: the command line and config files first, then the checkpoint's generation_config.json, then
+# the defaults above. And a warning when a real checkpoint gets the tiny task's budget.
+
+GEN_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")  # what generation_config sets
+MIN_REAL_TOKENS = 4096  # fewer new tokens than this truncates most reasoning traces of a real model
+_REAL_NAMES = ("internvl_chat", "internvlchatmodel", "internvl3", "skywork")  # in a real config.json (lowercased)
+
+
+def read_generation_config(*dirs):
+    """The first generation_config.json in dirs (the checkpoint's folder, then its tokenizer's) -> (path, dict), or
+    (None, {}) when there is none. A file that is not a JSON object is an error naming it."""
+    for d in dirs:
+        path = os.path.join(d, "generation_config.json") if d and os.path.isdir(d) else None
+        if path and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    gen = json.load(f)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}: cannot read: {e}") from e
+            if not isinstance(gen, dict):
+                raise ValueError(f"{path}: expected a JSON object, got {type(gen).__name__}")
+            return path, gen
+    return None, {}
+
+
+def generation_defaults(gen):
+    """A generation_config.json dict -> {our key: value} for what it sets: max_new_tokens, temperature (0, i.e.
+    greedy, when do_sample is false, as transformers' generate() would decode), top_k, top_p, repetition_penalty.
+    Keys it does not set (most checkpoints set none: Skywork-R1V3-38B's file holds only the transformers version)
+    and null values are left out; max_length (prompt + response) is not a new-token budget and is ignored."""
+    out = {k: gen[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
+           if gen.get(k) is not None}
+    if gen.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
+
+
+def resolve_generation(config, sources, gen_path, gen):
+    """Which value each generation setting of `config` (eval.py's settings, after configure) takes: a key a config
+    file or the command line set (`sources`, filled by configure) keeps it; else generation_config.json's value
+    (gen, read from gen_path) if it sets one; else the default. -> (updates {key: value}, where {key: source} for
+    every GEN_KEYS key in config, notes: list of lines about values that could not be used)."""
+    from plumbing.configurator import check_type
+    updates, where, notes = {}, {}, []
+    for k, v in generation_defaults(gen).items():
+        if k not in config:
+            notes.append(f"{gen_path}: {k}={v!r} ignored (this sampler has no {k})")
+        elif k not in sources:
+            try:
+                updates[k] = check_type(k, v, config[k], gen_path)
+            except ValueError as e:
+                raise ValueError(f"{gen_path}: {k}={v!r}: expected {type(config[k]).__name__}") from e
+    for k in GEN_KEYS:
+        if k in config:
+            where[k] = sources.get(k) or (gen_path if k in updates else "default")
+    return updates, where, notes
+
+
+def real_checkpoint(vocab_size, model_dir=""):
+    """Why this looks like a real (pretrained) checkpoint, or None for the tiny default: a vocabulary over 100k
+    (Qwen2.5's is 151,674), or a config.json naming the original InternVL / Skywork classes."""
+    if vocab_size > 100_000:
+        return f"vocabulary {vocab_size:,}"
+    path = os.path.join(model_dir, "config.json") if model_dir else ""
+    if path and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                c = json.load(f)
+        except (OSError, ValueError):
+            return None
+        names = [str(c.get("model_type", "")), *map(str, c.get("architectures") or []), str(c.get("_name_or_path", ""))]
+        hit = next((n for n in names if any(r in n.lower() for r in _REAL_NAMES)), None)
+        if hit:
+            return f"config.json names {hit}"
+    return None
+
+
+def budget_warning(max_new_tokens, vocab_size, model_dir=""):
+    """One line, or None: a real checkpoint evaluated with fewer than MIN_REAL_TOKENS new tokens."""
+    why = real_checkpoint(vocab_size, model_dir)
+    if why is None or max_new_tokens >= MIN_REAL_TOKENS:
+        return None
+    return (f"eval.py: WARNING: max_new_tokens={max_new_tokens} on a real checkpoint ({why}): its reasoning traces run "
+            f"to thousands of tokens, so most responses will be truncated and scored wrong; use >= {MIN_REAL_TOKENS} "
+            "(R1V3 evaluates with 16384: config/eval_r1v3_bench.py)")
+
+
 def evaluate(model, tok, items, group_size, max_new_tokens, sampling=Sampling(temperature=0.0), *, think=True, seed=0,
              batch_prompts=64, system=None, progress=True, tokens=True, budget=None):
     """Generate group_size responses per item as sampling says (default greedy; its bans, e.g. the no-wait ones, are
@@ -228,7 +335,8 @@ def evaluate(model, tok, items, group_size, max_new_tokens, sampling=Sampling(te
 
 
 if __name__ == "__main__":
-    config = configure(globals(), sys.argv[1:])
+    _sources, _gen_from = {}, {}  # the keys a config file / the command line set; where each generation value is from
+    config = configure(globals(), sys.argv[1:], sources=_sources)
     mode = ("nowait" if think else "nothink_nowait") if no_wait else ("think" if think else "nothink")
     if responses:  # re-judge saved outputs (as VLMEvalKit users do): no model, no generation
         try:
@@ -255,7 +363,25 @@ if __name__ == "__main__":
         else:
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 weights and cache on a GPU
             model, tok, path = load_inference_model(init_from, device, dtype, tokenizer=tokenizer)
-        sampling = Sampling(temperature=temperature, top_p=top_p, ban=critical_token_ids(tok) if no_wait else ())
+        try:  # 'auto' -> the checkpoint's system turn; its chat template must render our prompts
+            system_prompt = resolve_system(system_prompt, path, tok)
+            check_chat_template(tok, system_prompt, think, path, check_template)
+        except ValueError as e:
+            sys.exit(f"eval.py: error: {e}")
+        try:  # unset generation settings from the checkpoint's generation_config.json (module docstring)
+            _gen_path, _gen = read_generation_config(path, getattr(tok, "name_or_path", ""))
+            _updates, _gen_from, _notes = resolve_generation(config, _sources, _gen_path, _gen)
+        except ValueError as e:
+            sys.exit(f"eval.py: error: {e}")
+        globals().update(_updates)
+        config.update(_updates)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("eval.py: generation: " + ", ".join(f"{k}={config[k]!r} ({w})" for k, w in _gen_from.items()))
+            for line in _notes + [budget_warning(max_new_tokens, max(model.cfg.vocab_size, len(tok)), path)]:
+                if line:
+                    print(line)
+        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                            ban=critical_token_ids(tok) if no_wait else ())
         rows = evaluate(model, tok, items, group_size, max_new_tokens, sampling, think=think, seed=seed,
                         batch_prompts=batch_prompts, system=system_prompt or None, tokens=save_tokens, budget=budget)
         if tp > 1:
@@ -270,6 +396,8 @@ if __name__ == "__main__":
     write_env(out)
     s = summarize(rows, max(r["run"] for r in rows) + 1)
     s["config"] = config
+    if _gen_from:
+        s["generation_from"] = _gen_from  # where each generation setting came from (command line, file, default)
     with open(os.path.join(out, "responses_rescored.jsonl" if responses else "responses.jsonl"), "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

@@ -4,11 +4,14 @@ entropy", "R1V2 and Skywork-OR1").
 
 CPU, the embedded default (starts from the checkpoint `python sft.py` exported to out/sft/hf):
     python grpo.py
-One GPU, a real checkpoint:
+One 80 GB GPU, a real checkpoint (InternVL3-1B; the plan: ~29 GB, micro-batches of <= 32768 tokens, activation
+checkpointing on by 'auto'):
     python grpo.py --init_from=out/sft_1b/hf --data=/data/mmk12_rl.jsonl --max_new_tokens=4096
-8 GPUs with FSDP2 (Skywork-R1V3-38B: add --tp=8 --offload=True, see the README):
+8 x 80 GB GPUs with FSDP2 (InternVL3-8B; Skywork-R1V3-38B: add config/grpo_r1v3_38b.py after it, see the README):
     torchrun --standalone --nproc_per_node=8 grpo.py config/grpo_r1v3.py
 The memory plan of a command, without loading weights: add --plan=True (tools/plan.py: --plan_gpus, --plan_gpu_gb).
+Every run checks it at start-up: on a GPU, a configuration that does not fit stops before any weight is read, with
+the phase, its biggest term and what would fit (--force=True runs it anyway); on the CPU the verdict is printed.
 Resume: the same command with --init_from=resume (reads out_dir's latest checkpoint).
 
 One step, top to bottom in the loop below (the defaults reproduce R1V3):
@@ -27,7 +30,7 @@ buffer_frac (R1V2 Selective Sample Buffer); truncated_zero (OR1); overlong_buffe
 ppo_epochs / mini_batches > 1 (off-policy: a separate pass computes pi_old); train_vit / train_connector / train_llm
 (R1V3 5.2); a response-length schedule.
 Simplifications: no value model, no LLM judge (rewards.score takes a `judge` hook), no sequence packing (micro-batches
-are length-sorted), no asynchronous rollouts.
+are length-sorted and sized by a token budget), no asynchronous rollouts.
 """
 import json
 import os
@@ -41,12 +44,15 @@ from plumbing import (agree, agree_max, agree_min, all_reduce_sum, autocast_ctx,
                     latest_checkpoint, load_checkpoint, load_tokenizer, log_jsonl, print0, save_checkpoint, together,
                     wandb_init, write_env)
 from plumbing.configurator import configure
-from data.common import critical_token_ids, encode_prompt, load_jsonl, prompt_length, token_pieces
+from plumbing import build_optimizer, master_torch_dtype
+from data.common import (check_chat_template, critical_token_ids, encode_prompt, load_jsonl, prompt_length,
+                         resolve_system, save_system, token_batches, token_pieces)
 from rl import (EntropyControl, SampleBuffer, agg_loss, dynamic_sampling_rounds, group_advantages, informative_groups,
                 kl_k3, overlong_penalty, ppo_clip_loss, zero_truncated)
 from rollout import rollout
 from sampler import Sampling, memory_budget, unsharded
 from plumbing.tp import check_same, check_tp, tp_group, tp_rollout_model, tp_union
+from tools.plan import startup_check
 
 # -----------------------------------------------------------------------------
 # config: every global below can be set by a config file or --key=value
@@ -58,12 +64,14 @@ val_n = 200  # validation items (greedy)
 tokenizer = ""
 skip_bad = False
 think = True
-system_prompt = ""
+system_prompt = "auto"  # 'auto': the checkpoint's (data/common.py resolve_system); '': no system turn; or the text
+check_template = True  # False: run even if the checkpoint's chat template renders other prompts than ours
 # rollout
 prompts_per_step = 16  # global, split over the processes; R1V3: 32 prompts x 32 samples = 1024 rollouts a step
 group_size = 8  # samples per prompt: GRPO's group (n in the papers; --n would clash with torchrun flags)
 temperature = 1.0  # OR1: 1.0 (0.6 stagnated)
 top_p = 1.0
+repetition_penalty = 1.0  # rollouts sample the policy itself (1 = off); only eval uses R1V3's inference 1.05
 max_new_tokens = [[0, 160]]  # [[from_step, length], ...] or one length; R1V3: 4096 -> 8192; our traces are <= 123
 # reward (docs/recipe.md, "GRPO")
 acc_weight = 0.8
@@ -103,12 +111,14 @@ grad_clip = 1.0
 max_steps = 60
 ppo_epochs = 1  # passes over each rollout batch
 mini_batches = 1  # optimizer steps per pass (1 = strictly on-policy)
-micro_batch = 32  # sequences per forward/backward, per process
+micro_batch = 32  # at most this many sequences per forward/backward, per process...
+micro_batch_tokens = 32768  # ... and at most this many padded tokens (length-sorted; a longer sequence goes alone)
 train_vit = True
 train_connector = True
 train_llm = True
-activation_checkpointing = False
+activation_checkpointing = "auto"  # 'auto': on when the plan says the training step does not fit without it
 offload = False  # FSDP2 CPU offload of the fp32 masters, gradients and AdamW state
+master_dtype = "float32"  # "bfloat16": params, grads, AdamW state in bf16 (8 bytes a param, not 16; plumbing/optim.py)
 tp = 1  # > 1: tensor-parallel rollouts over groups of tp ranks (tp.py)
 cuda_graph = False  # capture the decode step in CUDA graphs (GPU)
 # logging, validation, checkpoints
@@ -118,7 +128,8 @@ log_every = 1
 dump_every = 10  # rollouts.jsonl: dump_groups groups every dump_every steps, for viewer.py
 dump_groups = 2
 eval_every = 20
-save_every = 20
+eval_at_start = True  # validate the starting weights too (step 0)
+save_every = 20  # 0: no checkpoint at all, not even at the end (tools/gpu_check.py's runs)
 keep_last = 0  # 0 = keep every checkpoint (entropy.py ranks them)
 export = True
 seed = 1337
@@ -127,10 +138,14 @@ heartbeat_timeout_s = 60  # a rank silent this long (killed, machine lost) stops
 wandb_log = False
 wandb_project = "nanor1v"
 wandb_run_name = "grpo"
+force = False  # run even when the memory plan says it does not fit the GPU
+oom_retries = 3  # a CUDA out-of-memory in a rollout / validation: retry with half the memory budget, this often
 if "--plan=true" in [a.lower() for a in sys.argv[1:]]:  # the memory plan of this command (tools/plan.py)
     os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools",
                               "plan.py")] + sys.argv)
 config = configure(globals(), sys.argv[1:])
+startup_check("grpo", config)  # the memory plan: a GPU run that does not fit stops here, before anything loads
+activation_checkpointing = config["activation_checkpointing"]  # 'auto' decided by the plan
 # -----------------------------------------------------------------------------
 
 ddp, rank, local_rank, world_size, device = compute_init(seed, dist_timeout_s, heartbeat_timeout_s)
@@ -154,9 +169,11 @@ if resume_path:
     with open(os.path.join(resume_path, "state.json")) as f:
         init_path = json.load(f)["state"]["init_from"]
 tok = load_tokenizer(tokenizer, init_from, resume_path)
+system_prompt = resolve_system(system_prompt, resume_path or init_from, tok)  # 'auto' -> the checkpoint's
+check_chat_template(tok, system_prompt, think, resume_path or init_from, check_template)
 # FSDP2 on several processes and on any GPU (one-process group): bf16 compute, fp32 masters; fp32 on one CPU process
 fsdp = dict(fsdp=ddp or device.type == "cuda", param_dtype=torch.bfloat16 if device.type == "cuda" else None,
-            offload=offload)
+            offload=offload, master_dtype=master_torch_dtype(master_dtype))
 model, n_params, n_train = build_model(init_from, tok, device, resume_path=resume_path,
                                        train=(train_vit, train_connector, train_llm),
                                        activation_checkpointing=activation_checkpointing, **fsdp)
@@ -183,14 +200,16 @@ val_items = load_jsonl(val_data, skip_bad=skip_bad)[:val_n] if val_data else []
 critical_ids = torch.tensor(sorted(critical_token_ids(tok, critical_words)), dtype=torch.long)
 norm_const = seq_sum_norm or longest  # Dr.GRPO: one constant for the whole run, whatever the schedule does
 score_kw = dict(timeout=verify_timeout, acc_weight=acc_weight, fmt_weight=fmt_weight)
-sampling = Sampling(temperature=temperature, top_p=top_p)  # the rollouts' (validation is greedy)
+# the rollouts' (validation is greedy)
+sampling = Sampling(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
 on_policy = ppo_epochs == 1 and mini_batches == 1 and buffer_frac == 0
 step_prompts = {}  # this step's encoded (input_ids, pixel_values) by item index: images decoded once a step
 print0(f"data: {len(items)} RL prompts, {len(val_items)} val; critical tokens "
        f"{[tok.decode([i]) for i in critical_ids.tolist()]}")
 
 params = [p for p in model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, beta2), eps=1e-8, weight_decay=weight_decay)
+optimizer = build_optimizer(params, master_dtype, lr=lr, betas=(0.9, beta2), eps=1e-8, weight_decay=weight_decay,
+                            seed=seed)
 ent_ctl = EntropyControl(entropy_target, entropy_delta, entropy_cmax)
 buffer = SampleBuffer(buffer_size, buffer_max_uses, buffer_max_age)
 step, cursor = 0, dict(epoch=0, pos=0)  # the data position: epoch, and the next draw in its permutation
@@ -202,8 +221,10 @@ if resume_path:
         buffer.load_state_dict(state["rank"]["buffer"])
     print0(f"resumed from {resume_path} at step {step}")
 tied = cfg.vocab_size * cfg.n_embd if cfg.tie_embeddings else 0  # DCP writes a tied lm_head under both names
-check_disk(out_dir, checkpoint_bytes(n_params + tied, n_train),
-           keep_last + 1 if keep_last else max_steps // save_every + 1)
+master_bytes = master_torch_dtype(master_dtype).itemsize  # params and AdamW moments as the checkpoint holds them
+if save_every > 0:
+    check_disk(out_dir, checkpoint_bytes(n_params + tied, n_train, param_bytes=master_bytes, state_bytes=master_bytes),
+               keep_last + 1 if keep_last else max_steps // save_every + 1)
 
 
 def next_prompts():
@@ -245,6 +266,33 @@ def rollout_policy():
     return unsharded(model)
 
 
+def generating(fn, what, budget):
+    """fn(budget) on every rank, together: a rollout or a validation share, work each rank does alone with the
+    agreed memory budget. A MemoryError (sampler.fit_chunks: this rank's prompt does not fit even alone) raises on
+    every rank, none left waiting in a collective. A CUDA out-of-memory (torch.OutOfMemoryError: the budget was too
+    generous, e.g. fragmentation) on any rank is agreed by all: every rank empties its cache and runs fn again with
+    half the budget, i.e. smaller chunks (the same samples: each prompt draws from its own seed), at most
+    oom_retries times. With tp > 1 an out-of-memory inside the TP group's collectives stops the run instead (its
+    other ranks wait there until dist_timeout_s)."""
+    for _ in range(oom_retries + 1):
+        def run():
+            try:
+                return fn(budget), None
+            except torch.OutOfMemoryError as e:  # = torch.cuda.OutOfMemoryError; its traceback's tensors die here
+                return None, (str(e) or "out of memory").splitlines()[0]
+        out, oom = together(run, what, catch=MemoryError)
+        if not agree(oom is not None):
+            return out
+        if oom is not None:
+            print(f"rank {rank}: {what}: {oom}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        budget //= 2
+        print0(f"{what}: out of memory on a rank: every rank retries with half the budget ({budget / 2**30:.2f} GiB)")
+    raise torch.OutOfMemoryError(f"rank {rank}: {what} ran out of memory {oom_retries + 1} times, the last with a "
+                                 f"budget of {2 * budget / 2**30:.2f} GiB: lower max_new_tokens or use --tp")
+
+
 def rollout_round(policy, max_new, budget):
     """1-2. group_size samples of each of this rank's next prompts, scored, and their advantages. Returns the round
     as a batch dict, one row per sample: prompt index, tokens (R, max_new), sampler logp / entropy (R, max_new),
@@ -255,12 +303,9 @@ def rollout_round(policy, max_new, budget):
     mine = slice(0, len(idx))
     if tp > 1:
         idx, seeds, mine = tp_union(tp_pg, idx, seeds)
-    # the budget is agreed, but each rank's prompts are its own: one rank alone may find they do not fit
-    # (sampler.fit_chunks raises MemoryError); then every rank raises, none waits in a collective
-    out, texts, scores, prompts = together(lambda: rollout(
+    out, texts, scores, prompts = generating(lambda b: rollout(
         policy, tok, [items[i] for i in idx], group_size, max_new, seeds, think=think, system=system_prompt or None,
-        sampling=sampling, budget=budget, score_kw=score_kw, cuda_graph=cuda_graph),
-        "rollout", catch=MemoryError)
+        sampling=sampling, budget=b, score_kw=score_kw, cuda_graph=cuda_graph), "rollout", budget)
     if tp > 1:
         check_same(tp_pg, out.tokens)  # every rank of the group drew the same tokens
     step_prompts.update(zip(idx[mine], prompts[mine]))
@@ -335,11 +380,13 @@ def make_batch(train):
 
 
 def micro_batches(batch, rows, **extra):
-    """The rows as micro-batches on the device, sorted by length (less padding), micro_batch rows each: ids, mask,
-    pix, adv and each (N, T) tensor of `extra` (pi_old, the KL reference), cut to the longest row. Every rank runs
-    the same number of forwards (FSDP): a rank with fewer gets padding micro-batches, one row whose mask is all 0."""
+    """The rows as micro-batches on the device, sorted by response length (less padding), each at most micro_batch
+    rows and micro_batch_tokens padded tokens (data.common.token_batches): ids, mask, pix, adv and each (N, T) tensor
+    of `extra` (pi_old, the KL reference), cut to the longest row. Every rank runs the same number of forwards
+    (FSDP): a rank with fewer gets padding micro-batches, one row whose mask is all 0."""
     rows = sorted(rows, key=lambda r: int(batch["mask"][r].sum()))
-    chunks = [rows[k:k + micro_batch] for k in range(0, len(rows), micro_batch)]
+    ends = [int(batch["mask"][r].nonzero().max()) + 2 for r in rows]  # prompt + response: the row's tokens
+    chunks = [[rows[i] for i in mb] for mb in token_batches(ends, micro_batch_tokens, micro_batch)]
     chunks += [[]] * (agree_max(len(chunks)) - len(chunks))
     for mb in chunks:
         if not mb:  # padding: its forward reaches every FSDP unit (dummy_vision), its loss is 0
@@ -355,11 +402,12 @@ def micro_batches(batch, rows, **extra):
                    **{k: v[mb, :T].to(device) for k, v in extra.items()})
 
 
-def forward(net, mb):
-    """(logp, entropy) (b, T) of a micro-batch's response tokens under net (lm_head only at those positions)."""
+def forward(net, mb, with_entropy=False):
+    """(logp, entropy) (b, T) of a micro-batch's response tokens under net (lm_head only at those positions); the
+    entropy (with its graph) only with_entropy, for the entropy bonus (else None)."""
     with autocast_ctx(device):
         return net(mb["ids"], mb["pix"], targets=torch.roll(mb["ids"], -1, 1), target_mask=mb["mask"],
-                   dummy_vision=ddp)
+                   dummy_vision=ddp, with_entropy=with_entropy)
 
 
 @torch.no_grad()
@@ -369,6 +417,8 @@ def policy_logp(net, batch):
     for mb in micro_batches(batch, list(range(len(batch["prompt"])))):
         logp, _ = forward(net, mb)
         out[mb["rows"], :logp.shape[1]] = logp[:len(mb["rows"])].float().cpu()
+    if hasattr(net, "reshard"):  # FSDP2 keeps the root gathered after a forward (for its backward): none follows
+        net.reshard()
     return out
 
 
@@ -383,7 +433,7 @@ def optimizer_step(batch, rows, old_logp, ref_logp, ent_coef, train_logp):
     if kl_coef > 0:
         extra["ref"] = ref_logp
     for mb in micro_batches(batch, rows, **extra):
-        logp, ent = forward(model, mb)
+        logp, ent = forward(model, mb, with_entropy=ent_coef > 0)
         mask = mb["mask"]
         old = logp.detach() if on_policy else mb["old"]
         loss, st = ppo_clip_loss(logp, old, mb["adv"], mask, eps_low, eps_high, loss_agg, norm_const, denom,
@@ -484,10 +534,10 @@ def validation_accuracy():
     share = val_items[rank // tp::world_size // tp]
     with rollout_policy() as policy:  # collective, even with no items
         budget = agree_min(memory_budget(device))
-        rows = together(lambda: evaluate(
+        rows = generating(lambda b: evaluate(
             policy, tok, share, 1, length_at(step), Sampling(temperature=0.0), think=think,
-            system=system_prompt or None, progress=False, tokens=False, budget=budget) if share else [], "validation",
-            catch=MemoryError)
+            system=system_prompt or None, progress=False, tokens=False, budget=b) if share else [], "validation",
+            budget)
     rows = rows if rank % tp == 0 else []
     correct, total = all_reduce_sum(sum(r["correct"] for r in rows), len(rows))
     return correct / max(total, 1)
@@ -534,7 +584,7 @@ def save():
                     rank_state={"buffer": buffer.state_dict()})  # each rank's own buffer
 
 
-if step == 0 and val_items and eval_every > 0:
+if step == 0 and val_items and eval_every > 0 and eval_at_start:
     validate()
 
 while step < max_steps:
@@ -592,9 +642,12 @@ while step < max_steps:
         dump(seen, train, train_logp, batch["mask"])
     if val_items and eval_every > 0 and (step % eval_every == 0 or step == max_steps):
         validate()
-    if step % save_every == 0 or step == max_steps:
+    if save_every > 0 and (step % save_every == 0 or step == max_steps):
         save()
 
 if export:
-    export_hf(model, os.path.join(out_dir, "hf"), tok, dtype=torch.bfloat16 if device.type == "cuda" else None)
+    export_hf(model, os.path.join(out_dir, "hf"), tok, dtype=torch.bfloat16 if device.type == "cuda" else None,
+              system=system_prompt)
+    if rank == 0:  # the next stage's system_prompt='auto' finds the system turn this run trained with
+        save_system(os.path.join(out_dir, "hf"), system_prompt)
 compute_cleanup()

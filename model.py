@@ -53,6 +53,10 @@ class VLMConfig:
     llm_qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k
     tie_embeddings: bool = False
     max_position_embeddings: int = 32768
+    # the checkpoint's rope_scaling as JSON ('' = none), carried from load to export. Only InternVL3's dynamic NTK
+    # ({"type": "dynamic", "factor": 2.0}) is accepted, and it equals plain RoPE up to max_position_embeddings, which
+    # is what this model computes (plumbing/hf.py load_config). A string keeps the config hashable.
+    rope_scaling: str = ""
     # image tokens and tiling (the processor reads these)
     image_token_id: int = 0
     max_tiles: int = 12
@@ -297,11 +301,62 @@ class LLM(nn.Module):
             self.lm_head.weight = self.wte.weight
 
 
-def _chunk_logp_entropy(h, w, tgt, temperature, with_entropy):
-    # h (N,C) w (V,C) fp32, tgt (N,). An fp32 lm_head (autocast off: it would round the logits to bf16), the same
-    # computation as the sampler's, so the GRPO ratio starts at 1 up to float noise even when the model runs in bf16
+# The log-prob lm_head: ONE function for the sampler (sampler.prefill / decode / CudaGraphStep: the logits it draws
+# from and its log-probs) and the trainer (token_logprobs), so both compute pi(a|s) the same way and the on-policy
+# GRPO ratio starts at 1. lm_head_weight(w) prepares the weight once per call (not per chunk or decode step);
+# lm_head_logits(h, w) -> (N, V) fp32 logits.
+#   CPU (and any device without mm.dtype): fp32 inputs, fp32 matmul (a bf16 weight is copied to fp32 once).
+#   CUDA: bf16 inputs, fp32 accumulation and fp32 output, torch.mm(a, b, out_dtype=torch.float32) (aten mm.dtype:
+#   torch >= 2.9, CUDA and XPU kernels only; no autograd formula, hence _MMBF16F32's backward). No fp32 copy of the
+#   (V, C) weight and bf16 tensor-core speed. For bf16 h and w it is the fp32 product of the same values (a
+#   bf16 x bf16 product is exact in fp32), up to the accumulation order. NOT VERIFIED ON A GPU in this repo's CI.
+MM_OUT_DTYPE_DEVICES = ("cuda",)
+
+
+def _mm_out_dtype(device):
+    return device.type in MM_OUT_DTYPE_DEVICES
+
+
+def lm_head_weight(w):
+    """lm_head's weight as lm_head_logits wants it: bf16 where mm.dtype runs (a no-op for bf16 weights), else
+    fp32 (a no-op for fp32 weights). Differentiable (the cast's gradient reaches w)."""
+    return w.to(torch.bfloat16 if _mm_out_dtype(w.device) else torch.float32)
+
+
+class _MMBF16F32(torch.autograd.Function):
+    """h (N, C) @ w (V, C)^T in bf16 with fp32 accumulation and output; backward the same way (the fp32 output's
+    gradient rounded to bf16, as an autocast bf16 matmul's is), each gradient in its input's dtype."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        h16, w16 = h.to(torch.bfloat16), w.to(torch.bfloat16)
+        ctx.save_for_backward(h16, w16)
+        ctx.dtypes = (h.dtype, w.dtype)
+        return torch.mm(h16, w16.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, g):
+        h16, w16 = ctx.saved_tensors
+        g16 = g.to(torch.bfloat16)
+        gh = torch.mm(g16, w16, out_dtype=torch.float32).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        gw = torch.mm(g16.t(), h16, out_dtype=torch.float32).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return gh, gw
+
+
+def lm_head_logits(h, w):
+    """h (N, C) hidden states (any float dtype), w (V, C) from lm_head_weight -> (N, V) fp32 logits, whether or not
+    autocast is on (it would round an fp32 matmul's logits to bf16; it leaves mm.dtype alone: autocast registers
+    aten::mm's default overload only, and every other op falls through)."""
+    if _mm_out_dtype(h.device):
+        return _MMBF16F32.apply(h, w)
     with torch.autocast(h.device.type, enabled=False):
-        logits = h.float() @ w.t()  # (N,V) fp32, only this chunk
+        return h.float() @ w.float().t()  # .float(): a no-op for lm_head_weight's fp32 weight
+
+
+def _chunk_logp_entropy(h, w, tgt, temperature, with_entropy):
+    # h (N,C), w (V,C) from lm_head_weight, tgt (N,). The lm_head is lm_head_logits, the sampler's own, so the GRPO
+    # ratio starts at 1 up to float noise even when the model runs in bf16
+    logits = lm_head_logits(h, w)  # (N,V) fp32, only this chunk
     if temperature != 1.0:
         logits = logits / temperature
     logq = torch.log_softmax(logits, dim=-1)  # (N,V), one fused kernel forward and backward
@@ -317,10 +372,12 @@ def _chunk_logp_entropy(h, w, tgt, temperature, with_entropy):
 # and logging. The fp32 (tokens x vocab) logits of the whole batch never exist (Qwen's 152k vocab: ~600 KB per
 # token): the B*T tokens go through in chunks, and with grad enabled each chunk runs under torch.utils.checkpoint
 # (non-reentrant), so autograd stores only the chunk's inputs and backward recomputes the chunk's logits.
-# Entropy is computed WITH gradient (same recomputation, cheap next to the matmul) so the entropy bonus can use it.
+# Entropy is computed WITH gradient (same recomputation, cheap next to the matmul) so the entropy bonus can use it;
+# a caller that does not use it passes with_entropy=False (no (chunk x V) exp/product/sum, forward nor recompute).
 # hidden[:, t] predicts targets[:, t]: shift before calling, and slice to the response positions (prompt tokens
 # need no log-probs). targets must be valid ids (put a real id, e.g. pad, on masked positions).
-# Peak extra memory: the fp32 copy of the (V x C) weight (a no-op for fp32 weights), a few (chunk x V) fp32 tensors
+# Peak extra memory: on the CPU the fp32 copy of the (V x C) weight (a no-op for fp32 weights; on CUDA the bf16
+# weight is used as it is: lm_head_weight / lm_head_logits), a few (chunk x V) fp32 tensors
 # plus, in backward, one transient (V x C) weight-grad per chunk, independent of B*T (bench_logprob.py measures it).
 # temperature: divide the logits as the sampler did. Returns logp (B,T) and entropy (B,T) fp32 (None when
 # with_entropy=False).
@@ -340,11 +397,12 @@ def token_logprobs(hidden, weight, targets, chunk=1024, with_entropy=True, tempe
         if torch.is_grad_enabled():
             z = z + 0.0 * (hidden.sum() + weight.sum()).float()
         return z, (z if with_entropy else None)
-    h, tgt, w32 = hidden.reshape(B * T, C), targets.reshape(B * T), weight.float()  # the cast once, not per chunk
+    # the cast once (fp32 on the CPU, bf16 on CUDA: lm_head_weight), not per chunk
+    h, tgt, w = hidden.reshape(B * T, C), targets.reshape(B * T), lm_head_weight(weight)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     outs = []
     for i in range(0, B * T, chunk):
-        args = (h[i:i + chunk], w32, tgt[i:i + chunk], temperature, with_entropy)
+        args = (h[i:i + chunk], w, tgt[i:i + chunk], temperature, with_entropy)
         outs.append(torch.utils.checkpoint.checkpoint(_chunk_logp_entropy, *args, use_reentrant=False)
                     if grad else _chunk_logp_entropy(*args))
     logp = torch.cat([o[0] for o in outs]).view(B, T)
@@ -386,7 +444,7 @@ class VLM(nn.Module):
         return x.reshape(-1, x.shape[-1])
 
     def forward(self, input_ids, pixel_values=None, *, image_embeds=None, cache=None, pos=None,
-                return_hidden=False, targets=None, target_mask=None, dummy_vision=False):
+                return_hidden=False, targets=None, target_mask=None, dummy_vision=False, with_entropy=True):
         """
         input_ids (B, T) with the <IMG_CONTEXT> tokens already expanded; pixel_values (N_tiles, 3, H, W) or None
         (or precomputed image_embeds (N_tiles * tokens_per_tile, n_embd)). The tile features overwrite the
@@ -395,6 +453,7 @@ class VLM(nn.Module):
         or the final hidden states (B, T, n_embd) when return_hidden; or, given targets (B, T) (the token each position predicts), (logp, entropy) of
         shape (B, T) each, computed in chunks so the full fp32 logits never exist (see token_logprobs); with
         target_mask (B, T) only at its positions (0 elsewhere: a prompt's positions need no lm_head).
+        with_entropy=False: the entropy is not computed (returned as None), e.g. a loss without an entropy bonus.
         dummy_vision: with no images, still run the vision tower on one blank tile and add 0 x its output, so
         every FSDP rank runs the same collectives whether or not its batch has images.
         """
@@ -426,12 +485,13 @@ class VLM(nn.Module):
         if return_hidden:
             return x
         if targets is not None and target_mask is None:
-            return token_logprobs(x, self.llm.lm_head.weight, targets)
+            return token_logprobs(x, self.llm.lm_head.weight, targets, with_entropy=with_entropy)
         if targets is not None:
             sel = target_mask.bool()
-            logp, ent = token_logprobs(x[sel][None], self.llm.lm_head.weight, targets[sel][None])
+            logp, ent = token_logprobs(x[sel][None], self.llm.lm_head.weight, targets[sel][None],
+                                       with_entropy=with_entropy)
             zeros = x.new_zeros(B, T, dtype=torch.float32)
-            return zeros.masked_scatter(sel, logp[0]), zeros.masked_scatter(sel, ent[0])
+            return zeros.masked_scatter(sel, logp[0]), None if ent is None else zeros.masked_scatter(sel, ent[0])
         return self.llm.lm_head(x)
 
 

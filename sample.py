@@ -15,7 +15,8 @@ import torch
 
 from plumbing import load_inference_model
 from plumbing.configurator import config_keys, configure
-from data.common import build_prompt_ids, critical_token_ids, load_image, stop_token_ids, vision_token_ids
+from data.common import (build_prompt_ids, check_chat_template, critical_token_ids, load_image, resolve_system,
+                         stop_token_ids, vision_token_ids)
 from rewards import decode_response
 from sampler import Sampling, generate, memory_budget
 
@@ -24,13 +25,15 @@ init_from = ""  # the model: an HF directory, a ckpt_XXXXXXX checkpoint or a tra
 tokenizer = ""  # default: the checkpoint's
 image = ""  # an image file (optional)
 question = ""
-system_prompt = ""
+system_prompt = "auto"  # 'auto': the checkpoint's (data/common.py resolve_system); '': no system turn; or the text
+check_template = True  # False: run even if the checkpoint's chat template renders other prompts than ours
 think = True  # the forced "<think>\n" prefix, as in training
 group_size = 1  # responses to the question
 max_new_tokens = 512
 temperature = 0.0  # 0 = greedy
 top_p = 1.0
 top_k = 0
+repetition_penalty = 1.0  # 1 = off; Skywork-R1V3's own inference uses 1.05
 seed = 0
 show_entropy = False  # every token's entropy and log-prob
 no_wait = False  # ban the single-token spellings of the critical words (the paper's "no-wait" mode)
@@ -56,6 +59,8 @@ def main(argv=None):
         budget = agree_min(memory_budget(device))  # one value for the group: the same chunks on every rank
     else:
         model, tok, path = load_inference_model(c["init_from"], device, dtype, c["tokenizer"])
+    c["system_prompt"] = resolve_system(c["system_prompt"], path, tok)  # 'auto' -> the checkpoint's
+    check_chat_template(tok, c["system_prompt"], c["think"], path, c["check_template"])
     say = print if rank == 0 else (lambda *a, **k: None)
     cfg = model.cfg
     pix = load_image(c["image"], cfg.image_size, cfg.max_tiles, cfg.use_thumbnail) if c["image"] else None
@@ -63,6 +68,7 @@ def main(argv=None):
     ids = build_prompt_ids(tok, c["question"], n_tiles, cfg.tokens_per_tile, think=c["think"],
                            system=c["system_prompt"] or None)
     sampling = Sampling(temperature=c["temperature"], top_k=c["top_k"], top_p=c["top_p"],
+                        repetition_penalty=c["repetition_penalty"],
                         ban=vision_token_ids(tok) + (list(critical_token_ids(tok)) if c["no_wait"] else []))
     say(f"{path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params{' per rank' if group else ''}, "
         f"prompt {len(ids)} tokens, {len(n_tiles) and n_tiles[0]} tiles")

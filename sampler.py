@@ -20,9 +20,12 @@ How one call runs:
    and writes each prompt's K/V into its row of the prompt cache. Only the last position reaches lm_head.
 3. Decode: every row steps at once; token t of a row attends over [its prompt's K/V ; its own t tokens]. Each row
    draws its uniforms from its prompt's seed before decoding starts, so a sample does not depend on chunking,
-   compaction or the kernel path. The host looks at the finished flags only every `sync_every` steps.
-4. Log-probs and entropies come from an fp32 lm_head under the raw distribution (temperature 1, no top-k/top-p/
-   bans): that is the pi_old(a|s) of the GRPO ratio; the token itself is drawn as the Sampling says.
+   compaction or the kernel path. The host looks at the finished flags only every `sync_every` steps, and drops
+   finished rows from the batch only once enough of them have (compact_rule).
+4. Log-probs and entropies come from model.lm_head_logits (fp32 logits: fp32 matmul on the CPU, bf16 inputs with fp32
+   accumulation on CUDA; the trainer's token_logprobs uses the same function) under the raw distribution
+   (temperature 1, no top-k/top-p/bans/repetition penalty): that is the pi_old(a|s) of the GRPO ratio; the token
+   itself is drawn as the Sampling says.
 """
 import os
 import time
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from decode_kernels import cache_append, prefix_attention
+from model import lm_head_logits, lm_head_weight
 
 # -----------------------------------------------------------------------------
 # the result
@@ -65,38 +69,68 @@ class Rollouts:
 
 @dataclass(frozen=True)
 class Sampling:
-    """How each token is drawn: temperature (0 = greedy), top_k (0 = off), top_p (1 = off), ban (ids never drawn).
+    """How each token is drawn: temperature (0 = greedy), top_k (0 = off), top_p (1 = off), ban (ids never drawn),
+    repetition_penalty (1 = off; Skywork-R1V3's inference uses 1.05): transformers' RepetitionPenaltyLogitsProcessor,
+    applied first, as generate() does: the logit of every id already in the row's sequence (its prompt, image-context
+    tokens included, and its own tokens so far) is multiplied by the penalty where < 0, else divided by it.
     The log-probs and entropies stay those of the raw distribution whatever it says. A new knob is a field here, its
     branch in sample_next and, if it allocates, its mode (the memory accounting, DECODE_BYTES, reads mode)."""
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     ban: tuple = ()
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "ban", tuple(sorted({int(t) for t in self.ban})))  # any iterable of ids
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"sampler.py: need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got {self}")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or not self.repetition_penalty > 0:
+            raise ValueError(f"sampler.py: need temperature >= 0, top_k >= 0, 0 < top_p <= 1 and "
+                             f"repetition_penalty > 0, got {self}")
 
     @property
     def mode(self):
         """'greedy', 'sample' (plain sampling from the policy: sample_next's fast path) or 'shaped': which path
-        sample_next takes, and so what it allocates."""
+        sample_next takes, and so what it allocates (a repetition penalty adds REP_BYTES on top, any mode)."""
         if self.temperature == 0:
             return "greedy"
-        return "sample" if self.temperature == 1 and self.top_k == 0 and self.top_p == 1 else "shaped"
+        plain = self.temperature == 1 and self.top_k == 0 and self.top_p == 1 and self.repetition_penalty == 1
+        return "sample" if plain else "shaped"
+
+    @property
+    def penalizes(self):
+        """Whether a repetition penalty applies: decode then keeps each row's seen-ids mask (rows, vocab) bool."""
+        return self.repetition_penalty != 1
 
     def banning(self, ids):
         """The same sampling with ids banned too."""
         return replace(self, ban=self.ban + tuple(ids))
 
 
-def sample_next(logits, u, sampling=Sampling(), ban=None):
+def repetition_penalty(logits, seen, penalty):
+    """transformers' RepetitionPenaltyLogitsProcessor on (B, V) logits, with seen (B, V) bool the ids already in each
+    row's sequence (instead of its token history): the same elementwise formula, so the same bits."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def seen_mask(prompts, n, V, device):
+    """(len(prompts) * n, V) bool: row r has seen the ids of its prompt r // n (what generate() gives transformers'
+    repetition penalty: the prompt ids, image-context tokens included). One host -> device copy."""
+    T = max(len(ids) for ids, _ in prompts)
+    ids = torch.tensor([list(ids) + [ids[0]] * (T - len(ids)) for ids, _ in prompts])  # padded with an id it has
+    seen = torch.zeros(len(prompts), V, dtype=torch.bool).scatter_(1, ids, True)
+    return seen.to(device).repeat_interleave(n, dim=0)
+
+
+def sample_next(logits, u, sampling=Sampling(), ban=None, seen=None):
     """logits (B, V) fp32, u (B,) uniform in [0, 1) -> token (B,) drawn as `sampling` says, and its log-prob and the
     entropy (B,) under the RAW distribution: the GRPO ratio and the entropy logs are about the policy itself.
-    ban: sampling.ban as a long tensor on the logits' device, made once per generate() (a copy per step would sync)."""
+    ban: sampling.ban as a long tensor on the logits' device, made once per generate() (a copy per step would sync).
+    seen: (B, V) bool, the ids each row has seen (seen_mask, updated by decode after every step), needed by a
+    repetition penalty; the penalty shapes what is drawn only, never the log-probs."""
     if sampling.ban and ban is None:
         raise ValueError("sampler.py: sample_next needs sampling.ban as a device tensor (ban=)")
+    if sampling.penalizes and seen is None:
+        raise ValueError("sampler.py: sample_next needs the seen-ids mask (seen=) for a repetition penalty")
     s, mode = sampling, sampling.mode
     logp_raw = logits.log_softmax(dim=-1)
     p_raw = logp_raw.exp()
@@ -107,7 +141,11 @@ def sample_next(logits, u, sampling=Sampling(), ban=None):
         # renormalises): one (B, V) copy
         probs = p_raw if ban is None else p_raw.index_fill(-1, ban, 0.0)
     else:
-        x = logits if ban is None else logits.index_fill(-1, ban, float("-inf"))  # banned ids: never drawn
+        # transformers' order: the repetition penalty on the raw logits, then temperature, top-k, top-p. The ban
+        # commutes with the penalty (-inf stays -inf)
+        x = repetition_penalty(logits, seen, s.repetition_penalty) if s.penalizes else logits
+        if ban is not None:  # banned ids: never drawn
+            x = x.index_fill(-1, ban, float("-inf")) if x is logits else x.index_fill_(-1, ban, float("-inf"))
         if mode == "greedy":
             tok = x.argmax(dim=-1)
             return tok, logp_raw.gather(-1, tok[:, None])[:, 0], entropy
@@ -160,6 +198,7 @@ class DecodeCache:
         self.slot = torch.arange(P * n, device=device)
         self.gpos = torch.zeros(P * n, dtype=torch.long, device=device)  # = t, as a tensor (static mode)
         self.glen = None  # gpos + 1 of the active rows, made by the first layer of a step
+        self.compactions = 0  # keep_rows calls (generate's stats)
 
     def start(self, plen):
         """After the prefill: plen (P,) prompt lengths; every row's next token sits right after its prompt."""
@@ -198,6 +237,7 @@ class DecodeCache:
         """Move the active rows idx (B_new,) to the front, one layer at a time (the gather's temporary is one layer's
         K/V). Prompts with no active row left leave the prompt cache too (not in static mode)."""
         B, t = idx.numel(), self.t
+        self.compactions += 1
         for i in range(self.gk.shape[0]):
             self.gk[i, :B, :, :t] = self.gk[i, idx, :, :t]
             self.gv[i, :B, :, :t] = self.gv[i, idx, :, :t]
@@ -217,10 +257,10 @@ class DecodeCache:
 # prefill and decode
 
 
-def prefill(model, cache, prompts, max_tokens, w32):
+def prefill(model, cache, prompts, max_tokens, w):
     """ViT + prefill of every prompt, in sub-batches of at most max_tokens padded tokens (they bound the activations,
     not the cache), writing each prompt's K/V into its row of cache. Returns the last positions' fp32 logits (P, V)
-    (w32: lm_head's weight in fp32)."""
+    (w: lm_head's weight from lm_head_weight; the logits are lm_head_logits', the trainer's own)."""
     device = cache.pk.device
     pad = 1 if model.cfg.image_token_id == 0 else 0  # any id that is not the image-context token
     out, p0 = [], 0
@@ -238,16 +278,55 @@ def prefill(model, cache, prompts, max_tokens, w32):
         pos = torch.arange(T, device=device)[None].expand(p1 - p0, T)
         h = model(ids, pix, cache=cache, pos=pos, return_hidden=True)  # (C, T, n_embd)
         last = torch.tensor([len(p_ids) - 1 for p_ids, _ in prompts[p0:p1]], device=device)
-        out.append(h[torch.arange(p1 - p0, device=device), last].float() @ w32.t())
+        out.append(lm_head_logits(h[torch.arange(p1 - p0, device=device), last], w))
         p0 = p1
     return torch.cat(out)
 
 
-def decode(model, cache, logits, u, w32, eos, sync_every, compact, sampling, ban):
+# compaction of the non-static path (compact=True): at a sync point, once at least this fraction of the active rows
+# has finished. A compaction copies every layer's generated K/V of the B_keep kept rows (read + write: 2 B_keep t
+# positions) and the prompt K/V of prompts that keep a row; not compacting costs every later step the finished rows'
+# attention reads (d (plen + t) positions) and their share of the MLP and lm_head. At d >= B/4 a compaction is repaid
+# in about 2 (1 - 1/4) / (1/4) = 6 steps at most (t <= plen + t), fewer with long prompts, and no more than a quarter
+# of the batch is ever wasted; compacting for every finished row (compact=0.0, the old rule) pays the copy over and
+# over near the end of a batch, when rows finish one by one.
+COMPACT_FRAC = 0.25
+
+
+def compact_rule(compact):
+    """generate()'s compact argument -> the finished fraction that triggers a compaction, or None (never):
+    True -> COMPACT_FRAC, False -> None, a float in [0, 1] -> itself (0.0: whenever a row has finished)."""
+    if compact is True:
+        return COMPACT_FRAC
+    if compact is False or compact is None:
+        return None
+    if not 0 <= float(compact) <= 1:
+        raise ValueError(f"sampler.py: compact must be a bool or a fraction in [0, 1], got {compact}")
+    return float(compact)
+
+
+def should_compact(n_rows, n_active, static, frac):
+    """At a sync point with n_active of the n_rows decoding rows unfinished: the rows to keep (a prefix of the
+    active-first order), or None to leave the batch as it is. static (CUDA graphs): the power-of-2 bucket that holds
+    the active rows, when it is smaller than the batch (few distinct shapes, each captured once); else every active
+    row, once the finished ones are at least frac of the batch."""
+    if frac is None:
+        return None
+    if static:
+        bucket = min(n_rows, 1 << (n_active - 1).bit_length())
+        return bucket if bucket < n_rows else None
+    done = n_rows - n_active
+    return n_active if done > 0 and done >= frac * n_rows else None
+
+
+def decode(model, cache, logits, u, w, eos, sync_every, compact, sampling, ban, seen=None):
     """Decode every row of a prefilled cache from the prefill's logits (P, V); u (R, max_new) the rows' uniforms;
-    w32 lm_head's weight in fp32; ban: sampling.ban on the device (or None). Returns Rollouts (on the CPU)."""
+    w lm_head's weight from lm_head_weight; ban: sampling.ban on the device (or None); compact: see compact_rule;
+    seen: seen_mask's (R, V) for a repetition penalty (updated in place, compacted with the rows). Returns Rollouts
+    (on the CPU)."""
     R, max_new = u.shape
     device = u.device
+    frac = compact_rule(compact)
     out_tok = torch.zeros(R, max_new, dtype=torch.long, device=device)
     out_logp = torch.zeros(R, max_new, device=device)
     out_ent = torch.zeros(R, max_new, device=device)
@@ -257,11 +336,14 @@ def decode(model, cache, logits, u, w32, eos, sync_every, compact, sampling, ban
     logits = logits.repeat_interleave(cache.n, dim=0)  # (R, V)
     rows = torch.arange(R, device=device)  # active row -> original row
     done = torch.zeros(R, dtype=torch.bool, device=device)
-    graph = CudaGraphStep(model, cache, w32) if cache.static and device.type == "cuda" else None
+    # the sampling (penalty included) runs eagerly between graph replays: the graph holds the forward + lm_head only
+    graph = CudaGraphStep(model, cache, w) if cache.static and device.type == "cuda" else None
     t = 0
     while True:
-        tok, logp, ent = sample_next(logits, u[rows, t], sampling, ban)  # token t of every active row
+        tok, logp, ent = sample_next(logits, u[rows, t], sampling, ban, seen)  # token t of every active row
         out_tok[rows, t], out_logp[rows, t], out_ent[rows, t] = tok, logp, ent
+        if seen is not None:  # one scatter per step, no scan over the history
+            seen.scatter_(1, tok[:, None], True)
         new = ~done & torch.isin(tok, eos_t)
         length[rows] = torch.where(new, t + 1, length[rows])
         ended[rows] |= new
@@ -272,40 +354,55 @@ def decode(model, cache, logits, u, w32, eos, sync_every, compact, sampling, ban
         if eos and t % sync_every == 0:  # the only host syncs of the loop
             if bool(done.all()):
                 break
-            n_active = int((~done).sum())
-            # static: pad with finished rows to a power-of-2 bucket (few distinct shapes), moved only when it shrinks
-            bucket = min(done.numel(), 1 << (n_active - 1).bit_length()) if cache.static else n_active
-            if compact and bucket < done.numel():
-                keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:bucket]
+            # static: pad with finished rows to a power-of-2 bucket, moved only when it shrinks
+            keep_n = should_compact(done.numel(), int((~done).sum()), cache.static, frac)
+            if keep_n is not None:
+                keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:keep_n]
                 cache.keep_rows(keep)
                 tok, rows, done = tok[keep], rows[keep], done[keep]
+                seen = None if seen is None else seen[keep]
         # forward the sampled tokens at their positions; then every row holds t tokens
         B = tok.numel()
         if graph is not None:
             logits = graph(tok)
         else:
             h = model(tok[:, None], cache=cache, pos=cache.pos[:B, None], return_hidden=True)[:, -1]
-            logits = h.float() @ w32.t()
+            logits = lm_head_logits(h, w)
         cache.advance(B)
     past = torch.arange(max_new, device=device)[None] >= length[:, None]  # rows padded into a bucket kept going
     out_tok[past], out_logp[past], out_ent[past] = 0, 0.0, 0.0
     return Rollouts(out_tok.cpu(), out_logp.cpu(), out_ent.cpu(), length.cpu(), (~ended).cpu(), cache.n)
 
 
-class CudaGraphStep:
-    """The decode step (LLM forward + fp32 lm_head) captured in one CUDA graph per batch bucket, replayed with the
-    launch overhead of one kernel. Needs a static DecodeCache (its tensors keep their addresses) and a model without
-    FSDP hooks (unsharded() gives one). Not verified on a GPU in this repo's CI (no GPU): tools/gpu_check.py runs it."""
+def graph_buckets(rows):
+    """The batch sizes the static path can decode with, largest first: the whole chunk, then every power of 2
+    below it (should_compact's buckets). CudaGraphStep captures in this order: decode only ever shrinks the batch,
+    so the first capture is the largest and every later one fits in the memory the earlier ones freed."""
+    return [rows] + [1 << k for k in range((rows - 1).bit_length() - 1, -1, -1)]
 
-    def __init__(self, model, cache, w32):
-        self.model, self.cache, self.w32, self.graphs = model, cache, w32, {}
+
+class CudaGraphStep:
+    """The decode step (LLM forward + the lm_head_logits head) captured in one CUDA graph per batch bucket, replayed
+    with the launch overhead of one kernel. Needs a static DecodeCache (its tensors keep their addresses) and a model
+    without FSDP hooks (unsharded() gives one). The graphs share one memory pool (graph_pool_handle), captured largest
+    first (graph_buckets): the pool holds the largest step's temporaries once, not once per bucket; what each graph
+    keeps is its output logits (graph_bytes counts both). Sharing is safe because every replay's result is cloned
+    before the next replay and the graphs never run concurrently. Sampling (bans, repetition penalty) is not in the
+    graph: it runs eagerly on the cloned logits. Not verified on a GPU in this repo's CI (no GPU): tools/gpu_check.py
+    runs it."""
+
+    def __init__(self, model, cache, w):
+        self.model, self.cache, self.w, self.graphs = model, cache, w, {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.order = []  # the buckets in capture order (largest first)
 
     def __call__(self, tok):
         B = tok.numel()
         if B not in self.graphs:
             tok_buf = tok.clone()
-            step = lambda: self.model(tok_buf[:, None], cache=self.cache, pos=self.cache.pos[:B, None],  # noqa: E731
-                                      return_hidden=True)[:, -1].float() @ self.w32.t()
+            step = lambda: lm_head_logits(  # noqa: E731
+                self.model(tok_buf[:, None], cache=self.cache, pos=self.cache.pos[:B, None],
+                           return_hidden=True)[:, -1], self.w)
             # the captured step must not write the cache: warm up on a side stream, then capture
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
@@ -313,9 +410,10 @@ class CudaGraphStep:
                 step()
             torch.cuda.current_stream().wait_stream(s)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+            with torch.cuda.graph(g, pool=self.pool):
                 out = step()
             self.graphs[B] = (g, tok_buf, out)
+            self.order.append(B)
         g, tok_buf, out = self.graphs[B]
         tok_buf.copy_(tok)
         g.replay()
@@ -329,11 +427,14 @@ def generate(model, prompts, n=1, max_new_tokens=256, *, sampling=Sampling(), eo
              compact=True, budget=None, prefill_tokens=16384, cuda_graph=False, stats=None):
     """prompts: list of (input_ids list with the image-context tokens expanded, pixel_values (tiles,3,H,W) | None).
     n samples per prompt, at most max_new_tokens each; sampling: how tokens are drawn (Sampling: temperature,
-    top_k, top_p, ban); eos_token_id: list of ids (or one); seed: an int (prompt p gets seed + p) or one seed per
-    prompt. budget: bytes for the KV cache + decode buffers (default memory_budget() after the weights are
-    gathered). cuda_graph: the static path (rows compacted into power-of-2 buckets, static shapes), with the decode
-    step captured in a CUDA graph per bucket on a GPU (on the CPU the same static path runs without capture: that
-    is what the tests check). Returns Rollouts (prompt-major)."""
+    top_k, top_p, ban, repetition_penalty); eos_token_id: list of ids (or one); seed: an int (prompt p gets
+    seed + p) or one seed per prompt. budget: bytes for the KV cache + decode buffers (default memory_budget()
+    after the weights are gathered). cuda_graph: the static path (rows compacted into power-of-2 buckets, static
+    shapes), with the decode step captured in a CUDA graph per bucket on a GPU (on the CPU the same static path
+    runs without capture: that is what the tests check). compact: drop finished rows from the non-static decode
+    batch (compact_rule: True = once COMPACT_FRAC of the rows have finished, a float = that fraction, False =
+    never); the rollouts are the same whichever. stats: timings, chunks, decode steps and compactions. Returns
+    Rollouts (prompt-major)."""
     cfg = model.cfg
     if max_new_tokens < 1 or n < 1 or not prompts:
         raise ValueError(f"sampler.py: need max_new_tokens >= 1, n >= 1 and a prompt (got {max_new_tokens}, {n}, "
@@ -343,7 +444,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, *, sampling=Sampling(), eo
     seeds = [seed + p for p in range(len(prompts))] if isinstance(seed, int) else list(seed)
     if len(seeds) != len(prompts):
         raise ValueError(f"sampler.py: {len(seeds)} seeds for {len(prompts)} prompts")
-    st = dict(prefill_s=0.0, decode_s=0.0, decode_steps=0, new_tokens=0, cache_bytes=0, chunks=0)
+    compact_rule(compact)  # refused before any work
+    st = dict(prefill_s=0.0, decode_s=0.0, decode_steps=0, new_tokens=0, cache_bytes=0, chunks=0, compactions=0)
     was_training = model.training
     model.eval()
     try:
@@ -355,24 +457,30 @@ def generate(model, prompts, n=1, max_new_tokens=256, *, sampling=Sampling(), eo
             budget = memory_budget(device) if budget is None else budget
             lengths = [len(ids) for ids, _ in prompts]
             w = m.llm.lm_head.weight
-            w32 = w.float()  # fp32 lm_head for the whole call (a no-op in fp32; else allocated after the budget)
-            budget -= 0 if w32 is w else w32.numel() * 4
+            # the log-prob lm_head's weight for the whole call (model.lm_head_weight: fp32 on the CPU, a copy only
+            # for bf16 weights; bf16 on CUDA, no copy), allocated after the budget was measured
+            w_head = lm_head_weight(w)
+            budget -= 0 if w_head is w else w_head.numel() * w_head.element_size()
+            graphs = bool(cuda_graph) and device.type == "cuda"
             parts = []
-            for a, b in fit_chunks(cfg, lengths, n, max_new_tokens, dtype, budget, sampling, prefill_tokens):
+            for a, b in fit_chunks(cfg, lengths, n, max_new_tokens, dtype, budget, sampling, prefill_tokens,
+                                   cuda_graph=graphs):
                 t0 = time.perf_counter()
                 cache = DecodeCache(cfg, b - a, n, max(lengths[a:b]), max_new_tokens, dtype, device, bool(cuda_graph))
-                logits = prefill(m, cache, prompts[a:b], prefill_tokens, w32)
+                logits = prefill(m, cache, prompts[a:b], prefill_tokens, w_head)
                 cache.start(torch.tensor(lengths[a:b], device=device))
                 u = draw_uniforms(seeds[a:b], n, max_new_tokens, device)
+                seen = seen_mask(prompts[a:b], n, logits.shape[1], device) if sampling.penalizes else None
                 t1 = time.perf_counter()
-                parts.append(decode(m, cache, logits, u, w32, eos, sync_every, compact, sampling, ban))
+                parts.append(decode(m, cache, logits, u, w_head, eos, sync_every, compact, sampling, ban, seen))
                 st["prefill_s"] += t1 - t0
                 st["decode_s"] += time.perf_counter() - t1
                 st["cache_bytes"] = max(st["cache_bytes"], cache_bytes(cfg, b - a, n, cache.pk.shape[3],
                                                                        max_new_tokens, dtype))
                 st["chunks"] += 1
                 st["decode_steps"] += cache.t
-                del cache, logits, u  # before the next chunk's: one chunk's cache at a time
+                st["compactions"] += cache.compactions
+                del cache, logits, u, seen  # before the next chunk's: one chunk's cache at a time
     finally:
         model.train(was_training)
     out = Rollouts.cat(parts)
@@ -445,15 +553,28 @@ def cache_bytes(cfg, P, n, max_prompt, max_new, dtype):
 # sample_next's peak per row per vocab entry by Sampling.mode, the fp32 logits included (measured, tests/test_plan.py):
 # plain sampling = logits + log-softmax + probs + the fp64 copy and its cumsum; greedy: logits, log-softmax, probs,
 # p*logp, no cdf; temperature / top-k / top-p add the shaped copies, the sort and its softmax. Banned ids add one
-# (rows, vocab) copy.
+# (rows, vocab) copy. A repetition penalty adds decode's seen-ids mask (bool, for the whole decode) and the
+# penalty's transient (its where() over the logits: +9 bytes measured on top of greedy's peak, tests/test_sampler.py;
+# within the shaped path's sort peak otherwise, so this is an upper bound there).
 DECODE_BYTES = {"sample": 4 + 4 + 4 + 8 + 8, "greedy": 16, "shaped": 53}
 BAN_BYTES = 4
+REP_BYTES = 1 + 9
 
 
-def decode_bytes(cfg, rows, max_new, mode="sample", ban=True):
-    # sample_next over (rows, vocab) (mode: Sampling.mode; ban: whether it bans ids, as rollouts always do), plus
-    # decode()'s outputs (tokens int64, log-probs, entropies) and uniforms
-    return rows * cfg.vocab_size * (DECODE_BYTES[mode] + BAN_BYTES * ban) + rows * max_new * (8 + 4 + 4 + 4)
+def decode_bytes(cfg, rows, max_new, mode="sample", ban=True, rep=False):
+    # sample_next over (rows, vocab) (mode: Sampling.mode; ban: whether it bans ids, as rollouts always do; rep:
+    # whether a repetition penalty applies), plus decode()'s outputs (tokens int64, log-probs, entropies) and uniforms
+    per_entry = DECODE_BYTES[mode] + BAN_BYTES * ban + REP_BYTES * rep
+    return rows * cfg.vocab_size * per_entry + rows * max_new * (8 + 4 + 4 + 4)
+
+
+def graph_bytes(cfg, rows, dtype):
+    """CudaGraphStep's memory for a chunk of `rows` rows: every bucket's output logits (fp32, kept by its graph:
+    graph_buckets(rows) sums to < 3 rows) and the shared pool's temporaries, those of the largest bucket's step (an
+    LLM layer's activations per row, as in prefill_bytes, and its fp32 logits)."""
+    e = torch.empty(0, dtype=dtype).element_size()
+    outputs = sum(graph_buckets(rows)) * cfg.vocab_size * 4
+    return outputs + rows * (e * (3 * cfg.mlp_hidden + 4 * cfg.n_embd) + 4 * cfg.vocab_size)
 
 
 def prefill_bytes(cfg, max_tokens, dtype):
@@ -466,26 +587,62 @@ def prefill_bytes(cfg, max_tokens, dtype):
                    vit_tokens * (2 * cfg.vit_mlp + 6 * cfg.vit_hidden))
 
 
-def memory_budget(device):
-    """Bytes a rollout may allocate now: free CUDA memory once the allocator has returned what it caches but does
-    not use (counting that cached memory as free would count the free space inside segments that still hold live
-    tensors, which one big cache tensor cannot use); on the CPU this process's share of the available RAM (the
-    host's ranks share it: torchrun's LOCAL_WORLD_SIZE)."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+# The rollout budget keeps a margin: BUDGET_FRACTION of what is free, minus BUDGET_RESERVE. The 10% covers what the
+# arithmetic here does not model exactly: the formulas above are checked to within 15% of measured bytes
+# (tests/test_plan.py) and the caching allocator rounds and splits blocks (2 MiB pages, 20 MiB segments for large
+# tensors on CUDA). The fixed reserve is memory that other code takes outside these formulas while the rollout runs:
+# on CUDA (1 GiB) the cuBLAS / cuBLASLt workspaces, NCCL's buffers (allocated outside PyTorch's allocator), the
+# CUDA-graph capture's own allocations and Triton's launches; on the CPU (256 MiB) the Python heap, the tokenizer and
+# the reward verifiers' processes. These numbers are a judgement, not a measurement: no GPU in this repo's CI.
+BUDGET_FRACTION = 0.9
+BUDGET_RESERVE = {"cuda": 1 << 30, "cpu": 256 << 20}
 
 
-def fit_chunks(cfg, lengths, n, max_new, dtype, budget, sampling=Sampling(), prefill_tokens=16384):
+def budget_from_free(free, device_type):
+    """The rollout budget for `free` bytes of free memory on a device of this type (memory_budget's arithmetic)."""
+    return max(0, int(free * BUDGET_FRACTION) - BUDGET_RESERVE.get(device_type, BUDGET_RESERVE["cuda"]))
+
+
+def host_available():
+    """Bytes of host RAM a process can still allocate: Linux's MemAvailable (free pages plus the page cache and
+    slabs the kernel can reclaim), else the free pages. Free pages alone undercount it by the page cache, which
+    after reading a checkpoint is gigabytes (dev/rehearsal.sh's grpo stage saw a negative budget that way)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_budget(device, free=None):
+    """Bytes a rollout may allocate now: budget_from_free of the free memory. On CUDA that is the free memory once
+    the allocator has returned what it caches but does not use (counting that cached memory as free would count the
+    free space inside segments that still hold live tensors, which one big cache tensor cannot use); on the CPU this
+    process's share of the available RAM (the host's ranks share it: torchrun's LOCAL_WORLD_SIZE). free: bytes
+    to use instead of measuring (tests)."""
+    if free is None:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            free = torch.cuda.mem_get_info(device)[0]
+        else:
+            free = host_available() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return budget_from_free(free, device.type)
+
+
+def fit_chunks(cfg, lengths, n, max_new, dtype, budget, sampling=Sampling(), prefill_tokens=16384, cuda_graph=False):
     """Split prompts (their lengths, in order) into consecutive chunks whose cache + decode buffers (those of
-    sampling), next to one prefill sub-batch's activations, fit budget."""
+    sampling; with cuda_graph, CudaGraphStep's graphs too), next to one prefill sub-batch's activations, fit
+    budget."""
     chunks, a = [], 0
     budget = budget - prefill_bytes(cfg, prefill_tokens, dtype)
-    mode, ban = sampling.mode, bool(sampling.ban)
+    mode, ban, rep = sampling.mode, bool(sampling.ban), sampling.penalizes
 
     def need(k, longest):  # k prompts, the longest of them
-        return cache_bytes(cfg, k, n, longest, max_new, dtype) + decode_bytes(cfg, k * n, max_new, mode, ban)
+        return cache_bytes(cfg, k, n, longest, max_new, dtype) + decode_bytes(cfg, k * n, max_new, mode, ban, rep) + \
+            (graph_bytes(cfg, k * n, dtype) if cuda_graph else 0)
     while a < len(lengths):
         b, longest = a, 0
         while b < len(lengths) and need(b + 1 - a, max(longest, lengths[b])) <= budget:

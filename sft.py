@@ -4,9 +4,10 @@ Loss on the assistant's tokens only; ViT / connector / LLM each trainable or fro
 
 CPU, the embedded default (tiny VLM from scratch on the synthetic task; renders the data first if missing):
     python sft.py
-One GPU, a real local checkpoint:
-    python sft.py --init_from=/models/InternVL3-1B --data=/data/cold_start.jsonl --lr=1e-5 --max_len=8192
-One node, 8 GPUs, FSDP2 (see config/sft_r1v3_38b.py):
+One 80 GB GPU, a real local checkpoint (the plan: ~27 GB with activation checkpointing, which 'auto' turns on):
+    python sft.py --init_from=/models/InternVL3-1B --data=/data/cold_start.jsonl --lr=1e-5 --max_len=8192 \
+        --batch_size=4 --grad_accum=8
+One node, 8 x 80 GB GPUs, FSDP2 (see config/sft_r1v3_38b.py):
     torchrun --standalone --nproc_per_node=8 sft.py config/sft_r1v3_38b.py
 Resume an interrupted run exactly where it stopped:
     python sft.py --init_from=resume --out_dir=out/sft   (same flags as the original run otherwise)
@@ -20,7 +21,9 @@ Early stopping (early_stop_patience > 0): val loss at step 0 and every eval_ever
 evaluations without a new best; out_dir/hf gets the BEST weights (a copy of the trainable params is kept in memory;
 out_dir/best_XXXXXXX/ holds it beside checkpoint XXXXXXX when that checkpoint's own weights are not the best).
 """
+import functools
 import json
+import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -33,7 +36,9 @@ from plumbing import (all_reduce_sum, autocast_ctx, build_model, check_disk, che
                     compute_init, ensure_synth_data, export_hf, get_lr, latest_checkpoint, list_checkpoints,
                     load_checkpoint, load_tokenizer, log_jsonl, print0, save_checkpoint, wandb_init, write_env)
 from plumbing.configurator import configure
-from data.common import collate, load_jsonl, load_sft_data
+from tools.plan import startup_check
+from plumbing import build_optimizer, master_torch_dtype
+from data.common import RankBatches, check_chat_template, collate, load_sft_data, resolve_system, save_system
 
 # -----------------------------------------------------------------------------
 # config: every global below can be set by a config file or --key=value
@@ -46,8 +51,13 @@ skip_bad = False  # True: skip (and count) bad samples instead of stopping at th
 domains = ""  # comma-separated values of the JSONL 'domain' field to train (and validate) on; '' = all
 balance_domains = False  # True: repeat each domain's train samples up to the largest domain's count
 think = True  # R1V3: the assistant turn opens with "<think>\n"
-system_prompt = ""
+system_prompt = "auto"  # 'auto': the checkpoint's (data/common.py resolve_system); '': no system turn; or the text
+check_template = True  # False: run even if the checkpoint's chat template renders other prompts than ours
 max_len = 400  # tokens per sample, prompt + response
+# data loading: every sample is checked at start-up (no pixels kept); images are decoded per micro-batch, for this
+# process's samples only, by a torch DataLoader with this many worker processes (0: in the training process)
+num_workers = -1  # -1: 2 on a GPU, 0 on the CPU
+prefetch_factor = 2  # micro-batches each worker decodes ahead (host RAM: tools/plan.py's "host RAM" line)
 # optimisation (docs/recipe.md, "Cold-start SFT", for real models: lr 1e-5, cosine, warmup 3%, global batch 64)
 batch_size = 32  # samples per micro-batch per process
 grad_accum = 1  # micro-batches per step; global batch = batch_size * grad_accum * world_size
@@ -62,8 +72,9 @@ grad_clip = 1.0
 train_vit = True
 train_connector = True
 train_llm = True
-activation_checkpointing = False
+activation_checkpointing = "auto"  # 'auto': on when the plan says the training step does not fit without it
 offload = False  # FSDP2 CPU offload of the fp32 masters, gradients and AdamW state
+master_dtype = "float32"  # "bfloat16": params, grads, AdamW state in bf16 (8 bytes a param, not 16; plumbing/optim.py)
 # tiny VLM (init_from='scratch' only)
 image_size = 64
 patch_size = 8
@@ -79,7 +90,7 @@ rope_theta = 1e4  # a short context: Qwen's 1e6 would leave almost no positional
 log_every = 10
 eval_every = 100
 early_stop_patience = 0  # > 0: stop after this many evaluations without a new best val loss, export the best weights
-save_every = 200
+save_every = 200  # 0: no checkpoint at all, not even at the end (tools/gpu_check.py's runs)
 keep_last = 2
 export = True  # write out_dir/hf at the end
 seed = 1337
@@ -88,10 +99,13 @@ heartbeat_timeout_s = 60  # a rank silent this long (killed, machine lost) stops
 wandb_log = False
 wandb_project = "nanor1v"
 wandb_run_name = "sft"
+force = False  # run even when the memory plan says it does not fit the GPU
 if "--plan=true" in [a.lower() for a in sys.argv[1:]]:  # the memory plan of this command (tools/plan.py)
     os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools",
                               "plan.py")] + sys.argv)
 config = configure(globals(), sys.argv[1:])
+startup_check("sft", config)  # the memory plan: a GPU run that does not fit stops here, before anything loads
+activation_checkpointing = config["activation_checkpointing"]  # 'auto' decided by the plan
 # -----------------------------------------------------------------------------
 
 ddp, rank, local_rank, world_size, device = compute_init(seed, dist_timeout_s, heartbeat_timeout_s)
@@ -111,6 +125,8 @@ if init_from not in ("scratch", "resume") and not os.path.isdir(init_from):
 if early_stop_patience > 0 and not val_data:
     raise ValueError("early_stop_patience > 0 needs a validation set (val_data)")
 tok = load_tokenizer(tokenizer, init_from, resume_path)
+system_prompt = resolve_system(system_prompt, resume_path or init_from, tok)  # 'auto' -> the checkpoint's
+check_chat_template(tok, system_prompt, think, resume_path or init_from, check_template)
 # FSDP2 on several processes (and on any GPU): bf16 compute with fp32 masters and gradient reduction; fp32 on CPU
 model, n_params, n_train = build_model(init_from, tok, device, resume_path=resume_path, scratch=dict(
     image_size=image_size, patch_size=patch_size, vit_hidden=vit_hidden, vit_layers=vit_layers, vit_heads=vit_heads,
@@ -118,26 +134,27 @@ model, n_params, n_train = build_model(init_from, tok, device, resume_path=resum
     mlp_hidden=3 * n_embd, rope_theta=rope_theta, max_tiles=1, use_thumbnail=False),
     fsdp=ddp or device.type == "cuda", train=(train_vit, train_connector, train_llm),
     activation_checkpointing=activation_checkpointing,
-    param_dtype=torch.bfloat16 if device.type == "cuda" else None, offload=offload)
+    param_dtype=torch.bfloat16 if device.type == "cuda" else None, offload=offload,
+    master_dtype=master_torch_dtype(master_dtype))
 cfg = model.cfg
 print0(f"model: {n_params:,} params, {n_train:,} trainable "
        f"(vit={train_vit}, connector={train_connector}, llm={train_llm})")
 tied = cfg.vocab_size * cfg.n_embd if cfg.tie_embeddings else 0  # DCP writes a tied lm_head under both names
-check_disk(out_dir, checkpoint_bytes(n_params + tied, n_train), keep_last + 1)
+master_bytes = master_torch_dtype(master_dtype).itemsize  # params and AdamW moments as the checkpoint holds them
+if save_every > 0:
+    check_disk(out_dir, checkpoint_bytes(n_params + tied, n_train, param_bytes=master_bytes, state_bytes=master_bytes),
+               keep_last + 1)
 
 
 def pick_domains(items, path, balance, train=True):
     """R1V3 section 4 tunes on 20 domains: keep the samples of `domains` ('' = all) and, with balance, repeat each
-    domain's samples (in file order, cycling) up to the largest domain's count. The domain is the JSONL 'domain'."""
+    domain's samples (in file order, cycling) up to the largest domain's count. The domain is the JSONL 'domain'.
+    items: an SFTData (data.common); returns its subset."""
     if not domains and not balance:
         return items
-    recs = load_jsonl(path, require=(), skip_bad=True)
-    dom = {r["id"]: r.get("domain", "") for r in recs}
-    if len(dom) != len(recs):
-        raise ValueError(f"{path}: sample ids are not unique; domains/balance_domains need unique 'id's")
     by = {}
-    for it in items:
-        by.setdefault(dom[it["id"]], []).append(it)
+    for i, d in enumerate(items.domains):
+        by.setdefault(d, []).append(i)
     keep = [d.strip() for d in domains.split(",") if d.strip()] or sorted(by)
     missing = [d for d in keep if d not in by]
     if missing and (train or len(missing) == len(keep)):  # a small val set may lack a domain, not all of them
@@ -146,7 +163,7 @@ def pick_domains(items, path, balance, train=True):
     n = max(len(by[d]) for d in keep)
     picked = {d: (by[d] * (-(-n // len(by[d]))))[:n] if balance else by[d] for d in keep}
     print0(f"{path}: domains " + ", ".join(f"{d or '(none)'} {len(by[d])}->{len(v)}" for d, v in picked.items()))
-    return [it for d in keep for it in picked[d]]
+    return items.subset([i for d in keep for i in picked[d]])
 
 
 train_items = load_sft_data(data, tok, cfg, max_len, think, system_prompt or None, skip_bad)
@@ -155,19 +172,23 @@ val_items = load_sft_data(val_data, tok, cfg, max_len, think, system_prompt or N
 val_items = pick_domains(val_items, val_data, False, train=False) if val_data else []
 pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 global_batch = batch_size * grad_accum * world_size
+workers = num_workers if num_workers >= 0 else (2 if device.type == "cuda" else 0)
+if workers > 0:  # the workers fork after the tokenizer has run: its thread pool must stay off (and quiet) there
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 steps_per_epoch = len(train_items) // global_batch
 if steps_per_epoch == 0:
     raise ValueError(f"{data}: {len(train_items)} samples is less than one global batch of {global_batch}")
 total_steps = max_steps if max_steps > 0 else int(epochs * steps_per_epoch)
 warmup_steps = int(warmup_frac * total_steps)
 print0(f"data: {len(train_items)} train / {len(val_items)} val samples, global batch {global_batch}, "
-       f"{total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs)")
+       f"{total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs); longest {int(train_items.lengths.max())} "
+       f"tokens, {int(train_items.tiles.max())} tiles; {workers} data worker(s) per process")
 
 # AdamW; weight decay only on matrices (not on norms, biases, layer-scale, position/CLS vectors)
 params = [p for p in model.parameters() if p.requires_grad]
 groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
           {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=1e-8)
+optimizer = build_optimizer(groups, master_dtype, lr=lr, betas=(0.9, beta2), eps=1e-8, seed=seed)
 
 # early stopping (R1V3 section 4): the best val loss so far, its step, and evaluations since; the best trainable
 # weights are kept in memory (the frozen ones never change), cheap when only the connector trains
@@ -201,17 +222,30 @@ if resume_path:
         print0(f"early stopping: best val loss {best['val']:.4f} at step {best['step']}, {best['bad']} evaluations since")
 
 
-def epoch_order(e):
-    g = torch.Generator().manual_seed(seed * 1000 + e)
-    return torch.randperm(len(train_items), generator=g).tolist()
+def loader(dataset, batch_sampler):
+    """Collated micro-batches of `dataset` in the order of batch_sampler's index lists: each sample read and its
+    images decoded now, by `workers` forked processes (each prefetch_factor micro-batches ahead) or, with 0, here."""
+    kw = dict(num_workers=workers, collate_fn=functools.partial(collate, pad_id=pad_id))
+    if workers > 0:  # fork: the workers share the data set's metadata and the tokenizer, nothing is pickled
+        kw.update(prefetch_factor=prefetch_factor,
+                  multiprocessing_context="fork" if "fork" in mp.get_all_start_methods() else None)
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kw))
 
 
-def next_global_batch():
-    if cursor["pos"] + global_batch > len(train_items):  # drop the remainder, start the next epoch
-        cursor.update(epoch=cursor["epoch"] + 1, pos=0)
-    start = cursor["pos"]
-    cursor["pos"] = start + global_batch
-    return epoch_order(cursor["epoch"])[start:start + global_batch]
+# this rank's micro-batches from the data position on; the loop advances `cursor` itself (the loader runs ahead)
+batches = RankBatches(len(train_items), global_batch, rank, world_size, grad_accum, seed, **cursor)
+train_loader = loader(train_items, batches)
+
+
+def next_micro_batches():
+    """This step's micro-batches: the next global batch of the epoch's order (cursor), this rank's share."""
+    epoch, pos, idx = batches.step(cursor["epoch"], cursor["pos"])
+    cursor.update(epoch=epoch, pos=pos)
+    micro = [next(train_loader) for _ in range(grad_accum)]
+    want = batches.micro(idx)
+    if [b["index"] for b in micro] != want:  # the loader and the position must agree, or resume would not be exact
+        raise RuntimeError(f"data loader out of step: got samples {[b['index'] for b in micro]}, expected {want}")
+    return micro
 
 
 def sum_loss(batch):
@@ -230,12 +264,14 @@ def sum_loss(batch):
 def val_loss():
     model.eval()
     tot, n = 0.0, 0
-    for i in range(rank * batch_size, len(val_items), world_size * batch_size):
-        loss, cnt = sum_loss(collate(val_items[i:i + batch_size], pad_id))
+    mine = [list(range(i, min(i + batch_size, len(val_items))))
+            for i in range(rank * batch_size, len(val_items), world_size * batch_size)]
+    for b in loader(val_items, mine):
+        loss, cnt = sum_loss(b)
         tot, n = tot + loss.item(), n + cnt.item()
     if ddp:  # every rank must run the same number of forwards under FSDP: pad with empty work
         n_batches = -(-len(val_items) // (world_size * batch_size))
-        for _ in range(n_batches - len(range(rank * batch_size, len(val_items), world_size * batch_size))):
+        for _ in range(n_batches - len(mine)):
             sum_loss(collate(val_items[:1], pad_id))
     tot, n = all_reduce_sum(tot, n)
     model.train()
@@ -300,9 +336,7 @@ while step < total_steps and not stop:
     lr_now = get_lr(step, total_steps, lr, warmup_steps, lr * min_lr_frac)
     for g in optimizer.param_groups:
         g["lr"] = lr_now
-    idx = next_global_batch()
-    mine = idx[rank::world_size]  # this process's share of the global batch
-    micro = [collate([train_items[i] for i in mine[k::grad_accum]], pad_id) for k in range(grad_accum)]
+    micro = next_micro_batches()  # this process's share of the global batch
     # normalise by the GLOBAL number of response tokens, so micro-batches and ranks add up to a token mean
     (n_tok_global,) = all_reduce_sum(sum(int(b["loss_mask"][:, 1:].sum()) for b in micro))
     loss_sum = 0.0
@@ -341,9 +375,10 @@ while step < total_steps and not stop:
             wandb.log({"loss": loss_val, "lr": lr_now, "gnorm": gnorm, "tok_per_s": n_seen / dt}, step=step)
     if val_items and (step % eval_every == 0 or step == total_steps):
         stop = validate_and_track_best()
-    if step % save_every == 0 or step == total_steps or stop:
+    if save_every > 0 and (step % save_every == 0 or step == total_steps or stop):
         save()
 
+del train_loader  # its workers stop now (they would keep prefetching past the last step)
 print0(f"trained {step} steps in {time.time() - t_run:.1f} s")
 if early_stop_patience > 0 and best_weights:
     if stop:
@@ -355,5 +390,8 @@ if early_stop_patience > 0 and best_weights:
             if n in best_weights:
                 p.copy_(best_weights[n])
 if export:
-    export_hf(model, os.path.join(out_dir, "hf"), tok, dtype=torch.bfloat16 if device.type == "cuda" else None)
+    export_hf(model, os.path.join(out_dir, "hf"), tok, dtype=torch.bfloat16 if device.type == "cuda" else None,
+              system=system_prompt)
+    if rank == 0:  # the next stage's system_prompt='auto' finds the system turn this run trained with
+        save_system(os.path.join(out_dir, "hf"), system_prompt)
 compute_cleanup()

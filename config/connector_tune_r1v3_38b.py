@@ -3,7 +3,8 @@
 #   torchrun --standalone --nproc_per_node=8 connector_tune.py config/connector_tune_r1v3_38b.py --init_from=out/grpo_38b/hf
 # The report's values: only the connector trains; 2 epochs, global batch 64, lr 1e-5, cosine, warmup 3%, max length
 # 16384, early stopping on validation loss; ~10K samples from 20 domains (maths ... law).
-# Ablation (R1V3 Table 2, MMMU 76.0 / 73.2 / 69.7): add --train_llm=True, or --train_llm=True --train_vit=True.
+# Ablation (R1V3 Table 2, MMMU 76.0 / 73.2 / 69.7): add --train_llm=True, or --train_llm=True --train_vit=True, each
+# with --offload=True on 8 x 80 GB (`--plan=True`: 29.1 / 32.8 GB per GPU; without offload 95.8 / 107.7 GB).
 # Memory beyond the weights, from the architecture (fp32 AdamW state / fp32 gradients, summed over all GPUs):
 # connector 91.8M params: 0.73 GB / 0.37 GB; + LLM (32.8B): 263 GB / 131 GB; + ViT (5.5B): 307 GB / 153 GB.
 # The run prints and logs the measured figure after its first step ("memory: ..." / log.jsonl optim_state_bytes).

@@ -20,9 +20,13 @@ eps_high = 0.2
 loss_agg = "seq_mean_token_mean"
 kl_coef = 0.0
 micro_batch = 4
+micro_batch_tokens = 49152  # 4 sequences of 3840 + 8192 tokens (the plan's prompt + the longest response)
 activation_checkpointing = True
 max_steps = 400
 high_entropy = 6.8  # R1V3's threshold for Qwen's 152k vocabulary
 eval_every = 20
+eval_at_start = False  # no 256-item validation of the SFT weights before step 1 (eval.py scores them)
 save_every = 10
 keep_last = 3  # entropy.py ranks the kept checkpoints; each is ~95 GB at 8B (fp32 params + 2 AdamW states)
+# so the start-up disk check (plumbing.check_disk) stops the run unless out_dir has one checkpoint's ~96 GB free, and
+# warns below keep_last + 1 = 4 of them (~385 GB): a save writes the new checkpoint before it prunes the oldest

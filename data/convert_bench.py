@@ -7,7 +7,7 @@ Converts benchmark files, as they are distributed, to our JSONL (format in data/
     python eval.py --init_from=out/grpo --data=out/bench/mmmu_val.jsonl --group_size=5 --temperature=1.0 \\
         --max_new_tokens=16384
 
-Inputs: parquet files (needs pyarrow), JSON (a list of records, or a dict of records keyed by id), JSONL, or
+Inputs: parquet or Arrow files (needs pyarrow), JSON (a list of records, or a dict of records keyed by id), JSONL, or
 folders, searched recursively for the files of one split (--split; default validation / testmini / test: a file
 named "<split>-*" or "<split>.*", or any file in a folder named <split>). Images stored in the file (Hugging Face
 image cells {"bytes", "path"}) are decoded once to check them, then written as they are to <output stem>_images/
@@ -31,24 +31,43 @@ from PIL import Image
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # as data/common.py (not imported: it would pull in torch)
 SPLITS = {"mmmu": "validation", "mathvista": "testmini", "mmk12": "test"}
-EXTS = (".parquet", ".json", ".jsonl")
+EXTS = (".parquet", ".arrow", ".json", ".jsonl")
 
 # -----------------------------------------------------------------------------
-# Reading rows: parquet, JSON, JSONL. Yields (where, row) with where = "file: row N" or "file:line".
+# Reading rows: parquet, Arrow, JSON, JSONL. Yields (where, row) with where = "file: row N" or "file:line".
+
+def read_batches(path, rows=64):
+    """A parquet file, or an Arrow IPC file (the stream format `datasets` writes: save_to_disk's data-*.arrow, its
+    cache's *.arrow; or the file format, magic "ARROW1") -> its record batches of at most `rows` rows, read as they
+    are needed (parquet streamed from disk, Arrow memory-mapped): a data set of images need not fit in memory."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ValueError(f"{path}: reading parquet / arrow files needs pyarrow (pip install pyarrow)") from e
+    try:
+        if path.endswith(".parquet"):
+            batches = pq.ParquetFile(path).iter_batches(batch_size=rows)
+        else:
+            with open(path, "rb") as f:
+                magic = f.read(6)
+            source = pa.memory_map(path)
+            reader = pa.ipc.open_file(source) if magic == b"ARROW1" else pa.ipc.open_stream(source)
+            batches = iter(reader.read_all().to_batches(max_chunksize=rows))  # zero-copy views of the mapped file
+        for batch in batches:
+            yield batch
+    except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError variants
+        kind = "parquet" if path.endswith(".parquet") else "arrow"
+        raise ValueError(f"{path}: cannot read {kind}: {type(e).__name__}: {e}") from e
+
 
 def read_rows(path):
-    if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from e
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError variants
-            raise ValueError(f"{path}: cannot read parquet: {type(e).__name__}: {e}") from e
-        for start in range(0, table.num_rows, 64):  # to Python objects a slice at a time (image bytes are large)
-            for i, row in enumerate(table.slice(start, 64).to_pylist()):
+    if path.endswith((".parquet", ".arrow")):
+        start = 0
+        for batch in read_batches(path):  # to Python objects a batch at a time (image bytes are large)
+            for i, row in enumerate(batch.to_pylist()):
                 yield f"{path}: row {start + i}", row
+            start += batch.num_rows
     elif path.endswith(".jsonl"):
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):

@@ -4,6 +4,7 @@ The plumbing: what the stages need and a forker should not need to read.
   watchdog.py      fail fast: one rank's failure stops every rank within seconds, on every node
   checkpoint.py    build_model (scratch / resume / HF, frozen towers, activation checkpointing, FSDP2), atomic DCP
                    checkpoints, the HF export, the disk check, load_inference_model
+  optim.py         the optimizer: torch AdamW on fp32 masters, or bf16 masters + AdamW with stochastic rounding
   run.py           the LR schedule, log.jsonl, env.json, wandb, the embedded default's data
   hf.py            Hugging Face checkpoints: the checked key maps, both layouts, sharded reading, the one writer
   tp.py            tensor-parallel rollouts
@@ -15,5 +16,6 @@ from plumbing.checkpoint import (apply_activation_checkpointing, apply_fsdp, bui
                                  load_inference_model, load_tokenizer, save_checkpoint, set_trainable)
 from plumbing.dist import (agree, agree_max, agree_min, all_reduce_sum, autocast_ctx, barrier, compute_cleanup,
                            compute_init, print0, rank, together)
+from plumbing.optim import AdamW, build_optimizer, master_torch_dtype, stochastic_round_
 from plumbing.run import ensure_synth_data, environment, get_lr, log_jsonl, wandb_init, write_env
 from plumbing.watchdog import fail

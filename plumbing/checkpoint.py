@@ -34,8 +34,9 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from model import VLM, VLMConfig, config_from_dict
-from plumbing.dist import agree_min, barrier, print0, rank, together
-from plumbing.hf import checkpoint_plan, load_config, load_pretrained, read_checkpoint_tensors, write_hf_checkpoint
+from plumbing.dist import agree_min, barrier, print0, rank, set_offload_threads, together
+from plumbing.hf import (checkpoint_plan, load_config, load_pretrained, read_checkpoint_tensors, write_hf_checkpoint,
+                         write_hf_processor)
 from plumbing.run import write_env
 
 # single-process DCP (no_dist=True) is intended here; DCP warns about it on every save and load
@@ -64,9 +65,12 @@ def check_disk(out_dir, bytes_per_checkpoint, n_checkpoints):
     free = agree_min(shutil.disk_usage(path).free)
     gb = lambda b: f"{b / 1e9:.1f} GB"
     need = bytes_per_checkpoint * n_checkpoints
-    if bytes_per_checkpoint > free:
+    if bytes_per_checkpoint > free:  # the run's first save would fail: say so now, not after hours of training
         raise RuntimeError(f"check_disk: one checkpoint needs {gb(bytes_per_checkpoint)} but {out_dir} has only "
-                           f"{gb(free)} free: free space, or point out_dir at a larger filesystem")
+                           f"{gb(free)} free (a resumable checkpoint holds every weight in the master dtype and the "
+                           f"AdamW state of the trainable ones: 12 bytes per trainable fp32 parameter, ~96 GB at 8B; "
+                           f"a GPU run's HF export is bf16, 2 bytes per parameter): free space, or point out_dir at a "
+                           f"larger filesystem")
     if need > free:
         print0(f"check_disk: WARNING {n_checkpoints} checkpoints x {gb(bytes_per_checkpoint)} = {gb(need)}, but "
                f"{out_dir} has {gb(free)} free: the run will stop at a save once the disk fills (lower keep_last, "
@@ -140,6 +144,7 @@ def apply_fsdp(model, param_dtype=None, reduce_dtype=torch.float32, reshard_afte
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     if offload:  # pinned host memory only exists with CUDA
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+        set_offload_threads()  # the optimizer step runs on the host: not on torchrun's one thread per rank
     # a unit per ViT block too: as one unit, InternViT-6B (5.5B params) would hold its whole gathered bf16 weights,
     # bf16 grads and fp32 reduce-scatter input at once in backward (~31 GB per GPU, the peak of a 38B run)
     for block in _vit_blocks(model):
@@ -147,7 +152,9 @@ def apply_fsdp(model, param_dtype=None, reduce_dtype=torch.float32, reshard_afte
     fully_shard(model.vit, **kw)
     for block in model.llm.blocks:
         fully_shard(block, **kw)
-    fully_shard(model, **kw)
+    # the root (embeddings, lm_head, connector, final norm) stays gathered from forward to backward, as torchtitan
+    # does: resharded after forward, it would be all-gathered again at once for every micro-batch's backward
+    fully_shard(model, **dict(kw, reshard_after_forward=False))
     return model
 
 
@@ -299,13 +306,15 @@ def _full_tensor(p):
 
 
 @torch.no_grad()
-def export_hf(model, out_dir, tok=None, dtype=None):
+def export_hf(model, out_dir, tok=None, dtype=None, system=""):
     """Collective: write the transformers-native HF layout into out_dir on rank 0 (it loads in VLM.from_pretrained
-    and transformers' InternVLForConditionalGeneration), plus the tokenizer if given. Parameters are gathered one
+    and transformers' InternVLForConditionalGeneration), plus, given the tokenizer, its files and the processor's
+    (plumbing/hf.py write_hf_processor: AutoProcessor.from_pretrained(out_dir) works). Parameters are gathered one
     at a time, never the whole model on one host, and cast to `dtype` (torch.bfloat16 for GPU runs; None: as
     stored, i.e. the fp32 masters); rank 0 writes <= 5 GB safetensors shards as they fill. Peak memory: one shard
     + one tensor on rank 0's host, the local shard + one full tensor on every device. A failure on rank 0 (disk
-    full, ...) still lets the other ranks finish the gathers, then raises on every rank."""
+    full, ...) still lets the other ranks finish the gathers, then raises on every rank. system: the system message the
+    run trained with, written into the chat template as its default system turn ('': none)."""
     me = rank()
 
     def gathered():  # the same collectives in the same order on every rank
@@ -321,7 +330,7 @@ def export_hf(model, out_dir, tok=None, dtype=None):
             if me == 0:
                 write_hf_checkpoint(out_dir, model.cfg, stream)
                 if tok is not None:
-                    tok.save_pretrained(out_dir)
+                    write_hf_processor(out_dir, model.cfg, tok, system)
                 write_env(out_dir)
         finally:  # a failed write still finishes the gathers, so no rank is left waiting; then all raise
             for _ in stream:
@@ -335,10 +344,29 @@ def export_hf(model, out_dir, tok=None, dtype=None):
 # -----------------------------------------------------------------------------
 # building the model, and loading one for inference
 
+def open_tokenizer(path):
+    """AutoTokenizer.from_pretrained(path) for this project's tokenizers (Qwen2's BPE, the synthetic one):
+    trust_remote_code=False: an original-layout directory's config.json names remote code for the MODEL
+    (InternVLChatModel / SkyworkChatModel), never needed for the tokenizer, and without the flag transformers asks
+    on stdin whether to run it; fix_mistral_regex=False: transformers 5.17 (not 5.25) takes a tokenizer of > 100k
+    tokens beside a config.json without transformers_version (InternVL3's and R1V3's original configs) for a broken
+    Mistral one and warns "incorrect regex pattern ... incorrect tokenization"; Qwen's regex is the right one.
+    An original-layout directory (model_type internvl_chat / skywork_chat, unknown to transformers) gets an empty
+    config passed in: AutoTokenizer would otherwise read its config.json and warn "You are using a model of type
+    `internvl_chat` to instantiate a model of type ``" on every load (its tokenizer_config.json names the class)."""
+    from transformers import AutoTokenizer, PretrainedConfig
+    kw = {}
+    cfg = os.path.join(path, "config.json")
+    if os.path.isfile(cfg):
+        with open(cfg) as f:
+            if json.load(f).get("model_type") in ("internvl_chat", "skywork_chat"):
+                kw["config"] = PretrainedConfig()
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False, fix_mistral_regex=False, **kw)
+
+
 def load_tokenizer(tokenizer, init_from, resume_path=None):
     """The tokenizer directory: explicit > the one a resumed run used > the init_from HF directory > the tiny
     synthetic one (training from scratch)."""
-    from transformers import AutoTokenizer
     path = tokenizer
     if not path and resume_path:
         with open(os.path.join(resume_path, "state.json")) as f:
@@ -347,11 +375,11 @@ def load_tokenizer(tokenizer, init_from, resume_path=None):
         path = init_from if init_from not in ("scratch", "resume") else "data/synth/tokenizer"
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path!r} not found (set --tokenizer=DIR)")
-    return AutoTokenizer.from_pretrained(path)
+    return open_tokenizer(path)
 
 
 def build_model(init_from, tok, device, *, resume_path=None, scratch=None, fsdp=False, train=(True, True, True),
-                activation_checkpointing=False, param_dtype=None, offload=False):
+                activation_checkpointing=False, param_dtype=None, offload=False, master_dtype=torch.float32):
     """The policy, frozen/unfrozen (train = (vit, connector, llm)), activation-checkpointed and, with fsdp=True,
     sharded. Returns (model, n_params, n_trainable), both counted on the full model before sharding.
     init_from: 'scratch' (a VLMConfig from `scratch` + the tokenizer's vocabulary and <IMG_CONTEXT> id, fresh
@@ -364,7 +392,10 @@ def build_model(init_from, tok, device, *, resume_path=None, scratch=None, fsdp=
     ViT block, the rest of the ViT, each LLM block, the root) through the checked key map and set_model_state_dict
     broadcasts it into every rank's shard. Peak host memory: rank 0 one unit in the checkpoint's dtype, every rank
     its shard; device: shard + one tensor. A bad checkpoint (missing / unexpected / mis-shaped tensor) is found on
-    rank 0 before anything is read and raises on every rank, naming the tensor."""
+    rank 0 before anything is read and raises on every rank, naming the tensor.
+    master_dtype: the dtype the parameters are stored (and trained) in: fp32 masters by default; torch.bfloat16
+    (plumbing/optim.py, issue 20) stores them, and so their FSDP2 gradient shards, in bf16, with a bf16 compute
+    dtype under FSDP2 whatever param_dtype says and the gradients still reduce-scattered in fp32 (reduce_dtype)."""
     device = torch.device(device)
     if offload and not fsdp:
         raise ValueError("plumbing/checkpoint.py build_model: offload=True needs fsdp=True (FSDP2's CPUOffloadPolicy)")
@@ -399,6 +430,9 @@ def build_model(init_from, tok, device, *, resume_path=None, scratch=None, fsdp=
         with torch.device("meta"):  # shapes only
             model = VLM(cfg)
     n_params = sum(p.numel() for p in model.parameters())  # a tied lm_head counts once
+    if master_dtype != torch.float32:  # before sharding: FSDP2 shards (and to_empty allocates) in the params' dtype
+        model.to(master_dtype)
+        param_dtype = master_dtype  # FSDP2: no cast to gather (param_dtype == the params'), reduce in fp32
     n_trainable = set_trainable(model, *train)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -447,7 +481,6 @@ def load_inference_model(path, device, dtype=torch.float32, tokenizer=""):
     """A model + tokenizer for generation from any of: a local HF directory (config.json), a project checkpoint
     ckpt_XXXXXXX/ (sharded DCP, model weights only), or a training out_dir (its hf/ export if present, else its
     latest checkpoint). Single process."""
-    from transformers import AutoTokenizer
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found")
     if not os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "state.json")):
@@ -471,5 +504,5 @@ def load_inference_model(path, device, dtype=torch.float32, tokenizer=""):
             tok_path = tokenizer or json.load(f)["state"].get("tokenizer", "")
     if not tok_path or not os.path.isdir(tok_path):
         raise FileNotFoundError(f"{path}: no tokenizer found (pass tokenizer=DIR)")
-    return model.eval(), AutoTokenizer.from_pretrained(tok_path), path
+    return model.eval(), open_tokenizer(tok_path), path
 

@@ -46,7 +46,8 @@ def _is_schedule(v):
 
 def check_type(key, value, default, where):
     """Return value converted to the default's type, or raise a ValueError naming key, value and type.
-    Rules: None defaults accept anything; int -> float is allowed; bool only from True/False;
+    Rules: None defaults accept anything; int -> float is allowed; bool only from True/False (a default of 'auto':
+    'auto' or a bool);
     a list default accepts a tuple and vice versa (converted); a schedule default ([[from_step, value], ...])
     accepts a plain integer, meaning [[0, integer]]; a str default keeps the raw string."""
     if default is None:
@@ -54,7 +55,9 @@ def check_type(key, value, default, where):
     expected = type(default)
     bad = ValueError(f"configurator: {where}: {key}={value!r} has type {type(value).__name__}, "
                      f"expected {expected.__name__} (default {default!r})")
-    if expected is bool:
+    if expected is bool or default == 'auto':  # a default of 'auto' (activation_checkpointing) takes a bool too
+        if default == 'auto' and value == 'auto':
+            return value
         if isinstance(value, str) and value.lower() in ('true', 'false'):
             return value.lower() == 'true'
         if not isinstance(value, bool):
@@ -141,10 +144,14 @@ def help_text(g, keys, path=None):
     return '\n'.join(out + [f"  --{k}={g[k]!r}" for k in rest])
 
 
-def configure(g, argv, keys=None):
+def configure(g, argv, keys=None, sources=None):
     """Update the dict g (a script's globals()) from config files and --key=value flags in argv.
     keys: the config keys (default: config_keys(g), computed before any override).
-    Returns {key: final value} for the config keys only. With --help / -h in argv: prints help_text and exits."""
+    sources: a dict to fill with {key: where it was set: "config file PATH" or "command line"} for the keys a file
+    or a flag set (a key left at the script's default is absent: eval.py lets a checkpoint's generation_config.json
+    set those). Returns {key: final value} for the config keys only. With --help / -h in argv: prints help_text
+    and exits."""
+    sources = {} if sources is None else sources
     watchdog.install_hooks()  # bad input from here on: one line (plumbing/watchdog.py)
     keys = list(keys) if keys is not None else config_keys(g)
     files = [a for a in argv if not a.startswith('-')]
@@ -155,6 +162,7 @@ def configure(g, argv, keys=None):
             if k not in keys:
                 raise _unknown(k, keys, f"in config file {path}")
             g[k] = check_type(k, v, g[k], f"config file {path}")
+            sources[k] = f"config file {path}"
     if '--help' in argv or '-h' in argv:
         print(help_text(g, keys))
         sys.exit(0)
@@ -166,4 +174,5 @@ def configure(g, argv, keys=None):
         if k not in keys:
             raise _unknown(k, keys, f"from {arg}")
         g[k] = check_type(k, parse_value(s, g[k]), g[k], f"argument {arg}")
+        sources[k] = "command line"
     return {k: g[k] for k in keys}

@@ -66,6 +66,26 @@ def compute_init(seed=1337, timeout_s=600, heartbeat_timeout_s=60):
     return ddp, rank, local_rank, world_size, device
 
 
+def offload_threads(local_world_size=None, cores=None):
+    """The intra-op threads one rank should give the optimizer step FSDP2's CPU offload runs on the host: the cores
+    this process may run on, shared by the node's ranks (torchrun's LOCAL_WORLD_SIZE). torchrun sets
+    OMP_NUM_THREADS=1 for every rank, which leaves the offloaded AdamW step (the whole optimizer of a 38B model) on one
+    core per rank while the other cores idle; docs/perf.md, "Offload"."""
+    local = int(local_world_size or os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(local, 1))
+
+
+def set_offload_threads():
+    """torch.set_num_threads(offload_threads()) for a run with offload=True (plumbing.apply_fsdp calls it), never
+    fewer threads than the process has (an explicit larger OMP_NUM_THREADS stays). Returns the thread count."""
+    n = max(torch.get_num_threads(), offload_threads())
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return n
+
+
 def compute_cleanup():
     """Mark this rank finished (so the watchdog of ranks still running does not take its silence for a failure),
     stop its watchdog, and tear down the process group if compute_init made one."""
@@ -102,12 +122,20 @@ def autocast_ctx(device):
 # their next collective. Every rank-local decision goes through one of these instead: every rank calls it, and
 # every rank gets the same answer.
 
+def _reduce_device():
+    """Where the decision collectives put their tensor: the current GPU when the default group has NCCL, else the
+    CPU. dist.get_backend() names every backend of the group: 'cpu:gloo,cuda:nccl' for the group compute_init makes
+    (a test for == 'nccl' never matched it), 'nccl' for an NCCL-only group, which refuses CPU tensors."""
+    if "nccl" in str(dist.get_backend()).lower() and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_reduce_scalar(x, op):
     if not dist.is_initialized():
         return x
-    # NCCL reduces only CUDA tensors; float64 holds any int below 2**53 exactly
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
+    # float64 holds any int below 2**53 exactly
+    t = torch.tensor([float(x)], dtype=torch.float64, device=_reduce_device())
     dist.all_reduce(t, op=op)
     v = t.item()
     return type(x)(v) if type(x) in (bool, int, float) else v
@@ -117,8 +145,7 @@ def all_reduce_sum(*xs):
     """Collective: the sums over the ranks of a few numbers (float64: token counts stay exact), as a list."""
     if not dist.is_initialized():
         return [float(x) for x in xs]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([float(x) for x in xs], dtype=torch.float64, device=device)
+    t = torch.tensor([float(x) for x in xs], dtype=torch.float64, device=_reduce_device())
     dist.all_reduce(t)
     return t.tolist()
 

@@ -6,6 +6,8 @@ transformers and serving engines).
 
     model = load_pretrained("/models/InternVL3-1B")                 # either layout, single file or sharded
     save_pretrained(model, "out/hf")                                # = write_hf_checkpoint(path, cfg, tensors)
+    save_pretrained(model, "out/hf", tok=tok)                       # + write_hf_processor: tokenizer, processor,
+                                                                    #   chat template, generation config
 Layouts: the transformers-native one (`model.vision_tower.*`, `model.multi_modal_projector.*`,
 `model.language_model.*`, `lm_head`) and the original `InternVLChatModel` one (`vision_model.*` with fused qkv,
 `mlp1.*`, `language_model.*`), which Skywork-R1V3 shares.
@@ -128,7 +130,7 @@ def load_config(path, image_token_id=None):
             image_token_id = c.get("image_token_id")
     if v.get("hidden_act", "gelu") != "gelu" or t.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{cfg_path}: unsupported activations {v.get('hidden_act')}/{t.get('hidden_act')}")
-    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    rope = {**(t.get("rope_parameters") or {}), **(t.get("rope_scaling") or {})}  # as transformers 5 merges them
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     # InternVL3 ships rope_scaling {"type": "dynamic", "factor": 2.0} (dynamic NTK). transformers computes its
     # inv_freq with seq_len = max_position_embeddings, where the NTK base factor is (factor - (factor - 1))^... = 1,
@@ -136,6 +138,9 @@ def load_config(path, image_token_id=None):
     # which is what model.py implements. Longer sequences would differ (generation stays far below 32768).
     if rope_type not in ("default", "dynamic"):
         raise ValueError(f"{cfg_path}: rope scaling {rope} is not supported")
+    # kept as the checkpoint wrote it (rope_scaling, else rope_parameters without its theta), so the export keeps it
+    scaling = t.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
+    rope_scaling = json.dumps(scaling, sort_keys=True) if rope_type != "default" else ""
     if image_token_id is None:
         raise ValueError(f"{path}: cannot find the <IMG_CONTEXT> token id; pass image_token_id=")
     llm_qk_norm = t.get("model_type", "qwen2").startswith("qwen3")
@@ -147,7 +152,8 @@ def load_config(path, image_token_id=None):
         head_dim=t.get("head_dim") or 0, mlp_hidden=t["intermediate_size"], rms_eps=t.get("rms_norm_eps", 1e-6),
         rope_theta=rope.get("rope_theta", t.get("rope_theta", 1e6)),
         qkv_bias=t.get("attention_bias", not llm_qk_norm), llm_qk_norm=llm_qk_norm,
-        max_position_embeddings=t.get("max_position_embeddings", 32768), image_token_id=int(image_token_id), **kw)
+        max_position_embeddings=t.get("max_position_embeddings", 32768), rope_scaling=rope_scaling,
+        image_token_id=int(image_token_id), **kw)
     return cfg, "original" if original else "native"
 
 
@@ -204,14 +210,34 @@ def hf_state_dict(path, cfg, layout, dtype=torch.float32):
     return sd
 
 
+def _transformers_version():
+    try:
+        import transformers
+        return transformers.__version__
+    except ImportError:  # a requirement of the project; only a stripped-down environment lacks it
+        return None
+
+
 def hf_config(cfg, dtype="float32"):
-    """VLMConfig -> a transformers-native InternVLConfig dict (loads in InternVLForConditionalGeneration)."""
+    """VLMConfig -> a transformers-native InternVLConfig dict (loads in InternVLForConditionalGeneration), as
+    save_pretrained writes it: with the transformers_version that wrote it (transformers 5.17, unlike 5.25, takes a
+    local tokenizer of > 100k tokens next to a config.json WITHOUT one for a possibly broken Mistral tokenizer and
+    warns "incorrect regex pattern ... incorrect tokenization") and the source's rope scaling, both as rope_parameters
+    (transformers 5) and as rope_scaling (transformers 4 and the serving engines built on it)."""
+    scaling = json.loads(cfg.rope_scaling) if cfg.rope_scaling else None
+    rope_parameters = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        rope_parameters = {**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": kind,
+                           "rope_theta": cfg.rope_theta}
     text = dict(model_type="qwen3" if cfg.llm_qk_norm else "qwen2", vocab_size=cfg.vocab_size,
                 hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
                 num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
                 hidden_act="silu", max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_eps,
-                rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                rope_theta=cfg.rope_theta, rope_parameters=rope_parameters,
                 attention_bias=cfg.qkv_bias, tie_word_embeddings=cfg.tie_embeddings, use_sliding_window=False)
+    if scaling:
+        text["rope_scaling"] = scaling
     vision = dict(model_type="internvl_vision", hidden_size=cfg.vit_hidden, num_hidden_layers=cfg.vit_layers,
                   num_attention_heads=cfg.vit_heads, intermediate_size=cfg.vit_mlp, hidden_act="gelu",
                   image_size=[cfg.image_size] * 2, patch_size=[cfg.patch_size] * 2, norm_type=cfg.vit_norm,
@@ -222,7 +248,8 @@ def hf_config(cfg, dtype="float32"):
                 image_seq_length=cfg.tokens_per_tile, downsample_ratio=cfg.downsample_ratio,
                 projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default",
                 tie_word_embeddings=cfg.tie_embeddings,
-                nanor1v=dict(max_tiles=cfg.max_tiles, use_thumbnail=cfg.use_thumbnail))
+                nanor1v=dict(max_tiles=cfg.max_tiles, use_thumbnail=cfg.use_thumbnail),
+                transformers_version=_transformers_version())
 
 
 def checkpoint_plan(path, cfg, layout):
@@ -352,6 +379,148 @@ def write_hf_checkpoint(path, cfg, tensors, max_shard_bytes=5 * 2**30):
 
 
 # -----------------------------------------------------------------------------
+# the files beside the weights that transformers' AutoProcessor / InternVLProcessor and serving engines read: the
+# tokenizer (with the image-token attributes InternVLProcessor takes from it), the image and video processor
+# configs, the processor config, the chat template and the generation config. Written as JSON, in the layout of
+# the OpenGVLab/InternVL3-*-hf repos (one file each; transformers 5 also reads it), not by building transformers'
+# InternVLProcessor: that needs torchvision (its video processor; transformers 5.25 cannot build the processor
+# without one), which the CPU environment does not have. tests/test_export.py checks that AutoProcessor loads these
+# files and encodes an image and a question as data/common.py does.
+
+# InternVLProcessor reads these tokenizer attributes (transformers 5: tokenizer_config.json's top-level "*_token"
+# keys, as its save_pretrained writes them; transformers 4's "extra_special_tokens" dict is not written). It also
+# reads a video_token, and transformers adds a named token that is not in the vocabulary as a new one, past the
+# model's embedding rows. The video token is only matched in the text (the processor replaces it by image spans), so
+# a token the vocabulary already has serves: <video>, else Qwen's <|video_pad|> (InternVL3 and R1V3 have it), else
+# <video> all the same (the synthetic tokenizer: it loads with one token more than the model's vocab_size, unused
+# unless a prompt holds "<video>").
+PROCESSOR_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"}
+VIDEO_TOKENS = ("<video>", "<|video_pad|>")
+
+# data/common.py build_prompt_text as a chat template: ChatML; an image becomes <IMG_CONTEXT>, which the processor
+# expands to <img><IMG_CONTEXT> x (tokens per tile x tiles)</img>; several images are numbered "Image-i: ", images
+# before the text as in our prompts; the generation prompt opens the forced "<think>\n" of our rollouts
+# (enable_thinking=False leaves it out, as think=False does).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- set ns = namespace(i=0) -%}"
+    "{%- for content in message['content'] -%}"
+    "{%- if content['type'] == 'image' -%}"
+    "{%- set ns.i = ns.i + 1 -%}"
+    "{%- if n_images > 1 -%}{{- 'Image-' + ns.i | string + ': ' -}}{%- endif -%}"
+    "{{- '<IMG_CONTEXT>\\n' -}}"
+    "{%- elif content['type'] == 'video' -%}"
+    "{{- '<video>\\n' -}}"
+    "{%- elif content['type'] == 'text' -%}"
+    "{{- content['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is not defined or enable_thinking -%}{{- '<think>\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+def chat_template(system=""):
+    """CHAT_TEMPLATE, or with `system` as the default system turn (written when the messages open with none), for
+    a model trained with that system message: serving engines apply the template, they do not read config.json's
+    "system_message" (data/common.py save_system)."""
+    if not system:
+        return CHAT_TEMPLATE
+    literal = json.dumps(system, ensure_ascii=False)  # a JSON string is a Jinja string literal
+    return ("{%- if messages and messages[0]['role'] != 'system' -%}"
+            "{{- '<|im_start|>system\\n' + " + literal + " + '<|im_end|>\\n' -}}"
+            "{%- endif -%}" + CHAT_TEMPLATE)
+
+
+def _token_id(tok, token):
+    i = tok.convert_tokens_to_ids(token)
+    return None if i is None or (i == tok.unk_token_id and token != tok.unk_token) else int(i)
+
+
+def write_hf_processor(path, cfg, tok, system=""):
+    """The tokenizer and the processor files of a transformers-native export (next to write_hf_checkpoint's
+    weights and config.json), so that AutoProcessor.from_pretrained(path) encodes prompts as data/common.py does:
+      tokenizer files      tok.save_pretrained, plus the attributes InternVLProcessor reads (PROCESSOR_TOKENS)
+      preprocessor_config.json        GotOcr2ImageProcessor: InternVL's dynamic tiling (crop_to_patches, 1 to
+                                      cfg.max_tiles tiles of cfg.image_size, a thumbnail when > 1 tile, bicubic,
+                                      ImageNet mean/std): the tiles of data/common.py dynamic_preprocess
+      video_preprocessor_config.json  InternVLVideoProcessor, one tile per frame at the same size and normalisation
+      processor_config.json           InternVLProcessor, image_seq_length = tokens per tile
+      chat_template.jinja             chat_template(system) (read by the tokenizer and the processor alike)
+      generation_config.json          eos = <|im_end|> then <|endoftext|> (data/common.py stop_token_ids), bos and pad
+    GotOcr2ImageProcessor always adds the thumbnail: a config with use_thumbnail=False and max_tiles > 1 is written
+    with a warning (its processor adds one tile more than our prompts)."""
+    import warnings
+
+    from data.common import IM_END, IMAGENET_MEAN, IMAGENET_STD
+
+    missing = [t for t in PROCESSOR_TOKENS.values() if _token_id(tok, t) is None]
+    if missing:
+        raise ValueError(f"export to {path}: the tokenizer has no {missing} token(s); InternVLProcessor needs them")
+    if _token_id(tok, PROCESSOR_TOKENS["context_image_token"]) != cfg.image_token_id:
+        raise ValueError(f"export to {path}: the tokenizer's <IMG_CONTEXT> is id "
+                         f"{_token_id(tok, '<IMG_CONTEXT>')}, the model's image_token_id is {cfg.image_token_id}")
+    if not cfg.use_thumbnail and cfg.max_tiles > 1:
+        warnings.warn(f"export to {path}: use_thumbnail=False cannot be expressed in transformers' "
+                      "GotOcr2ImageProcessor, which adds a thumbnail tile to every image of more than one tile")
+    os.makedirs(path, exist_ok=True)
+    tok.save_pretrained(path)
+    version = _transformers_version()
+
+    def write(name, obj):
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+
+    tc_path = os.path.join(path, "tokenizer_config.json")
+    with open(tc_path) as f:
+        tc = json.load(f)
+    tc.pop("chat_template", None)  # chat_template.jinja below is the one template
+    tc.pop("fix_mistral_regex", None)  # a loading option (plumbing/checkpoint.py open_tokenizer), not the tokenizer's
+    video = next((t for t in VIDEO_TOKENS if _token_id(tok, t) is not None), VIDEO_TOKENS[0])
+    tc.update(PROCESSOR_TOKENS, video_token=video, processor_class="InternVLProcessor")
+    write("tokenizer_config.json", tc)
+    if os.path.exists(os.path.join(path, "chat_template.json")):  # the older processor format: it would win
+        os.remove(os.path.join(path, "chat_template.json"))
+    with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+        f.write(chat_template(system))
+
+    size = {"height": cfg.image_size, "width": cfg.image_size}
+    common = dict(do_convert_rgb=True, do_resize=True, size=size, resample=3,  # PIL bicubic, as dynamic_preprocess
+                  do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(IMAGENET_MEAN),
+                  image_std=list(IMAGENET_STD))
+    write("preprocessor_config.json", dict(
+        image_processor_type="GotOcr2ImageProcessor", processor_class="InternVLProcessor", crop_to_patches=True,
+        min_patches=1, max_patches=cfg.max_tiles, **common))
+    write("video_preprocessor_config.json", dict(
+        video_processor_type="InternVLVideoProcessor", processor_class="InternVLProcessor", initial_shift=True,
+        do_sample_frames=False, **common))
+    write("processor_config.json", dict(image_seq_length=cfg.tokens_per_tile, processor_class="InternVLProcessor"))
+
+    eos = [i for i in dict.fromkeys([_token_id(tok, IM_END), _token_id(tok, "<|endoftext|>"), _token_id(
+        tok, tok.eos_token) if tok.eos_token else None]) if i is not None]
+    if not eos:
+        raise ValueError(f"export to {path}: the tokenizer has no <|im_end|>, <|endoftext|> or eos token")
+    gen = dict(eos_token_id=eos if len(eos) > 1 else eos[0])
+    bos = tok.bos_token_id if tok.bos_token_id is not None else _token_id(tok, "<|endoftext|>")  # Qwen2's bos
+    if bos is not None:
+        gen["bos_token_id"] = bos
+    if tok.pad_token_id is not None:
+        gen["pad_token_id"] = tok.pad_token_id
+    write("generation_config.json", dict(sorted(gen.items()), transformers_version=version))
+
+
+# -----------------------------------------------------------------------------
 # whole models
 
 
@@ -367,8 +536,10 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", image_token_id=None
     return model.to(device)
 
 
-def save_pretrained(model, path, state_dict=None, max_shard_bytes=5 * 2**30):
+def save_pretrained(model, path, state_dict=None, max_shard_bytes=5 * 2**30, tok=None, system=""):
     """Write a model (or a full state dict of it, e.g. gathered from FSDP shards) in the transformers-native layout
-    with write_hf_checkpoint."""
+    with write_hf_checkpoint; with a tokenizer, also its files and the processor's (write_hf_processor)."""
     sd = model.state_dict() if state_dict is None else state_dict
     write_hf_checkpoint(path, model.cfg, ((n, t.detach().to("cpu")) for n, t in sd.items()), max_shard_bytes)
+    if tok is not None:
+        write_hf_processor(path, model.cfg, tok, system)

@@ -72,11 +72,27 @@ def tp_slice(name, t, K, r):
 
 
 _GROUPS = {}  # K -> this rank's TP group
+WARM_NUMEL = (1, 1 << 22)  # the warm-up all-reduces: one tiny, one of 8 MB in bf16 (NCCL may pick another algorithm)
+
+
+def warm_group(group):
+    """Collective over `group`: all-reduces that make its communicator allocate what it allocates on first use. NCCL
+    sets a communicator up lazily (at the first collective; since NCCL 2.22 it also connects the peers of an
+    algorithm only when a collective first needs it), and those buffers live outside PyTorch's caching allocator, so
+    torch.cuda.mem_get_info drops by them at the first TP forward: after sampler.memory_budget measured the free
+    memory the rollout then fills. Warming the group when it is made moves that allocation before any budget."""
+    nccl = "nccl" in str(dist.get_backend(group)).lower() and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    for n in WARM_NUMEL if nccl else WARM_NUMEL[:1]:  # (gloo allocates nothing on a GPU)
+        dist.all_reduce(torch.zeros(n, dtype=torch.bfloat16 if nccl else torch.float32, device=device), group=group)
+    if nccl:
+        torch.cuda.synchronize(device)
 
 
 def tp_group(K):
-    """Collective: this rank's TP group, ranks [K * (rank // K), K * (rank // K) + K). dist.new_group must be called by
-    every rank for every group, in the same order, so every rank creates all of them. Cached per K."""
+    """Collective: this rank's TP group, ranks [K * (rank // K), K * (rank // K) + K), its communicator warmed
+    (warm_group) before anything measures free memory. dist.new_group must be called by every rank for every group,
+    in the same order, so every rank creates all of them. Cached per K."""
     if K not in _GROUPS:
         W, rank = dist.get_world_size(), dist.get_rank()
         if W % K:
@@ -86,6 +102,7 @@ def tp_group(K):
             pg = dist.new_group(ranks)
             if rank in ranks:
                 _GROUPS[K] = pg
+        warm_group(_GROUPS[K])  # every group warms at once: each rank all-reduces on its own group only
     return _GROUPS[K]
 
 

@@ -52,6 +52,22 @@ INPUT_ERRORS = (ValueError, FileNotFoundError)
 
 
 def _excepthook(tp, value, tb):
+    if _IN_HOOK[0]:
+        # called back by the hook ours chains to: torch's init_process_group wraps the sys.excepthook it finds (ours,
+        # from configure()) to prefix "[rankN]", and start() installs ours again on top of that wrapper; print the
+        # traceback here, once, instead of recursing
+        return sys.__excepthook__(tp, value, tb)
+    _IN_HOOK[0] = True
+    try:
+        _report(tp, value, tb)
+    finally:
+        _IN_HOOK[0] = False
+
+
+_IN_HOOK = [False]
+
+
+def _report(tp, value, tb):
     wd = _WATCHDOG
     if wd is not None and os.getpid() != wd.pid:  # a forked child (DataLoader worker): not ours to report
         wd = None

@@ -18,6 +18,10 @@ case "${1:-}" in
     [ -x .venv-gpu-stack/bin/python ] || "$PY" -m venv .venv-gpu-stack
     pipi .venv-gpu-stack torch==2.11.0
     pipi .venv-gpu-stack -r requirements-gpu-stack.lock
+    # transformers' InternVL processor needs torchvision (tests/test_export.py loads our export with it). 0.26.0 is
+    # the build for torch 2.11; --no-deps, so it cannot pull another torch. The CI stack has none (the registry has
+    # no CPU torchvision for torch 2.13): that test skips there, saying why.
+    pipi .venv-gpu-stack --no-deps torchvision==0.26.0
     exit 0 ;;
   latest)
     [ -x .venv-latest/bin/python ] || "$PY" -m venv .venv-latest

@@ -39,3 +39,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.module.__name__ in SLOW_MODULES or item.originalname in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_dir(tmp_path_factory):
+    """InternVL3's real tokenizer (Qwen2.5 BPE + InternVL's added tokens, no chat template), built once per session
+    by tests/real_tokenizer.py (the first run downloads dashscope's qwen.tiktoken into .cache/)."""
+    from real_tokenizer import build_internvl3_tokenizer
+    return build_internvl3_tokenizer(str(tmp_path_factory.mktemp("internvl3_tokenizer")))

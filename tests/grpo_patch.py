@@ -9,6 +9,12 @@ FAULTs (`@R`: on rank R only):
     scores=zero[@R]       every reward, accuracy and format is 0 (no group is informative)
     scores=format_only[@R]  accuracy 0 everywhere, format alternating 1/0: rewards vary, accuracies do not
     record_norm=PATH      append each loss aggregation's normaliser (norm_const) to PATH, one per line
+    gpu_gb=G[@R]          the start-up memory plan sees a GPU of G GB (tools.plan.device_memory), and build_model
+                          prints "grpo_patch: build_model" when it is called (the check must come first)
+    cuda_oom=K[@R]        generate() calls 1, 3, ..., 2K-1 (rollouts, validation) raise torch.OutOfMemoryError:
+                          the first K operations fail once each; every call prints "grpo_patch: generate budget B"
+    record_entropy=PATH   append "with_entropy grad_enabled" of each model.token_logprobs call to PATH
+    script=NAME           run NAME (sft.py, connector_tune.py) instead of grpo.py
 """
 import os
 import runpy
@@ -18,14 +24,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import plumbing  # noqa: E402
 import rl  # noqa: E402
+import model  # noqa: E402
 import rollout  # noqa: E402
 import sampler  # noqa: E402
+import torch  # noqa: E402
+import tools.plan  # noqa: E402
 
 split = sys.argv.index("--")
 faults, args = sys.argv[1:split], sys.argv[split + 1:]
 rank = int(os.environ.get("RANK", 0))
 
 
+script = "grpo.py"
 current = {"step": 0}  # the step the loop is in (1-based): grpo.py asks get_lr(step, ...) once at the top of each
 
 
@@ -73,8 +83,33 @@ for f in faults:
                 fh.write(f"{norm_const}\n")
             return _orig(per_token, mask, agg, norm_const, denom)
         rl.agg_loss = recorded
+    elif key == "gpu_gb":
+        tools.plan.device_memory = lambda _g=float(val): ("cuda", _g)
+
+        def build_model(*a, _orig=plumbing.build_model, **k):
+            print("grpo_patch: build_model", flush=True)
+            return _orig(*a, **k)
+        plumbing.build_model = build_model
+    elif key == "cuda_oom":
+        calls = {"n": 0}
+
+        def generate(*a, _orig=rollout.generate, _k=int(val), **k):
+            print(f"grpo_patch: generate budget {k.get('budget')}", flush=True)
+            calls["n"] += 1
+            if calls["n"] <= 2 * _k and calls["n"] % 2:
+                raise torch.OutOfMemoryError(f"CUDA out of memory (injected on rank {rank}, call {calls['n']})")
+            return _orig(*a, **k)
+        rollout.generate = generate
+    elif key == "record_entropy":
+        def logprobs(*a, _orig=model.token_logprobs, _path=val, **k):
+            with open(_path, "a") as fh:
+                fh.write(f"{k.get('with_entropy', True)} {torch.is_grad_enabled()}\n")
+            return _orig(*a, **k)
+        model.token_logprobs = logprobs
+    elif key == "script":
+        script = val
     else:
         raise SystemExit(f"grpo_patch.py: unknown fault {key}")
 
-sys.argv = [os.path.join(ROOT, "grpo.py")] + args
+sys.argv = [os.path.join(ROOT, script)] + args
 runpy.run_path(sys.argv[0], run_name="__main__")

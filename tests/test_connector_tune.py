@@ -90,10 +90,10 @@ def test_only_the_connector_trains(synth, base, tmp_path, capsys):
 
 def test_all_towers_and_domains(synth, base, tmp_path, capsys):
     # the ablation's connector + ViT + LLM (connector + LLM: the early-stopping test below), with a domain filter
-    # and balancing on the way (R1V3 section 4's multi-domain data)
+    # and balancing on the way (R1V3 section 4's multi-domain data); images decoded by a DataLoader worker process
     out = str(tmp_path / "all")
     printed = tune(["--train_llm=True", "--train_vit=True", "--max_steps=2", "--domains=count_color,compare",
-                    "--balance_domains=True"], out, synth, base, capsys)
+                    "--balance_domains=True", "--num_workers=1"], out, synth, base, capsys)
     w0, w1 = weights(base), weights(os.path.join(out, "ckpt_0000002"))
     assert changed(w0, w1, "vit") and changed(w0, w1, "llm") and changed(w0, w1, "connector")
     assert {k.split(".")[0] for k in optim_params(os.path.join(out, "ckpt_0000002"))} == {"vit", "connector", "llm"}

@@ -438,3 +438,151 @@ def test_convert_llava(tmp_path):
     src2.write_text(json.dumps(records[2]) + "\n" + json.dumps({"id": "bad", "conversations": [{"from": "gpt", "value": "x"}]}) + "\n")
     with pytest.raises(ValueError, match=re.escape(f"{src2}: record 1: no 'human' turn")):
         convert(str(src2), str(tmp_path / "o2.jsonl"))
+
+# -----------------------------------------------------------------------------
+# parquet / arrow converter (data/convert_parquet.py): the layouts of EasyR1, verl, MMK12, `datasets` save_to_disk
+
+def image_type(many=False):
+    """The Arrow type `datasets` stores an Image feature as (a {bytes, path} struct), or a list of them."""
+    import pyarrow as pa
+    cell = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    return pa.list_(cell) if many else cell
+
+
+def hf_table(cols, images=(), image_lists=()):
+    """A pyarrow table from {column: values}, the columns in `images` / `image_lists` typed as image cells."""
+    import pyarrow as pa
+    return pa.table({k: pa.array(v, type=image_type(False) if k in images else image_type(True) if k in image_lists
+                                 else None) for k, v in cols.items()})
+
+
+def rgb_png(color, size=(24, 16)):
+    return png_bytes(Image.new("RGB", size, color))
+
+
+def first_pixel(path):
+    with Image.open(path) as im:
+        return im.convert("RGB").getpixel((0, 0))
+
+
+def test_convert_parquet_easyr1_and_mmk12_layouts(tmp_path):
+    import pyarrow.parquet as pq
+    from data.convert_parquet import convert as convert_pq
+    # EasyR1's geometry3k: images = a list of cells, problem with "<image>" placeholders, answer a string; the hub
+    # layout data/<split>-*.parquet: only the train split is picked up
+    geo = tmp_path / "geometry3k" / "data"
+    geo.mkdir(parents=True)
+    (geo / "figs").mkdir()
+    Image.new("RGB", (10, 10), (0, 255, 0)).save(geo / "figs" / "g.png")  # a path-only cell: relative to the file
+    pq.write_table(hf_table({"images": [[{"bytes": rgb_png((255, 0, 0)), "path": "a.png"}],
+                                        [{"bytes": rgb_png((0, 0, 255)), "path": None},
+                                         {"bytes": None, "path": "figs/g.png"}]],
+                             "problem": ["<image>Find x.", "Compare <image> with <image>."],
+                             "answer": ["3", "\\frac{1}{2}"]}, image_lists=["images"]),
+                   geo / "train-00000-of-00001.parquet")
+    pq.write_table(hf_table({"images": [[]], "problem": ["test row"], "answer": ["0"]}, image_lists=["images"]),
+                   geo / "test-00000-of-00001.parquet")
+    out = tmp_path / "out" / "geo.jsonl"
+    assert len(convert_pq(str(geo.parent), str(out))) == 2
+    a, b = load_jsonl(str(out))
+    assert (a["id"], a["question"], a["answer"]) == ("train-00000-of-00001-0", "<image>Find x.", "3")
+    assert [first_pixel(p) for p in a["images"] + b["images"]] == [(255, 0, 0), (0, 0, 255), (0, 255, 0)]
+    assert b["images"][1] == str(geo / "figs" / "g.png")  # referenced, not copied
+    assert all(p.startswith(str(tmp_path / "out" / "geo_images")) for p in a["images"] + b["images"][:1])
+    text = build_prompt_text(b["question"], [1, 1], 1)
+    assert text.count("<img>") == 2 and "Compare <img>" in text  # the placeholders place the images
+    # MMK12: one image cell per row, question / answer / subject; numeric answers and ids become strings
+    mmk = tmp_path / "MMK12" / "data"
+    mmk.mkdir(parents=True)
+    pq.write_table(hf_table({"id": [7, 8, 9], "subject": ["math", "physics", None],
+                             "image": [{"bytes": rgb_png((9, 9, 9)), "path": None}] * 3,
+                             "question": ["Area?", "Speed in m/s?", "Ratio?"], "answer": [3.0, 0.25, 1e-05]},
+                            images=["image"]), mmk / "train-00000-of-00001.parquet")
+    got = convert_pq(str(mmk), str(tmp_path / "mmk12.jsonl"))
+    assert [(s["id"], s["answer"], s.get("domain")) for s in got] == [("7", "3", "math"), ("8", "0.25", "physics"),
+                                                                       ("9", "0.00001", None)]
+    assert all(len(s["images"]) == 1 for s in load_jsonl(str(tmp_path / "mmk12.jsonl")))
+
+
+def test_convert_parquet_arrow_verl_and_options(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from data.convert_parquet import convert as convert_pq
+    table = hf_table({"images": [[{"bytes": rgb_png((255, 0, 0)), "path": None}]] * 2,
+                      "problem": ["<image>How many?", "<image>Which?"], "answer": ["4", "12"]}, image_lists=["images"])
+    # `datasets` save_to_disk of one Dataset: the IPC stream format, state.json beside it; the folder is the split
+    disk = tmp_path / "thinklite"
+    disk.mkdir()
+    (disk / "state.json").write_text("{}")
+    (disk / "dataset_info.json").write_text("{}")
+    with pa.OSFile(str(disk / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    assert [s["answer"] for s in convert_pq(str(disk), str(tmp_path / "s.jsonl"))] == ["4", "12"]
+    # the IPC file format (magic ARROW1), and a datasets cache file name "<name>-<split>.arrow"
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for split in ("train", "test"):
+        with pa.OSFile(str(cache / f"geometry3k-{split}.arrow"), "wb") as sink, \
+                pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+    assert len(convert_pq(str(cache), str(tmp_path / "f.jsonl"))) == 2  # the train file only
+    got = load_jsonl(str(tmp_path / "f.jsonl"))
+    assert [s["question"] for s in got] == ["<image>How many?", "<image>Which?"]
+    assert first_pixel(got[0]["images"][0]) == (255, 0, 0)
+    # verl's preprocessed geo3k: prompt (a chat), images, reward_model.ground_truth, extra_info.question: found by
+    # themselves; --question_key=prompt takes the chat's user turn instead (with verl's instruction in it)
+    verl = tmp_path / "geo3k_verl"
+    verl.mkdir()
+    pq.write_table(pa.table({
+        "data_source": ["hiyouga/geometry3k"],
+        "prompt": [[{"role": "user", "content": "<image>Find y. Put the answer in \\boxed{}."}]],
+        "images": pa.array([[{"bytes": rgb_png((0, 0, 255)), "path": None}]], type=image_type(many=True)),
+        "reward_model": [{"style": "rule", "ground_truth": "7"}],
+        "extra_info": [{"split": "train", "index": 0, "answer": "7", "question": "<image>Find y."}]}),
+        verl / "train.parquet")
+    s, = convert_pq(str(verl), str(tmp_path / "v.jsonl"))
+    assert (s["question"], s["answer"]) == ("<image>Find y.", "7")
+    s, = convert_pq(str(verl / "train.parquet"), str(tmp_path / "v2.jsonl"), question_key="prompt")
+    assert s["question"] == "<image>Find y. Put the answer in \\boxed{}."
+    # options: an answer given as the option's text becomes its letter; a solution column is the SFT target
+    mc = tmp_path / "mc.parquet"
+    pq.write_table(pa.table({"q": ["Colour?", "Size?"], "choices": [["red", "blue"], ["1", "2", "3"]],
+                             "a": ["blue", "A"], "trace": ["<think>\nlook\n</think>\n\n\\boxed{B}",
+                                                        "<think>\nx\n</think>\n\n\\boxed{A}"]}), mc)
+    got = convert_pq(str(mc), str(tmp_path / "mc.jsonl"), question_key="q", answer_key="a", options_key="choices",
+                     solution_key="trace")
+    assert [(s["answer"], s["options"]) for s in got] == [("B", ["red", "blue"]), ("A", ["1", "2", "3"])]
+    assert load_jsonl(str(tmp_path / "mc.jsonl"), require=("solution",))[0]["solution"].startswith("<think>")
+
+
+def test_convert_parquet_bad_rows_name_file_and_row(tmp_path, capsys):
+    import subprocess
+    import sys
+    import pyarrow.parquet as pq
+    from data.convert_parquet import convert as convert_pq
+    d = tmp_path / "geo3k"
+    d.mkdir()
+    bad = d / "train-00000.parquet"
+    cell = [{"bytes": rgb_png((1, 2, 3)), "path": None}]
+    pq.write_table(hf_table({"images": [cell, cell, cell], "problem": ["<image>a", "<image>b", "<image><image>c"],
+                             "answer": ["1", None, "3"]}, image_lists=["images"]), bad)
+    with pytest.raises(ValueError, match=re.escape(f"{bad}: row 1: column 'answer' is null")):
+        convert_pq(str(d), str(tmp_path / "o.jsonl"))
+    samples = convert_pq(str(d), str(tmp_path / "o.jsonl"), skip_bad=True)
+    assert [s["question"] for s in samples] == ["<image>a"]
+    out = capsys.readouterr().out
+    assert "skipped 2 bad rows" in out and "row 2: the question has 2 '<image>' placeholders but the row has 1" in out
+    assert "columns: image=images, question=problem, answer=answer" in out
+    with pytest.raises(ValueError, match=r"no column 'solution_text' for --solution_key; the file has: answer, ima"):
+        convert_pq(str(d), str(tmp_path / "o.jsonl"), solution_key="solution_text")
+    pq.write_table(hf_table({"img": [cell], "text": ["q"], "answer": ["1"]}, image_lists=["img"]),
+                   d / "train-1.parquet")
+    with pytest.raises(ValueError, match=r"train-1\.parquet: no question column \(tried problem, question"):
+        convert_pq(str(d / "train-1.parquet"), str(tmp_path / "o.jsonl"))
+    with pytest.raises(ValueError, match="no 'validation' parquet / arrow files under this folder"):
+        convert_pq(str(d), str(tmp_path / "o.jsonl"), split="validation")
+    # the command line: one clean line naming the file and row, non-zero exit
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "data/convert_parquet.py", str(bad), str(tmp_path / "o.jsonl")], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and f"{bad}: row 1: column 'answer' is null" in p.stderr and "Traceback" not in p.stderr

@@ -348,3 +348,129 @@ def test_eval_end_to_end_on_converted_mmk12(mmk12_file, tiny_model, tmp_path):
     os.remove(load_jsonl(bench)[1]["images"][0])
     p = run(["eval.py", f"--init_from={tiny_model}", f"--data={bench}", f"--out_dir={tmp_path / 'ev2'}"], ok=False)
     assert p.returncode != 0 and f"{bench}:2: image not found" in p.stderr
+
+# -----------------------------------------------------------------------------
+# generation settings: the command line and config files, then generation_config.json, then the defaults; the
+# R1V3 presets; the short-budget warning; the no-think prompt
+
+
+def eval_settings(argv):
+    """eval.py's settings after configure(argv), and which keys argv set."""
+    from plumbing.configurator import config_keys, configure
+    g = dict(vars(ev))
+    sources = {}
+    config = configure(g, argv, config_keys(g), sources=sources)
+    return config, sources
+
+
+def test_generation_config_defaults_and_command_line(tmp_path):
+    gen = {"max_new_tokens": 2048, "do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20,
+           "repetition_penalty": 1.05, "max_length": 32768, "transformers_version": "4.37.2"}
+    config, sources = eval_settings(["--temperature=1.0"])
+    assert sources == {"temperature": "command line"}
+    updates, where, notes = ev.resolve_generation(config, sources, "ckpt/generation_config.json", gen)
+    # generation_config fills what the command line left unset; the command line wins; max_length is no budget
+    assert updates == {"max_new_tokens": 2048, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.05}
+    assert where["temperature"] == "command line" and where["max_new_tokens"] == "ckpt/generation_config.json"
+    assert not notes
+    # do_sample false: greedy whatever its temperature says, as transformers' generate() decodes
+    config, sources = eval_settings([])
+    updates, where, _ = ev.resolve_generation(config, sources, "g.json", dict(gen, do_sample=False))
+    assert updates["temperature"] == 0.0 and where["temperature"] == "g.json"
+    # a key the script does not have is reported, not silently dropped
+    no_penalty = {k: v for k, v in config.items() if k != "repetition_penalty"}
+    _, _, notes = ev.resolve_generation(no_penalty, sources, "g.json", {"repetition_penalty": 1.05})
+    assert notes == ["g.json: repetition_penalty=1.05 ignored (this sampler has no repetition_penalty)"]
+    # no file: nothing changes, every value is the default; a bad value names the file
+    assert ev.resolve_generation(config, sources, None, {})[:2] == ({}, {k: "default" for k in ev.GEN_KEYS
+                                                                         if k in config})
+    with pytest.raises(ValueError, match=r"g\.json: max_new_tokens='lots'"):
+        ev.resolve_generation(config, sources, "g.json", {"max_new_tokens": "lots"})
+    # the file is looked for in the checkpoint's folder, then the tokenizer's
+    ckpt, tokdir = tmp_path / "ckpt", tmp_path / "tok"
+    ckpt.mkdir()
+    tokdir.mkdir()
+    assert ev.read_generation_config(str(ckpt), str(tokdir)) == (None, {})
+    (tokdir / "generation_config.json").write_text(json.dumps({"top_p": 0.8}))
+    assert ev.read_generation_config(str(ckpt), str(tokdir)) == (str(tokdir / "generation_config.json"), {"top_p": 0.8})
+    (ckpt / "generation_config.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"ckpt/generation_config\.json: expected a JSON object"):
+        ev.read_generation_config(str(ckpt), str(tokdir))
+
+
+def test_r1v3_eval_presets():
+    # Skywork's released settings (config/eval_r1v3_*.py); a preset's values are "set", so a checkpoint's
+    # generation_config.json does not override them, and the command line still does
+    presets = {"bench": dict(temperature=0.0, group_size=1), "mmk12": dict(temperature=0.8, group_size=1),
+               "paper": dict(temperature=1.0, group_size=5)}
+    for name, want in presets.items():
+        path = f"config/eval_r1v3_{name}.py"
+        want.update(top_p=1.0, top_k=0, max_new_tokens=16384)
+        config, sources = eval_settings([os.path.join(ROOT, path)])
+        assert {k: config[k] for k in want} == want, path
+        assert ev.resolve_generation(config, sources, "g.json", {"max_new_tokens": 512, "temperature": 0.3})[0] == {}
+        assert config["repetition_penalty"] == (1.05 if name == "bench" else 1.0)  # 1.05: Skywork's inference scripts
+    config, sources = eval_settings([os.path.join(ROOT, "config/eval_r1v3_bench.py"), "--max_new_tokens=8192"])
+    assert config["max_new_tokens"] == 8192 and sources["max_new_tokens"] == "command line"
+    assert sources["temperature"].startswith("config file") and sources["temperature"].endswith("eval_r1v3_bench.py")
+
+
+def test_budget_warning_on_real_checkpoints(tmp_path, tiny_model, capsys):
+    line = ev.budget_warning(320, 151_674)
+    print(line)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "WARNING: max_new_tokens=320 on a real checkpoint (vocabulary 151,674)" in out
+    assert ev.budget_warning(4096, 151_674) is None and ev.budget_warning(320, 320, tiny_model) is None
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["InternVLChatModel"],
+                                                      "model_type": "internvl_chat"}))
+    assert "config.json names internvl_chat" in ev.budget_warning(1024, 1000, str(tmp_path))
+
+
+def test_no_think_prompt_and_scoring(tiny_model, tmp_path):
+    # --think=False: the plain ChatML prompt (no forced "<think>\n"), and the whole response scored; the baseline
+    # for a base InternVL3, which never learned the <think> format
+    from data.common import encode_prompt
+    from plumbing import load_inference_model
+    model, tok, _ = load_inference_model(tiny_model, "cpu")
+    (tmp_path / "a.png").write_bytes(png("red"))
+    sample = load_jsonl(str(_jsonl(tmp_path, [{"id": "q", "image": "a.png", "question": "How many volts?",
+                                               "answer": "12"}])))[0]
+    think = tok.decode(encode_prompt(tok, sample, model.cfg, think=True)[0])
+    plain = tok.decode(encode_prompt(tok, sample, model.cfg, think=False)[0])
+    assert think.endswith("<|im_start|>assistant\n<think>\n") and think.startswith(plain)
+    assert plain.endswith("How many volts?<|im_end|>\n<|im_start|>assistant\n") and "<think>" not in plain
+    rows = [{"id": "q", "response": "The answer is \\boxed{12}.", "answer": "12"}]
+    assert ev.rescore([dict(r) for r in rows], think=False)[0]["correct"] == 1
+    assert ev.rescore([dict(r) for r in rows], think=True)[0]["correct"] == 0  # no </think>: think mode scores 0
+
+
+def _jsonl(d, records):
+    path = d / "bench.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_eval_generation_config_end_to_end(mmk12_file, tiny_model, tmp_path):
+    import shutil
+    # a checkpoint with a generation_config.json, named as a Skywork model: its budget applies (5 new tokens) and
+    # the one-line warning says it is far too short; --temperature on the command line beats its do_sample=false
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_model, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(dict(cfg, _name_or_path="Skywork/Skywork-R1V3-38B")))
+    (ckpt / "generation_config.json").write_text(json.dumps({"max_new_tokens": 5, "do_sample": False, "top_k": 7}))
+    bench = str(tmp_path / "mmk12.jsonl")
+    convert("mmk12", mmk12_file, bench, limit=2)
+    out = tmp_path / "ev"
+    p = run(["eval.py", f"--init_from={ckpt}", f"--data={bench}", f"--out_dir={out}", "--temperature=1.0",
+             "--think=False", "--device=cpu"])
+    gen = str(ckpt / "generation_config.json")
+    assert f"max_new_tokens=5 ({gen})" in p.stdout and "temperature=1.0 (command line)" in p.stdout
+    assert f"top_k=7 ({gen})" in p.stdout and "top_p=1.0 (default)" in p.stdout
+    warnings = [line for line in p.stdout.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "max_new_tokens=5 on a real checkpoint (config.json names Skywork/" in warnings[0]
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["config"]["max_new_tokens"], s["config"]["temperature"], s["config"]["top_k"]) == (5, 1.0, 7)
+    assert s["generation_from"]["temperature"] == "command line" and s["config"]["think"] is False
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert all(0 < r["n_tokens"] <= 5 for r in rows)

@@ -250,3 +250,32 @@ def test_checkpoint_bytes_matches_a_real_checkpoint(tmp_path):
     # of this tiny model's file, negligible at real sizes
     n_tensors = len(m.state_dict()) + 3 * sum(p.requires_grad for p in m.parameters())
     assert est <= shards <= est + 2048 * n_tensors, (est, shards, n_tensors)
+
+
+def test_excepthook_under_torchs_rank_prefix_wrapper_prints_once(capsys):
+    """torch's init_process_group wraps the sys.excepthook it finds (ours, installed by configure()) to prefix each
+    line with "[rankN]"; watchdog.start() then installs ours again on top of that wrapper. A crash (not bad input)
+    must print its traceback once, through the wrapper, not recurse until RecursionError (seen at real shapes:
+    dev/rehearsal.sh's grpo stage)."""
+    import sys
+    from plumbing import watchdog
+    saved = sys.excepthook, list(watchdog._PREV_HOOKS)
+    try:
+        sys.excepthook = sys.__excepthook__
+        watchdog.install_hooks()  # configure()
+        inner = sys.excepthook
+
+        def torch_wrapper(*args):  # what distributed_c10d.init_process_group installs (stderr captured, prefixed)
+            inner(*args)
+            print("[rank0]: wrapped", file=sys.stderr)
+        sys.excepthook = torch_wrapper
+        watchdog.install_hooks()  # watchdog.start()
+        try:
+            raise MemoryError("one prompt does not fit")
+        except MemoryError as e:
+            sys.excepthook(type(e), e, e.__traceback__)
+    finally:
+        sys.excepthook, watchdog._PREV_HOOKS[:] = saved[0], saved[1]
+    err = capsys.readouterr().err
+    assert "RecursionError" not in err
+    assert err.count("MemoryError: one prompt does not fit") == 1 and "[rank0]: wrapped" in err, err

@@ -5,6 +5,7 @@ right way, every option runs, rank-local faults (injected by tests/grpo_patch.py
 input gives a clear error."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -316,3 +317,87 @@ def test_rl_images_load_lazily(sft_model, tmp_path):
         assert p.returncode == 0, p.stderr[-3000:]
         rss[n] = int(p.stdout.split("MAXRSS")[-1]) / 1024  # MiB (ru_maxrss is in KiB on Linux)
     assert rss[10_000] - rss[100] < 60, rss  # 10,000 item records are ~15 MB; their decoded tiles would be ~500
+
+
+# -----------------------------------------------------------------------------
+# issue 20: token-budget micro-batches, the start-up memory plan, CUDA out-of-memory retries, the entropy's graph
+
+
+def test_token_batches_and_the_default_micro_batches_are_unchanged(sft_model):
+    from data.common import load_jsonl, prompt_length, token_batches
+    assert token_batches([3, 3, 4, 5, 9, 20], max_tokens=12) == [[0, 1, 2], [3], [4], [5]]  # 3 x 4 <= 12 < 4 x 5
+    assert token_batches([3, 3, 4, 5, 9, 20], max_tokens=11) == [[0, 1], [2, 3], [4], [5]]
+    assert token_batches([1, 2, 3, 4, 5], max_tokens=100, max_rows=2) == [[0, 1], [2, 3], [4]]
+    assert token_batches([50, 60], max_tokens=10) == [[0], [1]]  # a row longer than the budget goes alone
+    assert token_batches([1] * 5, max_rows=2) == [[0, 1], [2, 3], [4]] and token_batches([], 10, 2) == []
+    # the embedded default (32 rows a micro-batch, 160 new tokens): the longest sequence of its data x 32 is far below
+    # micro_batch_tokens, so the token budget never binds and the micro-batches are exactly micro_batch rows each
+    sys.path.insert(0, ROOT)
+    from transformers import AutoTokenizer
+    from plumbing.hf import load_config
+    synth, hf = sft_model
+    tok, cfg = AutoTokenizer.from_pretrained(hf), load_config(hf)[0]
+    import plan
+    d = plan.script_config("grpo.py", [])
+    longest = max(prompt_length(tok, s, cfg) for s in load_jsonl(f"{synth}/rl.jsonl")) + d["max_new_tokens"][0][1]
+    assert d["micro_batch"] * longest < d["micro_batch_tokens"] / 2, longest
+    g = torch.Generator().manual_seed(0)
+    rows = sorted(torch.randint(longest // 2, longest + 1, (d["prompts_per_step"] * d["group_size"],), generator=g))
+    assert token_batches(rows, d["micro_batch_tokens"], d["micro_batch"]) == \
+        [list(range(k, k + 32)) for k in range(0, len(rows), 32)]
+
+
+def test_a_run_that_does_not_fit_stops_before_loading(sft_model, tmp_path):
+    # a (faked) 0.5 GB GPU: grpo.py, sft.py and connector_tune.py stop at start-up with the plan's one line, before
+    # build_model; --force=True runs anyway
+    synth, hf = sft_model
+    args = base(synth, hf, str(tmp_path / "a")) + ["--max_steps=1", "--val_data=", "--dump_every=0"]
+    for script, extra in (("grpo.py", []), ("sft.py", [f"--data={synth}/sft.jsonl", f"--tokenizer={synth}/tokenizer",
+                                                       "--val_data=", f"--out_dir={tmp_path}/s"]),
+                          ("connector_tune.py", [f"--init_from={hf}", f"--data={synth}/sft.jsonl",
+                                                 f"--val_data={synth}/val.jsonl", f"--out_dir={tmp_path}/c"])):
+        p = run(script, args if script == "grpo.py" else extra, ok=False, faults=["gpu_gb=0.5", f"script={script}"])
+        stage = "connector_tune" if script == "connector_tune.py" else script[:-3]
+        err = [line for line in p.stderr.splitlines() if line.strip()]
+        assert p.returncode != 0 and err[-1].startswith(f"{stage}.py on 1 x 0.5 GB GPU: does not fit:"), p.stderr
+        assert "biggest term" in err[-1] and "--force=True" in err[-1] and "grpo_patch: build_model" not in p.stdout
+    p = run("grpo.py", args + ["--force=True"], faults=["gpu_gb=0.5"])
+    assert "running anyway" in p.stdout and "grpo_patch: build_model" in p.stdout and log(str(tmp_path / "a"))[1]
+    # on the CPU the verdict is printed, never enforced
+    assert "grpo.py memory plan on the CPU" in run("grpo.py", [f"--out_dir={tmp_path}/b"] + args[1:]).stdout
+
+
+def test_cuda_out_of_memory_is_agreed_and_retried(sft_model, tmp_path):
+    # rank 1 alone runs out of CUDA memory in the step-0 validation and in the rollout: both ranks retry with half
+    # the budget, and the run goes on (before: torch.OutOfMemoryError stopped it)
+    synth, hf = sft_model
+    a = str(tmp_path / "a")
+    p = run("grpo.py", base(synth, hf, a) + ["--max_steps=1", "--dump_every=0"], nproc=2, faults=["cuda_oom=2@1"])
+    assert p.stdout.count("every rank retries with half the budget") == 2, p.stdout[-3000:]
+    assert "rank 1: validation: CUDA out of memory" in p.stdout and "rank 1: rollout: CUDA out of memory" in p.stdout
+    budgets = [int(b) for b in re.findall(r"grpo_patch: generate budget (\d+)", p.stdout)]
+    assert budgets[1] == budgets[0] // 2 and budgets[3] == budgets[2] // 2, budgets
+    m = log(a)
+    assert "val_accuracy" in m[0] and m[1]["resp_len"] > 0
+
+
+def test_entropy_graph_only_when_used_and_eval_at_start(sft_model, tmp_path):
+    # the update computes the entropy (and its graph) only for the entropy bonus; eval_at_start=False skips step 0
+    synth, hf = sft_model
+    rec = tmp_path / "ent.txt"
+    a = str(tmp_path / "a")
+    run("grpo.py", base(synth, hf, a) + ["--max_steps=1", "--eval_every=1", "--eval_at_start=False",
+                                         "--dump_every=0"], faults=[f"record_entropy={rec}"])
+    assert 0 not in log(a) and "val_accuracy" in log(a)[1]
+    assert set(rec.read_text().split("\n")[:-1]) == {"False True"}  # with grad, never with the entropy
+    rec.unlink()
+    run("grpo.py", base(synth, hf, str(tmp_path / "b")) + ["--max_steps=1", "--val_data=", "--dump_every=0",
+                                                           "--entropy_coef=0.1"], faults=[f"record_entropy={rec}"])
+    assert set(rec.read_text().split("\n")[:-1]) == {"True True"}
+
+
+def test_check_disk_says_what_a_checkpoint_holds(tmp_path):
+    sys.path.insert(0, ROOT)
+    from plumbing import check_disk
+    with pytest.raises(RuntimeError, match=r"one checkpoint needs .* AdamW state .* point out_dir"):
+        check_disk(str(tmp_path), 10**18, 1)

@@ -373,12 +373,14 @@ def test_r1v3_verdicts():
     d = plan.plan_run("grpo", _grpo_38b(micro_batch=2), cfg, gpus=8, gpus_per_node=8, gpu_gb=80, tp=8)
     assert not d["fits"] and last(d).startswith("plan: does not fit:") and "AdamW" in last(d), last(d)
     assert "--offload=True" in last(d)
-    # 2 nodes x 8 x 80 GB, no offload: fits with one sequence per micro-batch. The training step (~67 GB) is led by
-    # the log-prob chunks, no longer by the ViT: each InternViT-6B block is its own FSDP unit (as one unit its
-    # backward held 5.5B bf16 weights + grads + their fp32 reduce-scatter input, ~31 GB, and set the peak). The
-    # peak is the validation rollout, chunked to the budget (sampler.fit_chunks).
+    # 2 nodes x 8 x 80 GB, no offload: fits with one sequence per micro-batch. The training step (~65.5 GB) is led by
+    # the first LLM blocks' backward, no longer by the log-prob chunks (on CUDA they hold no fp32 copy of lm_head:
+    # model.lm_head_logits) nor by the ViT (each InternViT-6B block is its own FSDP unit; as one unit its backward
+    # held 5.5B bf16 weights + grads + their fp32 reduce-scatter input, ~31 GB). The peak is the validation rollout,
+    # chunked to the sampler's budget (sampler.budget_from_free, sampler.fit_chunks).
     d = plan.plan_run("grpo", _grpo_38b(micro_batch=1), cfg, gpus=16, gpus_per_node=8, gpu_gb=80, tp=8)
-    assert d["fits"] and fits.match(last(d)) and d["train_stage"] == "log-prob backward", last(d)
+    assert d["fits"] and fits.match(last(d)) and d["train_stage"] == "LLM backward", last(d)
+    assert max(d["peaks"], key=d["peaks"].get) == "eval"
     assert d["peaks"]["train"] * (1 + plan.FRAG) / plan.GB + plan.OVERHEAD_GB < d["gpu_capacity_gb"] - 10
     # two sequences per micro-batch do not fit there: the LLM blocks' activations; the plan names micro_batch=1
     d = plan.plan_run("grpo", _grpo_38b(micro_batch=2), cfg, gpus=16, gpus_per_node=8, gpu_gb=80, tp=8)
@@ -394,6 +396,64 @@ def test_r1v3_verdicts():
     assert not d["fits"] and "--tp=" in last(d), last(d)
 
 
+
+def test_cuda_plan_has_no_fp32_lm_head():
+    # model.lm_head_logits on CUDA: torch.mm(bf16, bf16, out_dtype=fp32) on the bf16 weight itself, no fp32 copy, in
+    # the sampler (generate's w_head) and the trainer (token_logprobs); on the CPU the fp32 copy stays (measured above)
+    cfg = r1v3_38b()
+    VC4 = cfg.vocab_size * cfg.n_embd * 4
+    assert plan.lm_head_copy(cfg, 2, True) == 0 and plan.lm_head_copy(cfg, 2, False) == VC4
+    assert plan.lm_head_copy(cfg, 4, False) == 0
+    train = (False, False, True)  # the LLM only: the connector's CUDA-autocast LayerNorm term does not enter
+    a_gpu = plan.activation_bytes(cfg, 1, 4096, 0, 2, train, True, True)
+    a_cpu = plan.activation_bytes(cfg, 1, 4096, 0, 2, train, True, False)
+    assert a_cpu["other"] - a_gpu["other"] == VC4
+    kw = dict(gpus=8, gpus_per_node=8, gpu_gb=80, tp=8, offload=True, _search=False)
+    gpu = plan.plan_run("grpo", _grpo_38b(micro_batch=2), cfg, **kw)
+    cpu = plan.plan_run("grpo", _grpo_38b(micro_batch=2), cfg, device="cpu", compute_bytes=2, **kw)
+    assert not any("lm_head" in t and v for t, v in gpu["phases"]["rollout"].items()), gpu["phases"]["rollout"]
+    assert cpu["phases"]["rollout"]["fp32 lm_head (sampler log-probs)"] == VC4
+    assert "lm_head" not in plan.format_plan(dict(gpu, time={}))
+
+
+def test_rollout_budget_is_the_samplers():
+    # the plan's rollout budget is sampler.budget_from_free (90% of the free memory less 1 GiB on CUDA, 256 MiB on the
+    # CPU) of the memory left after the gather, less generate()'s lm_head copy; its chunks are sampler.fit_chunks'
+    from plumbing.tp import tp_config
+    cfg = r1v3_38b()
+    for dev, e in (("cuda", 2), ("cpu", 2)):
+        d = plan.plan_run("grpo", _grpo_38b(micro_batch=2), cfg, gpus=8, gpus_per_node=8, gpu_gb=80, tp=8,
+                          offload=True, device=dev, compute_bytes=e, _search=False)
+        ro = d["phases"]["rollout"]
+        w_roll, w32 = ro["TP shard + replicated (tp=8)"], ro.get("fp32 lm_head (sampler log-probs)", 0)
+        free = int((d["gpu_capacity_gb"] - plan.OVERHEAD_GB) * plan.GB - w_roll * (1 + plan.FRAG))  # offload: no states
+        assert d["rollout_budget"] == sampler.budget_from_free(free, dev) - w32, dev
+        assert sampler.budget_from_free(free, dev) < 0.9 * free  # the margin is there
+        (a, b), *_ = sampler.fit_chunks(tp_config(cfg, 8), [d["prompt"]] * d["rollout_prompts"], 32, d["max_new"],
+                                        torch.bfloat16, d["rollout_budget"], sampler.Sampling())
+        assert d["prompts_per_chunk"] == b - a and d["chunks"] == -(-d["rollout_prompts"] // (b - a)), dev
+
+
+def test_cuda_graph_adds_graph_bytes():
+    # grpo.py --cuda_graph=True: sampler.fit_chunks charges CudaGraphStep's graphs (sampler.graph_bytes); so does the
+    # plan, beside the decode buffers, on CUDA only
+    from plumbing.tp import tp_config
+    cfg = r1v3_38b()
+    kw = dict(gpus=8, gpus_per_node=8, gpu_gb=80, tp=8, offload=True, _search=False)
+    off = plan.plan_run("grpo", _grpo_38b(micro_batch=2), cfg, **kw)
+    on = plan.plan_run("grpo", _grpo_38b(micro_batch=2, cuda_graph=True), cfg, **kw)
+    term = "CUDA graphs (sampler.graph_bytes)"
+    rows = on["prompts_per_chunk"] * 32
+    assert term not in off["phases"]["rollout"]
+    assert on["phases"]["rollout"][term] == sampler.graph_bytes(tp_config(cfg, 8), rows, torch.bfloat16) > 0
+    assert on["prompts_per_chunk"] <= off["prompts_per_chunk"] and on["rollout_budget"] == off["rollout_budget"]
+    (a, b), *_ = sampler.fit_chunks(tp_config(cfg, 8), [on["prompt"]] * on["rollout_prompts"], 32, on["max_new"],
+                                    torch.bfloat16, on["rollout_budget"], sampler.Sampling(), cuda_graph=True)
+    assert on["prompts_per_chunk"] == b - a
+    cpu = plan.plan_run("grpo", _grpo_38b(micro_batch=2, cuda_graph=True), cfg, device="cpu", compute_bytes=2, **kw)
+    assert term not in cpu["phases"]["rollout"]  # no graphs off CUDA (generate: cuda_graph and device.type == 'cuda')
+    assert "eval" not in on["phases"] or term not in on["phases"]["eval"]  # validation decodes eagerly
+
 def test_gpu_capacity():
     # a GPU sold as N GB holds what nvidia-smi reports (plan.GPU_MIB), not N GiB: the plan compares against that and
     # prints it; a size not in the table is taken as GiB
@@ -407,3 +467,111 @@ def test_gpu_capacity():
         text = plan.format_plan(d)
         assert f"GPU capacity: {cap:.1f} GB" in text and text.splitlines()[-1].endswith(f"of {cap:.1f} GB per GPU)")
         assert d["fits"] == (d["peak_gb"] <= d["gpu_capacity_gb"]) and d["gpu_capacity_gb"] == plan.gpu_capacity(gb)[0]
+
+# -----------------------------------------------------------------------------
+# issue 20: token-budget micro-batches, activation_checkpointing='auto', the start-up check, the root FSDP unit
+
+
+def _grpo_1b(**over):
+    # grpo.py's defaults with InternVL3-1B and 4096-token responses (grpo.py's one-GPU command)
+    c = plan.script_config("grpo.py", ["--max_new_tokens=4096"])
+    c.update(over)
+    return c, load_config(os.path.join(ROOT, "config", "models", "internvl3_1b"))[0]
+
+
+def test_micro_batch_tokens_and_auto_checkpointing():
+    c, cfg = _grpo_1b()
+    assert c["micro_batch_tokens"] == 32768 and c["activation_checkpointing"] == "auto"
+    d = plan.plan_run("grpo", c, cfg, gpus=1, gpu_gb=80)
+    # prompts of 3840 tokens (13 tiles + text) + 4096: 4 sequences fit 32768 tokens; shorter responses pack up to
+    # 32768 // 3840 = 8 rows, whose 104 tiles go through the ViT at once: the plan holds both worst cases
+    assert (d["T"], d["B"], d["rows_max"], d["B_tok"] * d["T"]) == (7936, 4, 8, 32768)
+    assert d["tiles"] == 8 * 13 and d["n_micro"] == 32
+    assert d["fits"] and d["ac"] and d["ac_auto"]  # without checkpointing the step needs >150 GB: auto turns it on
+    off = plan.plan_run("grpo", dict(c, activation_checkpointing=False), cfg, gpus=1, gpu_gb=80)
+    assert not off["fits"] and off["peaks"]["train"] > d["peaks"]["train"] and not off["ac_auto"]
+    assert "--activation_checkpointing=True" in off["verdict"], off["verdict"]
+    # 8192 tokens a micro-batch on an H200: the step fits without it, auto leaves it off
+    big = plan.plan_run("grpo", dict(c, micro_batch_tokens=8192), cfg, gpus=1, gpu_gb=141)
+    assert big["fits"] and not big["ac"] and big["ac_auto"]
+    # the old defaults (no token budget, no checkpointing): micro_batch=32 rows of 7936 tokens, ~740 GB
+    old = plan.plan_run("grpo", dict(c, micro_batch_tokens=0, activation_checkpointing=False), cfg, gpus=1, gpu_gb=80)
+    assert old["B"] == old["rows_max"] == 32 and not old["fits"] and old["peaks"]["train"] > 500 * plan.GB
+    # a budget that binds: the search halves it (an A100 40GB)
+    tight = plan.plan_run("grpo", dict(c, activation_checkpointing=True, micro_batch_tokens=65536), cfg, gpus=1,
+                          gpu_gb=40)
+    assert not tight["fits"] and "--micro_batch_tokens=" in tight["verdict"], tight["verdict"]
+    # the embedded default: 32 sequences of the plan's 688 tokens (one tile, 512 text tokens, 160 new) are below the
+    # budget, so it does not bind and the plan is the one without it (real prompts are shorter: tests/test_grpo.py)
+    t = plan.script_config("grpo.py", [])
+    tiny = plan.model_config(plan.script_config("sft.py", []))
+    a, b = (plan.plan_run("grpo", dict(t, micro_batch_tokens=m), tiny, gpus=1, device="cpu", gpu_gb=8)
+            for m in (t["micro_batch_tokens"], 0))
+    assert a["B"] == b["B"] == 32 and a["peak"] == b["peak"] and not a["ac"]
+
+
+def test_auto_is_a_config_value():
+    from plumbing.configurator import check_type
+    for v, want in (("auto", "auto"), (True, True), ("False", False), ("true", True)):
+        assert check_type("activation_checkpointing", v, "auto", "test") == want
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        check_type("activation_checkpointing", 1, "auto", "test")
+    c = plan.script_config("grpo.py", [os.path.join(ROOT, "config", "grpo_r1v3.py")])  # a config file's True
+    assert c["activation_checkpointing"] is True
+    assert plan.script_config("sft.py", ["--activation_checkpointing=False"])["activation_checkpointing"] is False
+
+
+def test_startup_check(monkeypatch, capsys):
+    c, _ = _grpo_1b(init_from=os.path.join(ROOT, "config", "models", "internvl3_1b"))
+    monkeypatch.setattr(plan, "device_memory", lambda: ("cuda", 80.0))
+    d = plan.startup_check("grpo", c)  # fits on one 80 GB GPU: auto decided, one line printed
+    assert d["fits"] and c["activation_checkpointing"] is True
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("grpo.py memory plan on 1 x 80.0 GB GPU: fits") and "auto -> True" in \
+        out[0]
+    c, _ = _grpo_1b(init_from=os.path.join(ROOT, "config", "models", "internvl3_1b"), micro_batch_tokens=0,
+                    activation_checkpointing=False)
+    with pytest.raises(SystemExit) as e:  # does not fit: stops, naming the phase, its biggest term and the fixes
+        plan.startup_check("grpo", c)
+    msg = str(e.value.code)
+    assert "\n" not in msg and msg.startswith("grpo.py on 1 x 80.0 GB GPU: does not fit: the training step needs")
+    assert "biggest term: activations" in msg and "fits with" in msg and "--force=True" in msg
+    assert plan.startup_check("grpo", dict(c, force=True))["fits"] is False  # --force: runs anyway
+    assert "running anyway" in capsys.readouterr().out
+    monkeypatch.setattr(plan, "device_memory", lambda: ("cpu", 4.0))  # the CPU: printed, never stops
+    assert plan.startup_check("grpo", dict(c, force=False))["fits"] is False
+    assert "not enforced" in capsys.readouterr().out
+    assert plan.startup_check("grpo", dict(c, init_from="/nonexistent")) is None  # the script's own error follows
+
+
+ROOT_WORKER = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from torch.distributed.tensor import DTensor
+from plumbing import apply_fsdp, compute_init
+from plan_worker import batch, tiny_cfg
+from model import VLM
+compute_init(0, 60, 0)
+m = apply_fsdp(VLM(tiny_cfg()))
+ids, px, tgt = batch(m.cfg, 2, 12, 1)[:3]
+sharded = lambda p: isinstance(p, DTensor)
+logp, _ = m(ids, px, targets=tgt)
+# after forward: every block resharded, the root (embeddings, lm_head, connector) still gathered for its backward
+assert sharded(m.llm.blocks[0].attn.q_proj.weight) and sharded(m.vit.blocks[0].mlp.fc1.weight), "a block stayed gathered"
+assert not sharded(m.llm.wte.weight) and not sharded(m.llm.lm_head.weight), "the root was resharded after forward"
+logp.sum().backward()
+assert sharded(m.llm.wte.weight), "the root is resharded after backward"
+print("ROOT OK", flush=True)
+"""
+
+
+def test_root_unit_stays_gathered_after_forward(tmp_path):
+    # plumbing.apply_fsdp: the root is not resharded after forward (torchtitan), else every micro-batch's backward
+    # all-gathers the embeddings and lm_head again right after its forward freed them
+    w = tmp_path / "root_worker.py"
+    w.write_text(ROOT_WORKER)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(w),
+                        os.path.join(ROOT, "tests")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    assert p.returncode == 0 and p.stdout.count("ROOT OK") == 2, p.stdout[-2000:] + p.stderr[-3000:]

@@ -114,6 +114,32 @@ def test_kernels_at_tp_shapes(n_kv):
     assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
     assert not torch.equal(caches[1][0], gk)  # (the append did write)
 
+
+def test_tp_group_warms_its_communicator_when_made(monkeypatch):
+    # NCCL allocates its buffers outside PyTorch's allocator at a group's first collectives: tp_group all-reduces on
+    # the new group at once, so the rollout's memory budget (measured later) sees them. Here: a one-process gloo group,
+    # every all-reduce counted (the warm-up's group, and that it happened inside tp_group, before any rollout)
+    import torch.distributed as dist
+    from plumbing import tp as tpm
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    seen, real = [], dist.all_reduce
+
+    def counting(t, *a, group=None, **k):
+        seen.append((group, t.numel()))
+        return real(t, *a, group=group, **k)
+
+    monkeypatch.setattr(dist, "all_reduce", counting)
+    monkeypatch.setattr(tpm, "_GROUPS", {})
+    try:
+        g = tpm.tp_group(1)
+        assert seen and all(grp is g for grp, _ in seen), seen  # warmed on the TP group itself
+        n = len(seen)
+        assert tpm.tp_group(1) is g and len(seen) == n  # cached: warmed once
+    finally:
+        dist.destroy_process_group()
+
 # -----------------------------------------------------------------------------
 # 2 processes, tp=2 (one worker launch)
 

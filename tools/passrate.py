@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from plumbing import environment, load_inference_model, print0
 from plumbing.configurator import configure
-from data.common import load_jsonl
+from data.common import check_chat_template, load_jsonl, resolve_system
 from eval import evaluate
 from sampler import Sampling
 
@@ -39,7 +39,8 @@ max_new_tokens = 320
 batch_prompts = 64
 limit = 0  # the first `limit` prompts only (0 = all)
 think = True
-system_prompt = ""
+system_prompt = "auto"  # 'auto': the checkpoint's (data/common.py resolve_system); '': no system turn; or the text
+check_template = True  # False: run even if the checkpoint's chat template renders other prompts than ours
 tokenizer = ""
 skip_bad = False
 seed = 0
@@ -56,6 +57,8 @@ if __name__ == "__main__":
     items = items[:limit] if limit else items
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model, tok, path = load_inference_model(init_from, device, dtype, tokenizer=tokenizer)
+    system_prompt = resolve_system(system_prompt, path, tok)  # 'auto' -> the checkpoint's
+    check_chat_template(tok, system_prompt, think, path, check_template)
     rows = evaluate(model, tok, items, n, max_new_tokens, Sampling(temperature=temperature, top_p=top_p), think=think,
                     seed=seed, batch_prompts=batch_prompts, system=system_prompt or None, tokens=False)
     solved = Counter()  # by the item's position (rows come k per item, in order): ids need not be unique

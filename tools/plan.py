@@ -8,9 +8,13 @@ rollouts, the KV-cache formula, offload).
     import plan
     d = plan.plan_run("grpo", config, model_cfg, gpus=8, gpus_per_node=8, gpu_gb=80, tp=8, offload=True)
     print(plan.format_plan(d))   # a table per GPU and per phase; its LAST line is the verdict:
-    #   plan: fits (peak 74.0 GB of 79.6 GB per GPU)   |   plan: does not fit: <phase, biggest term, what to change>
+    #   plan: fits (peak 71.0 GB of 79.6 GB per GPU)   |   plan: does not fit: <phase, biggest term, what to change>
     plan.print_plan("grpo", config)   # what --plan=True prints: plan_gpus / plan_gpus_per_node / plan_gpu_gb / tp /
                                       # offload / plan_prompt_tokens read from config, the model from init_from
+    plan.startup_check("grpo", config)  # what sft.py / grpo.py / connector_tune.py run before they load anything:
+                                        # this machine's plan; a GPU run that does not fit stops (--force=True)
+The stages import this file (`from tools.plan import startup_check`): the arithmetic stays in one place, and the
+dependencies go one way, stages -> tools/plan.py -> model.py, sampler.py, plumbing/ (none of those imports tools/).
 
     python tools/plan.py grpo.py config/grpo_r1v3.py --init_from=config/models/skywork_r1v3_38b \
         --plan_gpus=8 --plan_gpus_per_node=8 --plan_gpu_gb=80 --tp=8 --offload=True
@@ -24,19 +28,24 @@ code:
   fp32 grad shard     the reduce-scattered fp32 gradient of each trainable parameter (same padded chunk).
   AdamW state         exp_avg + exp_avg_sq in fp32 per trainable shard + a 4-byte step per tensor; on a GPU the
                       foreach step adds one fp32 temporary per shard (the optimizer-step peak).
+                      master_dtype='bfloat16' (plumbing/optim.py): the master shard, the grad shard and both AdamW
+                      moments in bf16 (2 + 2 + 2 + 2 bytes a trainable parameter, the rows are named "bf16 ..."), the
+                      step's temporaries fp32 copies of ONE tensor's shard (OPT_TMP bytes per element of the largest).
   gathered units      FSDP2 gathers a unit in the compute dtype (bf16 on a GPU). The units (plumbing.apply_fsdp): each
                       ViT block, the rest of the ViT, each LLM block, the root (wte, lm_head, final norm, connector;
                       gathered for all of forward and backward). In backward a block + the prefetched next one, the
                       block's bf16 grads, then its fp32 reduce-scatter input (reduce_dtype, kept until the next
                       unit's post-backward) and output shard.
   activations         what autograd saves in one micro-batch's forward, op by op (_act_per_token: model.py's RMSNorm,
-                      Attention/SDPA, MLP, ViTBlock, Connector, rope_cos_sin, token_logprobs' checkpointed chunks and
-                      their fp32 copy of lm_head), with and without plumbing.apply_activation_checkpointing.
+                      Attention/SDPA, MLP, ViTBlock, Connector, rope_cos_sin, token_logprobs' checkpointed chunks and,
+                      on the CPU, their fp32 copy of lm_head: lm_head_copy), with and without
+                      plumbing.apply_activation_checkpointing.
   backward transient  the log-prob chunk recomputed in backward (LOGP_BUFS x 1024 tokens x vocab, fp32, + the
                       chunk's weight gradient) or the block being back-propagated (its recompute + its gradients).
   rollout weights     tp=1: sampler.unsharded gathers the whole model in the compute dtype; tp=K: 1/K of every LLM
-                      block's attention/MLP weights + the replicated ViT, connector, wte, lm_head and norms; plus the
-                      fp32 lm_head copy sampler.generate decodes with (w32).
+                      block's attention/MLP weights + the replicated ViT, connector, wte, lm_head and norms; plus, on
+                      the CPU, the fp32 lm_head copy sampler.generate decodes with (lm_head_copy; none on CUDA:
+                      model.lm_head_logits multiplies bf16 x bf16 into fp32, torch.mm out_dtype).
   KV cache            sampler.cache_bytes: 2 * n_layer * n_kv_head/K * head_dim * elt * (P * prompt + P * n * max_new)
                       at the LARGEST max_new_tokens of the schedule; P = a rank's prompts (a TP group's at tp=K).
   decode buffers      sampler.sample_next over (rows, vocab), fp32 logits included: 28 bytes per row per vocab entry
@@ -45,8 +54,12 @@ code:
   prefill transient   one sampler.prefill sub-batch (<= 16384 padded tokens): an LLM layer's MLP, or the ViT's; at
                       tp=K, if larger, the TP model's build (tp.tp_model_from, unit by unit): the last LLM block's
                       all-gather buffer + its gathered parameters, beside the TP model less that block's 1/K.
-The rollout is split into the fewest chunks of prompts whose cache + buffers fit beside the resident states and
-weights (the sampler chunks by its budget, sampler.fit_chunks); the plan reports how many.
+  CUDA graphs        with cuda_graph=True on CUDA: sampler.graph_bytes (CudaGraphStep's bucket outputs and pool), beside
+                      the decode buffers, as sampler.fit_chunks charges it.
+The rollout is split into the sampler's own chunks: sampler.fit_chunks on the budget the run will measure,
+sampler.budget_from_free (90% less 1 GiB on CUDA) of the memory left after the weights are gathered (the capacity
+less OVERHEAD_GB and the resident states and weights with FRAG), less generate()'s lm_head copy; the plan reports
+how many.
 
 Measured on the CPU (tests/test_plan.py, one process and 2 FSDP2 gloo processes, fp32 and bf16 mixed precision):
 the states, the saved activations (checkpointing on/off, frozen towers, RMSNorm/QK-norm variants), the KV cache,
@@ -78,7 +91,7 @@ HW = {  # measured device-to-device copy bandwidth (bytes/s), bf16 matmul peak (
 BW_EFF = 0.6  # vLLM runs ~60% of the roofline end to end (docs/perf.md); gpt-fast ~82% at batch 1
 MFU = 0.40  # of the bf16 peak, for prefill, the log-prob pass and the update
 TP_ALLREDUCE_S = 15e-6  # one small all-reduce on NVLink (2 per layer per decode step under TP)
-FP32_FLOPS = 30e12  # fp32 matmul without TF32 (the sampler's fp32 lm_head): ~half the H100/H200's 67 TFLOP/s
+FP32_FLOPS = 30e12  # fp32 matmul without TF32 (the CPU path's fp32 lm_head; CUDA: bf16, mm out_dtype=fp32)
 PCIE = 25e9  # host <-> GPU bytes/s per GPU (offload traffic)
 HOST_ADAM = 50e9  # bytes/s of CPU AdamW per node (offload: the step runs on the host)
 
@@ -102,6 +115,7 @@ def gpu_capacity(gpu_gb):
         return GPU_MIB[n] / 1024, f"{n} GB ({GPU_NAMES[n]}): {GPU_MIB[n]:.0f} MiB as nvidia-smi reports it"
     return float(gpu_gb), f"{gpu_gb:g} GB taken as {gpu_gb:g} GiB (not a nominal size in plan.GPU_MIB)"
 FRAG = 0.05  # caching-allocator fragmentation on top of the live tensors
+OPT_TMP = 16  # plumbing.optim.AdamW's step: fp32 exp_avg, exp_avg_sq, denominator, param (+ int32 noise after one)
 LOGP_CHUNK = 1024  # model.token_logprobs: tokens per chunk
 LOGP_BUFS = 5  # (chunk x vocab) fp32 buffers alive at once in a chunk's backward (measured, tests/test_plan.py)
 
@@ -162,6 +176,15 @@ def _shard_numel(shape, world):
 def shard_numel(cfg, world, towers=("vit", "connector", "llm")):
     """Elements of rank 0's FSDP2 shard of the parameters of `towers`."""
     return sum(_shard_numel(s, world) for _, s, _, t, _ in _params(_cfg_key(cfg)) if t in towers)
+
+
+def pinned_bytes(cfg, world, towers, elt):
+    """Host bytes of rank 0's offloaded shards of `towers` (elt bytes an element) in pinned memory: FSDP2 pins each
+    parameter's shard on its own (tensor.pin_memory() in torch's _fsdp_param.py; a gradient shard by its non_blocking
+    copy to the CPU) and the CUDA caching host allocator rounds every block up to a power of two
+    (ATen/core/CachingHostAllocator.h, PowerOf2Ceil): each shard costs next_pow2(its bytes). docs/perf.md, "Offload"."""
+    return sum(1 << (_shard_numel(s, world) * elt - 1).bit_length()
+               for _, s, _, t, _ in _params(_cfg_key(cfg)) if t in towers)
 
 
 def n_tensors(cfg, towers):
@@ -232,6 +255,16 @@ def _act_per_token(cfg, e, train, cuda):
     return out
 
 
+def lm_head_copy(cfg, e, cuda):
+    """Bytes of model.lm_head_weight's copy of the (vocab, n_embd) lm_head that model.lm_head_logits computes with
+    (the sampler's log-probs, sampler.generate's w_head, and the trainer's, model.token_logprobs): on CUDA the weight
+    in bf16 (torch.mm(bf16, bf16, out_dtype=torch.float32), no copy of a bf16 weight; a bf16 copy of an fp32 one),
+    elsewhere in fp32 (a copy of a bf16 weight, none of an fp32 one)."""
+    if cuda:
+        return cfg.vocab_size * cfg.n_embd * 2 if e != 2 else 0
+    return cfg.vocab_size * cfg.n_embd * 4 if e != 4 else 0
+
+
 def activation_bytes(cfg, B, T, tiles, e, train, ac, cuda):
     """Saved activations of one micro-batch: B sequences of T tokens with `tiles` image tiles in all, as
     {llm: the LLM blocks, vit: the ViT blocks, other: embedding, masks, RoPE, connector, final norm, the log-prob
@@ -250,16 +283,18 @@ def activation_bytes(cfg, B, T, tiles, e, train, ac, cuda):
     else:
         llm = cfg.n_layer * n_llm * pt["llm_block"]
         vit = cfg.vit_layers * n_vit * pt["vit_block"]
-    other = n_llm * pt["llm_other"] + n_img * pt["connector"]
-    if e != 4:  # token_logprobs casts lm_head's weight to fp32 once; every checkpointed chunk saves that copy
-        other += cfg.vocab_size * cfg.n_embd * 4
+    # + model.lm_head_weight's copy of lm_head, made once by token_logprobs and saved by every checkpointed chunk
+    # (fp32 on the CPU, none on CUDA with bf16 compute: lm_head_copy)
+    other = n_llm * pt["llm_other"] + n_img * pt["connector"] + lm_head_copy(cfg, e, cuda)
     return dict(llm=llm, vit=vit, other=other, pixels=tiles * pt["pixels"])
 
 
 def backward_transient(cfg, B, T, tiles, e, train, ac, cuda):
     """What backward allocates beyond the saved activations and the parameter gradients, per stage (bytes):
     logp: one chunk of model.token_logprobs recomputed in fp32 (LOGP_BUFS x chunk x vocab) + that chunk's (V x C)
-      fp32 weight gradient (+ its fp32 accumulation with a bf16 model, whose lm_head is cast to fp32 once);
+      fp32 weight gradient (+ its fp32 accumulation with a bf16 model, whose lm_head is cast to fp32 once, on the
+      CPU; on CUDA with bf16 compute the same 8 bytes a weight element: _MMBF16F32's fp32 product (4), its bf16 cast
+      (2) and the bf16 accumulation across chunks (2); not verified on a GPU);
     llm / vit: the block being back-propagated: with checkpointing its recomputed activations plus the gradients
       flowing through it (~ 2 x mlp + 2 x width per token), without only those gradients."""
     out = dict(logp=0, llm=0, vit=0)
@@ -288,12 +323,13 @@ def kv_bytes(cfg, P, n, prompt, max_new, e, tp=1):
     return sampler.cache_bytes(tp_config(cfg, tp), P, n, prompt, max_new, {2: torch.bfloat16, 4: torch.float32}[e])
 
 
-def decode_bytes(cfg, rows, max_new, mode="sample"):
+def decode_bytes(cfg, rows, max_new, mode="sample", ban=True, rep=False):
     """sampler.decode's buffers for `rows` rows: sample_next over (rows, vocab) (mode: a sampler.Sampling's mode,
-    'sample' at temperature 1, 'greedy', 'shaped' with temperature / top-p / top-k), the outputs (out_tok int64,
-    out_logp, out_ent fp32) and the uniforms (draw_uniforms, fp32), per row per new token."""
+    'sample' at temperature 1, 'greedy', 'shaped' with temperature / top-p / top-k; ban / rep: banned ids, a
+    repetition penalty), the outputs (out_tok int64, out_logp, out_ent fp32) and the uniforms (draw_uniforms, fp32),
+    per row per new token."""
     import sampler
-    return sampler.decode_bytes(cfg, rows, max_new, mode)
+    return sampler.decode_bytes(cfg, rows, max_new, mode, ban, rep)
 
 
 def prefill_transient(cfg, P, prompt, tiles_per_prompt, e, tp, prefill_tokens=16384):
@@ -327,6 +363,19 @@ def default_prompt_tokens(cfg, images=1, text=512):
     return images * image_tiles(cfg) * cfg.tokens_per_tile + text
 
 
+DATA_META = 40  # host bytes per SFT sample of data.common.SFTData's metadata (numpy columns: measured 33; ~140 while
+# the start-up check builds them, before any batch exists)
+
+
+def _lines(path):
+    """The number of lines of a data file (0 if it is not there): the samples whose metadata a rank keeps."""
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except (OSError, TypeError):
+        return 0
+
+
 def image_tiles(cfg):
     return cfg.max_tiles + (1 if cfg.use_thumbnail and cfg.max_tiles > 1 else 0)
 
@@ -350,11 +399,16 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
     W, gpn = int(gpus), int(gpus_per_node or gpus)
     nodes = -(-W // gpn)
     cuda = device == "cuda"
-    e = compute_bytes or (2 if cuda else 4)  # compute dtype: bf16 on a GPU (FSDP2 param_dtype + autocast), else fp32
+    from plumbing.optim import master_torch_dtype
+    mbytes = master_torch_dtype(str(c.get("master_dtype", "float32"))).itemsize  # masters, grads, AdamW moments
+    mname = {4: "fp32", 2: "bf16"}[mbytes]
+    # compute dtype: bf16 on a GPU (FSDP2 param_dtype + autocast) or with bf16 masters, else fp32
+    e = compute_bytes or (2 if cuda or mbytes == 2 else 4)
     fsdp = cuda or W > 1  # on a GPU even one process runs FSDP2 (plumbing.compute_init); on the CPU one process is plain
     train = (c.get("train_vit", True), c.get("train_connector", True), c.get("train_llm", True))
     towers = [t for t, on in zip(("vit", "connector", "llm"), train) if on]
-    ac = bool(c.get("activation_checkpointing", False))
+    ac = c.get("activation_checkpointing", False)
+    ac = None if ac == "auto" else bool(ac)  # 'auto' (sft.py, grpo.py): decided below, by the training step's peak
     pi = param_info(cfg)
     N, Nt = pi["total"], sum(pi[t] for t in towers)
     notes = []
@@ -367,10 +421,10 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
             raise ValueError(f"plan.py: tp={tp} must divide the model's {', '.join(bad)}")
 
     # --- persistent states (per GPU unless offloaded; host RAM per node when offloaded)
-    sh_all = shard_numel(cfg, W) * 4 if fsdp else N * 4
-    sh_train = shard_numel(cfg, W, towers) * 4 if fsdp else Nt * 4
+    sh_all = shard_numel(cfg, W) * mbytes if fsdp else N * mbytes
+    sh_train = shard_numel(cfg, W, towers) * mbytes if fsdp else Nt * mbytes
     adam = 2 * sh_train + 4 * n_tensors(cfg, towers)
-    ref = (shard_numel(cfg, W) * 4 if fsdp else N * 4) if script == "grpo" and c.get("kl_coef", 0) > 0 else 0
+    ref = (shard_numel(cfg, W) * mbytes if fsdp else N * mbytes) if script == "grpo" and c.get("kl_coef", 0) > 0 else 0
     on_gpu = 0 if offload else 1
     pi_tr = param_info(cfg, tuple(towers))
     units, units_tr = pi["units"], pi_tr["units_trainable"]
@@ -404,7 +458,7 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
     rows = [(name, math.prod(s)) for name, s, u, t, _ in _params(_cfg_key(cfg)) if u == "root" and t in towers]
     late = sum(n for name, n in rows if name.startswith("llm.wte.") and not cfg.tie_embeddings)
     conn = sum(n for name, n in rows if name.startswith("connector."))
-    copy_in = (lambda b: b * 4 // W) if offload else (lambda b: 0)  # offload: the fp32 shard copied in to gather
+    copy_in = (lambda b: b * mbytes // W) if offload else (lambda b: 0)  # offload: the shard copied in to gather
     base_llm = root * e + (root_train - late - conn) * e
     base_vit = root * e + (root_train - late) * e + vrest * e + vrest_train * e
     # (tower, first / second block in backward, moment) -> gathered units + their grads (bytes)
@@ -427,7 +481,7 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
     # set_model_state_dict broadcasts it tensor by tensor: device = shard + one full tensor in the checkpoint dtype)
     biggest_tensor = max(math.prod(s) for _, s, _, _, _ in _params(_cfg_key(cfg)))
     if fsdp:
-        load = {"fp32 master shard": sh_all * on_gpu, "one full tensor (bf16, broadcast)": biggest_tensor * 2}
+        load = {f"{mname} master shard": sh_all * on_gpu, "one full tensor (bf16, broadcast)": biggest_tensor * 2}
         if ref:
             load["KL reference shard"] = ref
         host0 = max(units.values()) * 2  # rank 0 reads one unit as stored (bf16): the root, with untied embeddings
@@ -441,18 +495,28 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
         max_new = _max_new(c["max_new_tokens"])
         prompt = prompt_tokens or default_prompt_tokens(cfg, images)
         T = prompt + max_new
-        B = int(c.get("micro_batch", 1))
+        # grpo.micro_batches (data.common.token_batches): at most micro_batch rows and micro_batch_tokens padded
+        # tokens (0: no budget). B: the rows of a micro-batch of the longest sequences; shorter responses pack more
+        # rows, up to budget / prompt: the plan's micro-batch holds the most tokens (B_tok sequences of T) and the
+        # most rows' images (rows_max) at once, the worst case of both
+        mb, mbt = int(c.get("micro_batch", 1)), int(c.get("micro_batch_tokens", 0) or 0)
+        B = min(mb, max(1, mbt // T)) if mbt else mb
+        B_tok = min(mb * T, max(mbt, T)) / T if mbt else mb
+        rows_max = min(mb, max(1, mbt // prompt)) if mbt else mb
         samples_rank = int(c["prompts_per_step"]) * int(c["group_size"]) / W
         n_micro = math.ceil(samples_rank / B)
     else:
         T = int(c["max_len"])
-        B = int(c.get("batch_size", 1))
+        B = B_tok = rows_max = int(c.get("batch_size", 1))
         n_micro = int(c.get("grad_accum", 1))
         prompt = max_new = None
-    tiles = B * images * image_tiles(cfg)
+    tiles = rows_max * images * image_tiles(cfg)
     foreach_tmp = sh_train if cuda and not offload else 0  # torch AdamW foreach on CUDA: one fp32 temp per shard
-    states = {"fp32 master shard": sh_all * on_gpu, "fp32 grad shard": sh_train * on_gpu,
-              "AdamW state (2 x fp32)": adam * on_gpu}
+    if mbytes == 2:  # plumbing.optim.AdamW: one tensor at a time, fp32 copies of its shard
+        foreach_tmp = OPT_TMP * max((_shard_numel(s, W) if fsdp else math.prod(s) for _, s, _, t, _ in
+                                     _params(_cfg_key(cfg)) if t in towers), default=0)
+    states = {f"{mname} master shard": sh_all * on_gpu, f"{mname} grad shard": sh_train * on_gpu,
+              f"AdamW state (2 x {mname})": adam * on_gpu}
     if ref:
         states["KL reference shard"] = ref
 
@@ -460,13 +524,13 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
         # the step's peak is in backward, when the gradients of earlier micro-batches exist (gradient accumulation:
         # every micro-batch after the first), at one of three moments: its start (every activation saved, lm_head's
         # log-prob chunks recomputed, only the root gathered), the first LLM blocks (the log-prob chunks' inputs, the
-        # final norm's and the fp32 lm_head copy freed) or, when the ViT trains, the ViT's first block (the LLM's
-        # activations freed, the ViT's all alive)
-        act = activation_bytes(cfg, B, T, tiles, e, train, ac, cuda)
-        bt = backward_transient(cfg, B, T, tiles, e, train, ac, cuda)
+        # final norm's and the lm_head copy freed: lm_head_copy, fp32 on the CPU, none on CUDA) or, when the ViT
+        # trains, the ViT's first block (the LLM's activations freed, the ViT's all alive)
+        act = activation_bytes(cfg, B_tok, T, tiles, e, train, ac, cuda)
+        bt = backward_transient(cfg, B_tok, T, tiles, e, train, ac, cuda)
         C = cfg.n_embd
-        head = B * T * (C * 4 + 4 + (C * e if train[2] else 0) + C * e + 8) + \
-            (cfg.vocab_size * C * 4 if e != 4 else 0) if any(train) else 0
+        head = B_tok * T * (C * 4 + 4 + (C * e if train[2] else 0) + C * e + 8) + \
+            lm_head_copy(cfg, e, cuda) if any(train) else 0
         other = "activations, other (embed, connector, norm, log-prob)"
         trans = "backward transient (log-prob chunk / block recompute)"
         stages = [("log-prob backward", {"gathered units + their grads": g_logp, "activations, LLM blocks": act["llm"],
@@ -489,22 +553,25 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
         stage, terms = max(stages, key=lambda st: sum(st[1].values()))
         return stage, dict(states, **terms)
 
-    stage, tr = train_step(ac)
-    act_now = activation_bytes(cfg, B, T, tiles, e, train, ac, cuda)
-    _, tr_alt = train_step(not ac)
     step_peak = sum(states.values()) + foreach_tmp
+    cap, cap_note = gpu_capacity(gpu_gb)
+    ac_auto = ac is None
+    if ac_auto:  # activation checkpointing 'auto': on when the training step does not fit without it
+        ac = (max(sum(train_step(False)[1].values()), step_peak) * (1 + frag)) / GB + overhead_gb > cap
+    stage, tr = train_step(ac)
+    act_now = activation_bytes(cfg, B_tok, T, tiles, e, train, ac, cuda)
+    _, tr_alt = train_step(not ac)
     phases["train"] = tr
     train_peak, train_alt = sum(tr.values()), sum(tr_alt.values())
 
     # --- rollout (grpo) and eval
     res = dict(script=script, gpus=W, gpus_per_node=gpn, nodes=nodes, gpu_gb=gpu_gb, tp=tp, offload=offload,
-               device=device, elt=e, fsdp=fsdp, ac=ac, train=train, params=pi, n_trainable=Nt, T=T, B=B,
-               n_micro=n_micro, tiles=tiles, prompt=prompt, max_new=max_new, images=images, notes=notes,
-               optimizer_step_peak=step_peak, train_peak_other_ac=train_alt, chunked=chunked, train_stage=stage,
-               states=sum(states.values()), activations=act_now)
-    cap, res["gpu_capacity_note"] = gpu_capacity(gpu_gb)
-    res["gpu_capacity_gb"] = cap
-    usable = (cap - overhead_gb) * GB / (1 + frag)
+               device=device, elt=e, fsdp=fsdp, ac=ac, ac_auto=ac_auto, train=train, params=pi, n_trainable=Nt, T=T,
+               B=B, B_tok=B_tok, rows_max=rows_max, n_micro=n_micro, tiles=tiles, prompt=prompt, max_new=max_new,
+               images=images, notes=notes, optimizer_step_peak=step_peak, train_peak_other_ac=train_alt,
+               chunked=chunked, train_stage=stage, states=sum(states.values()), activations=act_now)
+    res["gpu_capacity_gb"], res["gpu_capacity_note"] = cap, cap_note
+    res["master_bytes"], res["master_dtype"] = mbytes, str(c.get("master_dtype", "float32"))
     states_resident = (sh_all + adam) * on_gpu + ref  # between updates the grads are None (zero_grad(set_to_none))
     if script == "grpo":
         n = int(c["group_size"])
@@ -519,41 +586,63 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
             # at its largest, the last LLM block's all-gather: FSDP2's flat all-gather buffer and the gathered
             # parameters it is copied out to, beside the TP model less that block's 1/K (measured, tests/test_plan.py)
             w_build = int(max(block * (2 - 1 / tp), 2 * vblock, 2 * vrest) * e)
-        w32 = cfg.vocab_size * cfg.n_embd * 4 if e != 4 else 0  # sampler.generate: fp32 lm_head for the log-probs
+        # sampler.generate's lm_head for the log-probs (model.lm_head_weight): an fp32 copy on the CPU, none on CUDA
+        w32 = lm_head_copy(cfg, e, cuda)
         tiles_prompt = images * image_tiles(cfg)
         fixed = states_resident + w_roll + w32
-        res["rollout_budget"] = usable - fixed  # what is left for the sampler once the weights are gathered
+        # the sampler's budget, as the run computes it (grpo.py: sampler.memory_budget after the gather, then
+        # generate() takes the lm_head copy off it): sampler.budget_from_free of the free memory, i.e. the capacity
+        # less the CUDA/NCCL overhead and the resident states and weights (with the allocator's fragmentation)
+        import sampler
+        from plumbing.tp import tp_config
+        dev = "cuda" if cuda else "cpu"
+        free = int((cap - overhead_gb) * GB - (states_resident + w_roll) * (1 + frag))
+        res["rollout_free"] = free
+        res["rollout_budget"] = sampler.budget_from_free(free, dev) - w32
         res["tp_build_transient"] = w_build
+        dtype = {2: torch.bfloat16, 4: torch.float32}[e]
+        graphs = bool(c.get("cuda_graph", False)) and cuda  # grpo.py's rollouts (generate(cuda_graph=...)) on CUDA
 
-        def gen_phase(P, n, mode):
+        def gen_phase(P, n, sampling, graphs):
             """One generate() call of P prompts x n samples: its terms (the largest chunk) and its chunking."""
-            def terms(k):
-                return {"KV cache": kv_bytes(cfg, k, n, prompt, max_new, e, tp),
-                        "decode buffers (logits, cdf, outputs)": decode_bytes(cfg, k * n, max_new, mode),
-                        "prefill / TP-build transient": max(prefill_transient(cfg, k, prompt, tiles_prompt, e, tp),
-                                                            w_build)}
+            mode, ban, rp = sampling.mode, bool(sampling.ban), sampling.penalizes
 
-            def need(k):  # the prefill and the decode buffers do not overlap: the larger counts
+            def terms(k):
+                t = {"KV cache": kv_bytes(cfg, k, n, prompt, max_new, e, tp),
+                     "decode buffers (logits, cdf, outputs)": decode_bytes(cfg, k * n, max_new, mode, ban, rp)}
+                if graphs:  # CudaGraphStep's graphs: captured in decode, kept beside the decode buffers
+                    t["CUDA graphs (sampler.graph_bytes)"] = sampler.graph_bytes(tp_config(cfg, tp), k * n, dtype)
+                t["prefill / TP-build transient"] = max(prefill_transient(cfg, k, prompt, tiles_prompt, e, tp),
+                                                        w_build)
+                return t
+
+            def need(k):  # the prefill and the decode buffers (+ graphs) do not overlap: the larger counts
                 t = terms(k)
-                return t["KV cache"] + max(t["decode buffers (logits, cdf, outputs)"],
+                return t["KV cache"] + max(t["decode buffers (logits, cdf, outputs)"] +
+                                           t.get("CUDA graphs (sampler.graph_bytes)", 0),
                                            t["prefill / TP-build transient"])
-            per = P
-            if chunked:
-                while per > 1 and fixed + need(per) > usable:
-                    per -= 1
-            ph = {"fp32 master shard": sh_all * on_gpu, "AdamW state (2 x fp32)": adam * on_gpu}
+            per, short = P, False
+            if chunked:  # the run's chunks: sampler.fit_chunks on the run's budget (the TP model's config)
+                try:
+                    a, b = sampler.fit_chunks(tp_config(cfg, tp), [prompt] * P, n, max_new, dtype,
+                                              res["rollout_budget"], sampling, cuda_graph=graphs)[0]
+                    per = b - a
+                except MemoryError:
+                    per, short = 1, True
+            ph = {f"{mname} master shard": sh_all * on_gpu, f"AdamW state (2 x {mname})": adam * on_gpu}
             if ref:
                 ph["KL reference shard"] = ref
             ph[("gathered weights (full model)" if tp == 1 else f"TP shard + replicated (tp={tp})")] = w_roll
-            ph["fp32 lm_head (sampler log-probs)"] = w32
+            ph["fp32 lm_head (sampler log-probs)" if not cuda else "bf16 lm_head copy (sampler log-probs)"] = w32
             ph.update(terms(per))
-            return ph, fixed + need(per), -(-P // per), per
+            return ph, fixed + need(per), -(-P // per), per, short
 
-        import sampler
-        mode = sampler.Sampling(temperature=float(c.get("temperature", 1.0)), top_p=float(c.get("top_p", 1.0))).mode
-        ro, ro_peak, ch, per = gen_phase(P, n, mode)
-        if fixed + kv_bytes(cfg, 1, n, prompt, max_new, e, tp) > usable:
-            notes.append("rollout: even one prompt's KV cache does not fit beside the resident weights and states")
+        roll = sampler.Sampling(temperature=float(c.get("temperature", 1.0)), top_p=float(c.get("top_p", 1.0)),
+                                repetition_penalty=float(c.get("repetition_penalty", 1.0)))
+        ro, ro_peak, ch, per, short = gen_phase(P, n, roll, graphs)
+        if short:
+            notes.append("rollout: even one prompt's KV cache and decode buffers do not fit the sampler's budget "
+                         "(sampler.fit_chunks would stop: MemoryError)")
         phases["rollout"] = ro
         res.update(rollout_prompts=P, rollout_rows=P * n, chunks=ch, prompts_per_chunk=per,
                    kv_full=kv_bytes(cfg, P, n, prompt, max_new, e, tp))
@@ -562,14 +651,14 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
         val_n = int(c.get("val_n", 0)) if c.get("val_data") and c.get("eval_every", 1) else 0
         P_ev = int(min(64, math.ceil(val_n / W) * tp)) if val_n else 0
         if P_ev:
-            ev, ev_peak, ev_ch, _ = gen_phase(P_ev, 1, sampler.Sampling(temperature=0.0).mode)
+            ev, ev_peak, ev_ch, _, _ = gen_phase(P_ev, 1, sampler.Sampling(temperature=0.0), False)
             phases["eval"] = ev
             res.update(eval_prompts=P_ev, eval_chunks=ev_ch)
     else:  # sft validation: the loss forward under no_grad on batch_size samples
         if c.get("val_data"):
             fwd = B * T * (3 * cfg.mlp_hidden * e + cfg.n_embd * (3 * e + 8)) + \
                 min(LOGP_CHUNK, B * T) * cfg.vocab_size * 4 * 4
-            phases["eval"] = {"fp32 master shard": sh_all * on_gpu, "AdamW state (2 x fp32)": adam * on_gpu,
+            phases["eval"] = {f"{mname} master shard": sh_all * on_gpu, f"AdamW state (2 x {mname})": adam * on_gpu,
                               "gathered units (fwd)": g_fwd, "forward transient (no grad)": fwd}
     peaks = {"load": sum(phases["load"].values()),
              "train": max(train_peak, step_peak)}
@@ -583,16 +672,29 @@ def plan_run(script, config, model_cfg, gpus=1, gpus_per_node=None, gpu_gb=80.0,
     res["fits"] = res["peak_gb"] <= cap
 
     # --- host RAM per node: rank 0's node reads one unit of the checkpoint at a time; offload keeps the fp32
-    # shards, their grads and the AdamW state of the node's ranks in (pinned) host memory
-    off = (sh_all + sh_train + adam) * min(gpn, W) if offload else 0
-    res["host_gb_node0"] = (host0 + off + ref * 0) / GB
-    res["host_gb_node"] = off / GB
+    # shards, their grads and the AdamW state of the node's ranks in host memory; on a GPU the shards and grad shards
+    # are pinned, each rounded up to a power of two (pinned_bytes: +76% at 38B on 8 GPUs), the AdamW moments are not
+    pinned = offload and cuda and fsdp  # plumbing.apply_fsdp: CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    host_sh = pinned_bytes(cfg, W, ("vit", "connector", "llm"), mbytes) if pinned else sh_all
+    host_tr = pinned_bytes(cfg, W, towers, mbytes) if pinned else sh_train
+    off = (host_sh + host_tr + adam) * min(gpn, W) if offload else 0
+    # the data (sft.py / connector_tune.py; data.common.SFTData decodes images per micro-batch): each rank holds its
+    # step's grad_accum micro-batches and its DataLoader workers num_workers x prefetch_factor more, fp32 tiles,
+    # plus the light metadata of every sample (DATA_META bytes a line of the JSONL)
+    data_rank = 0
+    if script != "grpo":
+        nw = int(c.get("num_workers", -1))
+        nw = nw if nw >= 0 else (2 if cuda else 0)  # sft.py's -1: 2 on a GPU, 0 on the CPU
+        ahead = nw * int(c.get("prefetch_factor", 2)) + n_micro
+        data_rank = ahead * B * images * image_tiles(cfg) * 3 * cfg.image_size ** 2 * 4 + DATA_META * _lines(c.get("data"))
+    res["host_data_gb"] = data_rank * min(gpn, W) / GB
+    res["host_gb_node0"] = (host0 + off + ref * 0) / GB + res["host_data_gb"]
+    res["host_gb_node"] = off / GB + res["host_data_gb"]
     res["time"] = _step_time(res, cfg, c, mfu, bw_eff, _hw(gpu_gb)) if _search else {}
-    res["verdict"] = _verdict(res, script, config, cfg, dict(gpus=W, gpus_per_node=gpn, gpu_gb=gpu_gb, tp=tp,
-                                                             offload=offload, prompt_tokens=prompt_tokens,
-                                                             images=images, device=device, chunked=chunked,
-                                                             overhead_gb=overhead_gb, frag=frag, mfu=mfu,
-                                                             bw_eff=bw_eff, compute_bytes=compute_bytes), _search)
+    kw = dict(gpus=W, gpus_per_node=gpn, gpu_gb=gpu_gb, tp=tp, offload=offload, prompt_tokens=prompt_tokens,
+              images=images, device=device, chunked=chunked, overhead_gb=overhead_gb, frag=frag, mfu=mfu,
+              bw_eff=bw_eff, compute_bytes=compute_bytes)
+    res["verdict"] = _verdict(res, script, dict(config, activation_checkpointing=ac), cfg, kw, _search)
     return res
 
 
@@ -644,8 +746,10 @@ def _step_time(res, cfg, c, mfu, bw_eff, hw):
                 # the blocks: weights + KV cache read (memory) or their matmuls (compute), whichever is longer
                 blocks = max((N_llm_blocks / tp * e + kvt * (Pk * prompt + R * tok)) / bw,
                              2 * N_llm_blocks / tp * R / flops)
-                # lm_head in fp32 (sampler.decode: h.float() @ w32.t()), replicated on every TP rank
-                lm = max(head * (4 if e != 4 else e) / bw, 2 * head * R / (FP32_FLOPS if e != 4 else flops))
+                # lm_head (model.lm_head_logits), replicated on every TP rank: on a GPU bf16 x bf16 with fp32
+                # output (torch.mm out_dtype), at the bf16 rate; fp32 FLOPs only for a plan of the CPU's fp32 path
+                fp32 = res["device"] != "cuda" and e != 4
+                lm = max(head * (4 if fp32 else e) / bw, 2 * head * R / (FP32_FLOPS if fp32 else flops))
                 dec += (blocks + lm + (2 * cfg.n_layer * TP_ALLREDUCE_S if tp > 1 else 0)) * max_new / steps
         pre = P * (2 * N_llm_blocks / tp * prompt + 2 * pi["vit"] * tiles_seq * vit_tok) / flops
         t["rollout"] = dec + pre
@@ -653,12 +757,14 @@ def _step_time(res, cfg, c, mfu, bw_eff, hw):
         # FSDP2 CPUOffloadPolicy: every all-gather first copies the unit's fp32 shard host -> GPU (forward and
         # backward of each micro-batch, the log-prob forward, once for the rollout gather), every backward copies
         # the fp32 gradient shard back; the AdamW step runs on the host
-        shard = res["params"]["total"] * 4 / W
+        shard = res["params"]["total"] * res["master_bytes"] / W
         passes = res["n_micro"] * 2 + (res["n_micro"] * ("logp" in t) + 1 if res["script"] == "grpo" else 0)
-        t["offload copies"] = (passes * shard + res["n_micro"] * res["n_trainable"] * 4 / W) / PCIE
-        t["optimizer (host)"] = 28 * res["n_trainable"] * min(res["gpus_per_node"], W) / W / HOST_ADAM
+        t["offload copies"] = (passes * shard + res["n_micro"] * res["n_trainable"] * res["master_bytes"] / W) / PCIE
+        # AdamW reads param, grad, 2 moments and writes param, 2 moments: 7 x 4 bytes (fp32), 7 x 2 (bf16 masters)
+        t["optimizer (host)"] = 7 * res["master_bytes"] * res["n_trainable"] * min(res["gpus_per_node"], W) / W / \
+            HOST_ADAM
     else:
-        t["optimizer"] = 28 * res["n_trainable"] / W / (hw["bw"] * bw_eff)
+        t["optimizer"] = 7 * res["master_bytes"] * res["n_trainable"] / W / (hw["bw"] * bw_eff)
     t["total"] = sum(t.values())
     return t
 
@@ -677,7 +783,8 @@ def _verdict(res, script, config, cfg, kw, search):
     msg = (f"plan: does not fit: {what} needs {(res['peaks'][phase] * (1 + kw['frag'])) / GB + kw['overhead_gb']:.1f}"
            f" GB of {cap:.1f} GB per GPU (biggest term: {big} {terms[big] / GB:.1f} GB")
     if res["states"] > 0.4 * cap * GB:
-        msg += f"; the fp32 masters + grads + AdamW state alone are {res['states'] / GB:.1f} GB"
+        msg += f"; the {'fp32' if res['master_bytes'] == 4 else 'bf16'} masters + grads + AdamW state alone are " \
+            f"{res['states'] / GB:.1f} GB"
     msg += ")"
     if not search:
         return msg
@@ -686,29 +793,37 @@ def _verdict(res, script, config, cfg, kw, search):
     c = dict(config)
     mb_key = "micro_batch" if script == "grpo" else "batch_size"
     mb0 = int(c.get(mb_key, 1))
-    mbs = sorted({mb0, max(1, mb0 // 2), max(1, mb0 // 4), 1}, reverse=True)
+    mbs = [(mb_key, v) for v in sorted({mb0, max(1, mb0 // 2), max(1, mb0 // 4), 1}, reverse=True)]
+    mbt0 = int(c.get("micro_batch_tokens", 0) or 0) if script == "grpo" else 0
+    if mbt0 and mbt0 // res["T"] < mb0:  # grpo.py's token budget binds: a half or a quarter of it, or one sequence
+        mbs = [("micro_batch_tokens", v) for v in sorted({mbt0, mbt0 // 2, mbt0 // 4}, reverse=True)]
+        mbs += [(mb_key, 1)] if mb0 > 1 else []
     tps = [kw["tp"]] + ([k for k in (2, 4, 8) if k > kw["tp"] and kw["gpus_per_node"] % k == 0 and
                          not (cfg.n_head % k or cfg.n_kv_head % k or cfg.mlp_hidden % k)] if script == "grpo" else [])
-    offs = [kw["offload"]] + ([True] if not kw["offload"] and res["fsdp"] else [])
+    md0 = str(c.get("master_dtype", "float32"))  # the memory modes: as configured, offload, bf16 masters (optim.py)
+    offs = [(kw["offload"], md0)] + ([(True, md0)] if not kw["offload"] and res["fsdp"] else []) + \
+        ([(kw["offload"], "bfloat16")] if md0 == "float32" else [])
     acs = [bool(c.get("activation_checkpointing"))] + ([True] if not c.get("activation_checkpointing") else [])
     found = []
     for g in (1, 2, 4):
-        for off in offs:
+        for off, md in offs:
             for k in tps:
                 for ac in acs:
-                    for mb in mbs:
+                    for size, (key, mb) in enumerate(mbs):
                         change = []
                         if g > 1:
                             change.append(f"{kw['gpus'] * g} GPUs")
                         if off != kw["offload"]:
                             change.append("--offload=True")
+                        if md != md0:
+                            change.append(f"--master_dtype={md}")
                         if k != kw["tp"]:
                             change.append(f"--tp={k}")
                         if ac != bool(c.get("activation_checkpointing")):
                             change.append("--activation_checkpointing=True")
-                        cc = dict(c, activation_checkpointing=ac, **{mb_key: mb})
-                        if mb != mb0:
-                            change.append(f"--{mb_key}={mb}")
+                        cc = dict(c, activation_checkpointing=ac, master_dtype=md, **{key: mb})
+                        if size:
+                            change.append(f"--{key}={mb}")
                             if script != "grpo":
                                 cc["grad_accum"] = int(c.get("grad_accum", 1)) * mb0 // mb
                                 change[-1] += f" --grad_accum={cc['grad_accum']}"
@@ -720,7 +835,7 @@ def _verdict(res, script, config, cfg, kw, search):
                         except (ValueError, AssertionError):
                             continue
                         if r["fits"]:  # fewest changes, then fewest GPUs, then the largest micro-batch
-                            found.append((len(change), g, -mb, " ".join(change), r["peak_gb"]))
+                            found.append((len(change), g, size, " ".join(change), r["peak_gb"]))
     found.sort()
     fixes = [f"{ch} (peak {pk:.1f} GB)" for _, _, _, ch, pk in found[:3]]
     if fixes:
@@ -744,6 +859,8 @@ def format_plan(d):
     pi = d["params"]
     lines = []
     mode = "bf16 compute, fp32 masters" if d["elt"] == 2 else "fp32"
+    if d["master_bytes"] == 2:
+        mode = "bf16 masters, grads and AdamW state (master_dtype=bfloat16, stochastic rounding)"
     lines.append(f"plan: {d['script']}.py, {pi['total'] / 1e9:.2f}B params (vit {pi['vit'] / 1e9:.2f}B, connector "
                  f"{pi['connector'] / 1e9:.3f}B, llm {pi['llm'] / 1e9:.2f}B), {d['n_trainable'] / 1e9:.2f}B trainable; "
                  f"{d['gpus']} GPUs ({d['nodes']} node(s) x {d['gpus_per_node']}) x {d['gpu_gb']:g} GB, tp={d['tp']}, "
@@ -751,9 +868,11 @@ def format_plan(d):
     lines.append(f"GPU capacity: {d['gpu_capacity_gb']:.1f} GB = {d['gpu_capacity_note']} (GB = 2^30 bytes "
                  f"throughout)")
     if d["script"] == "grpo":
-        lines.append(f"sequence: prompt {d['prompt']} tokens ({d['images']} image(s) x {d['tiles'] // max(d['B'], 1)} "
-                     f"tiles + text; plan_prompt_tokens) + {d['max_new']} new (the largest of max_new_tokens) = "
-                     f"{d['T']}; micro_batch {d['B']} x {d['n_micro']} micro-batches per rank")
+        lines.append(f"sequence: prompt {d['prompt']} tokens ({d['images']} image(s) x "
+                     f"{d['tiles'] // max(d['rows_max'], 1)} tiles + text; plan_prompt_tokens) + {d['max_new']} new "
+                     f"(the largest of max_new_tokens) = {d['T']}; micro-batches of {d['B']} such sequence(s) x "
+                     f"{d['n_micro']} per rank; planned as {d['B_tok'] * d['T']:.0f} tokens and {d['rows_max']} "
+                     f"rows' images at once (micro_batch, micro_batch_tokens)")
     else:
         lines.append(f"sequence: max_len {d['T']}, batch_size {d['B']} x grad_accum {d['n_micro']}")
     phases = list(d["phases"])
@@ -772,11 +891,14 @@ def format_plan(d):
         lines.append(f"| {t} | " + " | ".join(_fmt_b(v) for v in vals) + " |")
     lines.append("| **peak (tensors)** | " + " | ".join(f"**{_fmt_b(d['peaks'][p])}**" for p in phases) + " |")
     lines.append("")
-    lines.append(f"train: peak at the {d['train_stage']} of a micro-batch after the first (gradients accumulated); "
-                 f"with activation checkpointing {'off' if d['ac'] else 'on'} it would be "
+    lines.append(f"train: peak at the {d['train_stage']} of a micro-batch after the first (gradients accumulated), "
+                 f"activation checkpointing {'on' if d['ac'] else 'off'}{' (auto)' if d['ac_auto'] else ''}; "
+                 f"with it {'off' if d['ac'] else 'on'} it would be "
                  f"{_fmt_b(d['train_peak_other_ac'])} GB; the optimizer step " + (
                      "runs on the host (offload)" if d["offload"] else
-                     f"{_fmt_b(d['optimizer_step_peak'])} GB (states + AdamW's foreach temporary)"))
+                     f"{_fmt_b(d['optimizer_step_peak'])} GB (states + " + (
+                         "AdamW's foreach temporary)" if d["master_bytes"] == 4 else
+                         "plumbing.optim.AdamW's fp32 copies of the largest tensor's shard)")))
     if d["script"] == "grpo":
         full = d["kv_full"]
         lines.append(f"rollout: {d['rollout_prompts']} prompts x {d['rollout_rows'] // d['rollout_prompts']} samples "
@@ -784,7 +906,10 @@ def format_plan(d):
                      f"budget after the weights {_fmt_b(max(d['rollout_budget'], 0))} GB -> {d['chunks']} chunk(s) "
                      f"of {d['prompts_per_chunk']} prompt(s)")
     others = f", {d['host_gb_node']:.1f} GB on each other node" if d["nodes"] > 1 else ""
-    off = "; + the offloaded fp32 shards, grads and AdamW state of its ranks" if d["offload"] else ""
+    off = f"; + the offloaded {'fp32' if d['master_bytes'] == 4 else 'bf16'} shards, grads and AdamW state of its " \
+        "ranks" if d["offload"] else ""
+    if d.get("host_data_gb"):
+        off += f"; + {d['host_data_gb']:.1f} GB of data: each rank's decoded micro-batches and DataLoader prefetch"
     lines.append(f"host RAM per node: {d['host_gb_node0']:.1f} GB on node 0 (rank 0 reads the checkpoint one unit at a "
                  f"time, as stored{off}){others}")
     t = d["time"]
@@ -855,6 +980,59 @@ def print_plan(script, config, file=None):
                  images=int(config.get("plan_images", 1)))
     print(format_plan(d), file=file, flush=True)
     return d
+
+# -----------------------------------------------------------------------------
+# start-up: sft.py, grpo.py and connector_tune.py refuse what will not fit before they load anything
+
+
+def device_memory():
+    """('cuda', this process's GPU's total memory) or ('cpu', the host RAM per local process), in GB = 2^30 bytes.
+    (tests/grpo_patch.py replaces it to fake a GPU of a given size on the CPU.)"""
+    if torch.cuda.is_available():
+        return "cuda", torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory / GB
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return "cpu", ram / GB / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def startup_check(script, config):
+    """The plan's verdict for the run about to start, before anything is loaded: the scripts call it right after
+    configure(). The model is built on meta from its config alone (model_config: init_from's config.json, a resumed
+    run's model_config.json, sft.py's tiny config), on this machine: WORLD_SIZE processes, LOCAL_WORLD_SIZE per node,
+    each with device_memory()'s GB; prompts of plan_prompt_tokens' default length (images x tiles + 512 text tokens).
+    activation_checkpointing='auto' is decided here (on when the training step does not fit without it) and written
+    into config. Rank 0 prints the verdict, one line. On a GPU a run that does not fit stops here (SystemExit, one
+    line: the phase, its biggest term, the changes that fit) unless config['force']; on the CPU the verdict, against
+    the host RAM, is only printed. Returns the plan dict, or None when there is nothing to plan from (an init_from
+    without config.json, a resume without a checkpoint: the script's own check says so next)."""
+    script = os.path.splitext(os.path.basename(script))[0]
+    if script == "sft" and not (config.get("train_vit", True) or config.get("train_llm", True)):
+        script = "connector_tune"
+    kind, gb = device_memory()
+    cuda = kind == "cuda"
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    say = (lambda m: print(m, flush=True)) if int(os.environ.get("RANK", 0)) == 0 else (lambda m: None)
+    try:
+        cfg = model_config(config)
+    except (FileNotFoundError, OSError):
+        if config.get("activation_checkpointing") == "auto":
+            config["activation_checkpointing"] = False
+        return None
+    d = plan_run(script, config, cfg, gpus=world, gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+                 gpu_gb=gb, tp=int(config.get("tp", 1)), offload=bool(config.get("offload", False)),
+                 device=kind, overhead_gb=OVERHEAD_GB if cuda else 0.0, frag=FRAG if cuda else 0.0)
+    if config.get("activation_checkpointing") == "auto":
+        config["activation_checkpointing"] = bool(d["ac"])
+    auto = f"; activation_checkpointing=auto -> {d['ac']}" if d["ac_auto"] else ""
+    where = f"{world} x {gb:.1f} GB GPU" if cuda else f"the CPU, {gb:.1f} GB of host RAM per process (not enforced)"
+    verdict = d["verdict"][len("plan: "):] if cuda else d["verdict"][len("plan: "):].replace(" per GPU", "")
+    if d["fits"] or not cuda or config.get("force"):
+        force = " (--force=True: running anyway)" if not d["fits"] and cuda else ""
+        say(f"{script}.py memory plan on {where}: {verdict}{auto}{force}")
+        return d
+    raise SystemExit(f"{script}.py on {where}: {verdict}. Stopped before loading anything "
+                     f"(the plan: --plan=True; --force=True runs it anyway)" if int(os.environ.get("RANK", 0)) == 0
+                     else 1)  # one line, from rank 0
+
 
 # -----------------------------------------------------------------------------
 # CLI: python tools/plan.py grpo.py [config files] [--key=value ...] --plan_gpus=8 --plan_gpus_per_node=8 --plan_gpu_gb=80
