@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every stage at InternVL3-1B's real shapes, on CPU: the closest thing to a first real run without a GPU. Not part of
-# CI (about 30-40 minutes and up to ~20 GB of RAM on 2 cores). Random weights at the real configuration (original
+# CI (about 47 minutes and up to ~17 GB of RAM on 2 cores, README). Random weights at the real configuration (original
 # layout), the real Qwen tokenizer (151,674 ids), real-size images (3 tiles = 768 image tokens each); whatever breaks
 # at real shapes (a 151k vocabulary, 256 tokens a tile, 14/2 heads, the InternVL3 system turn) breaks here first.
 #
