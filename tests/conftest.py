@@ -50,3 +50,14 @@ def real_tokenizer_dir(tmp_path_factory):
     by tests/real_tokenizer.py (the first run downloads dashscope's qwen.tiktoken into .cache/)."""
     from real_tokenizer import build_internvl3_tokenizer
     return build_internvl3_tokenizer(str(tmp_path_factory.mktemp("internvl3_tokenizer")))
+
+
+@pytest.fixture
+def gloo1():
+    """A one-process gloo group for the test (destroyed after it)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

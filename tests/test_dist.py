@@ -8,16 +8,6 @@ import torch.distributed as dist
 from plumbing import dist as pd
 
 
-@pytest.fixture
-def gloo1():
-    """A one-process gloo group for the test (destroyed after it)."""
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_reduce_device_follows_the_backend_string(monkeypatch):
     # compute_init's group reports 'cpu:gloo,cuda:nccl' (the old test `== "nccl"` never matched it, so the NCCL branch
     # was dead); an NCCL-only group reports 'nccl' and refuses CPU tensors; gloo, or no GPU: the CPU

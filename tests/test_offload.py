@@ -6,21 +6,10 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from plumbing import dist as pd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def gloo1():
-    """A one-process gloo group for the test (destroyed after it)."""
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def next_pow2(b):
